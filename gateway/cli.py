@@ -1,0 +1,52 @@
+"""``gateway``: the OpenAI-compatible HTTP server that routes requests to model workers."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.engine_client import EngineClient
+from protocol.transport import check_address, default_address
+
+log = logging.getLogger("gateway")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    parser.add_argument("--zmq", default=None, help="ZeroMQ address workers connect to (default: ipc in a private dir)")
+    parser.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s gateway[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        address = check_address(args.zmq or default_address())
+    except (ValueError, PermissionError) as exc:
+        log.error("%s", exc)
+        return 2
+    if not _is_loopback(args.host):
+        log.warning("listening on %s: anyone who can reach this address can use the models", args.host)
+    app = create_app(EngineClient(address, heartbeat_interval=args.heartbeat_interval))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -1,0 +1,67 @@
+"""GET /v1/models, /v1/models/{model}, /v1/workers and /health."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from gateway.engine_client import EngineClient
+from gateway.errors import model_not_found
+
+router = APIRouter()
+
+
+def _engine(request: Request) -> EngineClient:
+    return request.app.state.engine
+
+
+def _model_card(model: str, created: int) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": created, "owned_by": "mlx-gateway"}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    engine = _engine(request)
+    created = {}
+    for worker in engine.registry.all():
+        created[worker.model] = min(created.get(worker.model, 1 << 62), int(worker.registered_at))
+    return {"object": "list", "data": [_model_card(m, created[m]) for m in sorted(created)]}
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(model: str, request: Request) -> dict[str, Any]:
+    workers = [w for w in _engine(request).registry.all() if w.model == model]
+    if not workers:
+        raise model_not_found(model)
+    return _model_card(model, int(min(w.registered_at for w in workers)))
+
+
+@router.get("/v1/workers")
+async def list_workers(request: Request) -> dict[str, Any]:
+    now = time.monotonic()
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": w.worker_id,
+                "model": w.model,
+                "pid": w.pid,
+                "state": "ready",
+                "context_length": w.context_length,
+                "max_sequences": w.max_sequences,
+                "in_flight": len(w.in_flight),
+                "active": w.active,
+                "queued": w.queued,
+                "last_heartbeat_s": round(now - w.last_seen, 3),
+            }
+            for w in _engine(request).registry.all()
+        ],
+    }
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    engine = _engine(request)
+    return {"status": "ok", "workers": len(engine.registry.all()), "models": engine.registry.models()}

@@ -1,0 +1,140 @@
+"""The messages the gateway and the workers exchange, as plain dataclasses.
+
+Every message is one ZeroMQ frame holding a msgpack map: ``{"v": PROTOCOL_VERSION,
+"t": <message type>, ...fields}``. See ``protocol/README.md`` for the lifecycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+PROTOCOL_VERSION = 1
+
+
+# --- worker -> gateway -------------------------------------------------------------
+
+
+@dataclass
+class Ready:
+    """A worker announces itself (on start, and again when the gateway seems to be gone)."""
+
+    TYPE: ClassVar[str] = "ready"
+    worker_id: str
+    model: str
+    protocol_version: int
+    max_sequences: int
+    context_length: int
+    pid: int
+
+
+@dataclass
+class Accepted:
+    """The worker tokenized a request and it fits: it will run (now or after those queued)."""
+
+    TYPE: ClassVar[str] = "accepted"
+    request_id: str
+    prompt_tokens: int
+
+
+@dataclass
+class Delta:
+    """New output of one request in one engine step."""
+
+    request_id: str
+    text: str = ""
+    token_count: int = 0
+
+
+@dataclass
+class Output:
+    """Everything one engine step produced, for all the requests it advanced."""
+
+    TYPE: ClassVar[str] = "output"
+    deltas: list[Delta] = field(default_factory=list)
+
+
+@dataclass
+class Finished:
+    """A request ended normally; its last text came in an earlier Output."""
+
+    TYPE: ClassVar[str] = "finished"
+    request_id: str
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass
+class Error:
+    """A request failed (request_id set) or the whole worker did (request_id None)."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    request_id: Optional[str] = None
+
+
+# --- both ways ---------------------------------------------------------------------
+
+
+@dataclass
+class Heartbeat:
+    """Liveness, about once a second each way. A worker's also carries its load."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    sender: str
+    active: int = 0
+    queued: int = 0
+
+
+# --- gateway -> worker -------------------------------------------------------------
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+
+@dataclass
+class Generate:
+    """Start one request. Exactly one of ``messages`` (chat) or ``prompt`` (raw text) is set."""
+
+    TYPE: ClassVar[str] = "generate"
+    request_id: str
+    max_tokens: Optional[int] = None  # None: as many as fit in the context window
+    messages: Optional[list[dict[str, Any]]] = None
+    prompt: Optional[str] = None
+    tools: Optional[list[dict[str, Any]]] = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Cancel:
+    """Stop a request; the worker frees its slot at the next engine step."""
+
+    TYPE: ClassVar[str] = "cancel"
+    request_id: str
+
+
+Message = Ready | Accepted | Output | Finished | Error | Heartbeat | Generate | Cancel
+
+MESSAGE_TYPES: dict[str, type] = {
+    cls.TYPE: cls for cls in (Ready, Accepted, Output, Finished, Error, Heartbeat, Generate, Cancel)
+}
+
+# Error codes the worker sends (the gateway maps them to HTTP statuses).
+ERROR_INVALID_REQUEST = "invalid_request"
+ERROR_CONTEXT_LENGTH = "context_length_exceeded"
+ERROR_TEMPLATE = "template_error"
+ERROR_INTERNAL = "internal_error"
+ERROR_OVERLOADED = "overloaded"
+ERROR_SHUTTING_DOWN = "worker_shutting_down"
+# Set by the gateway itself when a worker stops responding mid-request.
+ERROR_WORKER_CRASHED = "worker_crashed"

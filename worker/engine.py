@@ -1,0 +1,222 @@
+"""Continuous batching over mlx-lm's ``BatchGenerator``.
+
+``Engine`` turns Generate requests into token ids, admits them into the running batch
+(up to ``max_sequences`` at once, the rest wait in arrival order), and on each ``step()``
+advances every admitted sequence by one token (or one prefill chunk), returning the new
+text per request and the requests that finished. Everything here runs on the one thread
+that loaded the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.sample_utils import make_sampler
+
+from protocol.messages import (
+    ERROR_CONTEXT_LENGTH,
+    ERROR_INTERNAL,
+    ERROR_INVALID_REQUEST,
+    ERROR_TEMPLATE,
+    Accepted,
+    Delta,
+    Error,
+    Finished,
+    Generate,
+)
+from worker.models import LoadedModel
+from worker.text_stream import StopStrings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sequence:
+    """One request's state between steps."""
+
+    request: Generate
+    prompt: list[int]
+    max_tokens: int
+    detokenizer: Any
+    stops: StopStrings
+    uid: int | None = None  # BatchGenerator's id, once admitted
+    completion_tokens: int = 0
+
+
+@dataclass
+class StepResult:
+    deltas: list[Delta] = field(default_factory=list)
+    finished: list[Finished] = field(default_factory=list)
+    errors: list[Error] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, max_sequences: int = 16, prefill_step_size: int = 512):
+        self.loaded = loaded
+        self.max_sequences = max_sequences
+        self._prefill_step_size = prefill_step_size
+        self._eos = StopSequences([(t,) for t in loaded.tokenizer.eos_token_ids])
+        self._generator = self._new_generator()
+        self._waiting: deque[Sequence] = deque()
+        self._running: dict[int, Sequence] = {}  # uid -> sequence
+        self._by_request: dict[str, Sequence] = {}
+
+    @property
+    def active(self) -> int:
+        return len(self._running)
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    def submit(self, request: Generate) -> Accepted | Error:
+        """Queue a request; an Error if it cannot run (the engine is unaffected)."""
+        if request.request_id in self._by_request:
+            return Error(ERROR_INVALID_REQUEST, "duplicate request id", request.request_id)
+        try:
+            prompt = self._tokenize(request)
+        except Exception as exc:  # jinja and tokenizer errors come in many types
+            code = ERROR_TEMPLATE if request.messages is not None else ERROR_INVALID_REQUEST
+            return Error(code, f"could not build the prompt: {exc}", request.request_id)
+        if not prompt:
+            return Error(ERROR_INVALID_REQUEST, "the prompt is empty", request.request_id)
+        context = self.loaded.context_length
+        if len(prompt) >= context:
+            message = f"the prompt is {len(prompt)} tokens; this model's context window is {context} tokens"
+            return Error(ERROR_CONTEXT_LENGTH, message, request.request_id)
+        if request.max_tokens is not None and request.max_tokens < 1:
+            return Error(ERROR_INVALID_REQUEST, "max_tokens must be at least 1", request.request_id)
+        room = context - len(prompt)
+        sequence = Sequence(
+            request=request,
+            prompt=prompt,
+            max_tokens=min(request.max_tokens or room, room),
+            detokenizer=self.loaded.tokenizer.detokenizer,
+            stops=StopStrings(request.stop),
+        )
+        self._waiting.append(sequence)
+        self._by_request[request.request_id] = sequence
+        return Accepted(request.request_id, len(prompt))
+
+    def cancel(self, request_id: str) -> Finished | None:
+        """Drop a request wherever it is; its slot is free for the next step."""
+        sequence = self._by_request.pop(request_id, None)
+        if sequence is None:
+            return None
+        if sequence.uid is None:
+            self._waiting.remove(sequence)
+        else:
+            self._generator.remove([sequence.uid])
+            del self._running[sequence.uid]
+        return self._finished(sequence, "cancelled")
+
+    def cancel_all(self, code: str, message: str) -> list[Error]:
+        errors = [Error(code, message, request_id) for request_id in list(self._by_request)]
+        for request_id in list(self._by_request):
+            self.cancel(request_id)
+        return errors
+
+    def step(self) -> StepResult:
+        self._admit()
+        result = StepResult()
+        if not self._running:
+            return result
+        try:
+            _, responses = self._generator.next()
+        except Exception as exc:
+            # A failure inside a batched step cannot be pinned on one request: fail the batch,
+            # start a fresh generator, and keep serving.
+            log.exception("engine step failed; failing %d running requests", len(self._running))
+            for sequence in list(self._running.values()):
+                self._by_request.pop(sequence.request.request_id, None)
+                result.errors.append(Error(ERROR_INTERNAL, f"generation failed: {exc}", sequence.request.request_id))
+            self._running.clear()
+            self._generator = self._new_generator()
+            return result
+
+        stopped_early: list[int] = []
+        for response in responses:
+            sequence = self._running.get(response.uid)
+            if sequence is None:
+                continue
+            sequence.completion_tokens += 1
+            detokenizer = sequence.detokenizer
+            if response.finish_reason != "stop":  # never decode the end-of-sequence token
+                detokenizer.add_token(response.token)
+            if response.finish_reason is not None:
+                detokenizer.finalize()
+            text, hit_stop = sequence.stops.push(detokenizer.last_segment)
+            finish_reason = "stop" if hit_stop else response.finish_reason
+            if finish_reason is not None and not hit_stop:
+                text += sequence.stops.flush()
+            result.deltas.append(Delta(sequence.request.request_id, text, 1))
+            if finish_reason is None:
+                continue
+            if hit_stop and response.finish_reason is None:
+                stopped_early.append(response.uid)
+            del self._running[response.uid]
+            del self._by_request[sequence.request.request_id]
+            result.finished.append(self._finished(sequence, finish_reason))
+        if stopped_early:
+            self._generator.remove(stopped_early)
+        return result
+
+    def _admit(self) -> None:
+        """Move waiting requests into the batch while there are free slots."""
+        batch: list[Sequence] = []
+        while self._waiting and len(self._running) + len(batch) < self.max_sequences:
+            batch.append(self._waiting.popleft())
+        if not batch:
+            return
+        uids = self._generator.insert(
+            [s.prompt for s in batch],
+            max_tokens=[s.max_tokens for s in batch],
+            samplers=[self._sampler(s.request) for s in batch],
+            stop_sequences=[self._eos] * len(batch),
+        )
+        for uid, sequence in zip(uids, batch):
+            sequence.uid = uid
+            self._running[uid] = sequence
+
+    def _tokenize(self, request: Generate) -> list[int]:
+        tokenizer = self.loaded.tokenizer
+        if request.messages is None:
+            return list(tokenizer.encode(request.prompt or ""))
+        text = tokenizer.apply_chat_template(
+            request.messages,
+            tools=request.tools or None,
+            add_generation_prompt=True,
+            tokenize=False,
+            **request.chat_template_kwargs,
+        )
+        # The template writes any BOS itself.
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    @staticmethod
+    def _sampler(request: Generate) -> Any:
+        s = request.sampling
+        return make_sampler(temp=s.temperature, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k)
+
+    def _finished(self, sequence: Sequence, reason: str) -> Finished:
+        return Finished(
+            request_id=sequence.request.request_id,
+            finish_reason=reason,
+            prompt_tokens=len(sequence.prompt),
+            completion_tokens=sequence.completion_tokens,
+        )
+
+    def _new_generator(self) -> BatchGenerator:
+        return BatchGenerator(
+            self.loaded.model,
+            completion_batch_size=self.max_sequences,
+            prefill_batch_size=min(self.max_sequences, 8),
+            prefill_step_size=self._prefill_step_size,
+        )

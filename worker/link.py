@@ -1,0 +1,135 @@
+"""The worker's connection to the gateway, on its own I/O thread.
+
+The engine thread never touches the DEALER socket: it reads decoded requests from
+``inbox`` (a queue.Queue) and hands outgoing messages to ``send``, which pushes them over
+an inproc socket to this thread. So socket I/O never blocks the engine loop, and the
+heartbeat keeps going during a long engine step.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
+import zmq
+
+from protocol import Heartbeat, Message, ProtocolError, Ready, decode, encode
+from protocol.transport import HEARTBEAT_INTERVAL_S, HEARTBEAT_MISSES_ALLOWED
+
+log = logging.getLogger(__name__)
+
+MAX_REGISTER_BACKOFF_S = 10.0
+
+
+class GatewayLink:
+    def __init__(
+        self,
+        address: str,
+        ready: Ready,
+        load: Callable[[], tuple[int, int]],
+        heartbeat_interval: float = HEARTBEAT_INTERVAL_S,
+    ):
+        self.address = address
+        self.inbox: queue.Queue[Message] = queue.Queue()
+        self._ready = ready
+        self._load = load  # () -> (active, queued), read from the engine's counters
+        self._interval = heartbeat_interval
+        self._context = zmq.Context()
+        self._outbox_address = f"inproc://worker-outbox-{ready.worker_id}"
+        self._pull = self._context.socket(zmq.PULL)
+        self._pull.bind(self._outbox_address)
+        self._push = self._context.socket(zmq.PUSH)  # used only by the engine thread
+        self._push.connect(self._outbox_address)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gateway-link", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def send(self, message: Message) -> None:
+        """Called from the engine thread; never blocks on the network."""
+        self._push.send(encode(message))
+
+    def close(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        self._push.close(linger=0)
+        self._context.term()
+
+    def _run(self) -> None:
+        dealer = self._context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.IDENTITY, self._ready.worker_id.encode())
+        dealer.setsockopt(zmq.LINGER, 1000)  # flush final messages on shutdown
+        dealer.setsockopt(zmq.SNDHWM, 100_000)
+        dealer.connect(self.address)
+        poller = zmq.Poller()
+        poller.register(dealer, zmq.POLLIN)
+        poller.register(self._pull, zmq.POLLIN)
+
+        dealer.send(encode(self._ready))
+        log.info("registering with the gateway at %s", self.address)
+        now = time.monotonic()
+        last_heard = now  # from the gateway
+        next_heartbeat = now + self._interval
+        register_backoff = self._interval
+        next_register = now + HEARTBEAT_MISSES_ALLOWED * self._interval
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(timeout=100))
+                if self._pull in events:
+                    for _ in range(1000):  # forward what is there, without starving the reader
+                        try:
+                            frame = self._pull.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._forward(dealer, frame)
+                if dealer in events:
+                    while True:
+                        try:
+                            frame = dealer.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        if self._receive(frame):
+                            last_heard = time.monotonic()
+                            register_backoff = self._interval
+                now = time.monotonic()
+                if now >= next_heartbeat:
+                    active, queued = self._load()
+                    self._forward(dealer, encode(Heartbeat(self._ready.worker_id, active, queued)))
+                    next_heartbeat = now + self._interval
+                silent = now - last_heard > HEARTBEAT_MISSES_ALLOWED * self._interval
+                if silent and now >= next_register:
+                    # The gateway is gone or was restarted and does not know us: register again.
+                    log.warning("no word from the gateway for %.1fs; registering again", now - last_heard)
+                    self._forward(dealer, encode(self._ready))
+                    register_backoff = min(register_backoff * 2, MAX_REGISTER_BACKOFF_S)
+                    next_register = now + register_backoff
+        finally:
+            # Let anything the engine sent last (its final errors) reach the gateway.
+            while True:
+                try:
+                    self._forward(dealer, self._pull.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+            dealer.close()
+            self._pull.close(linger=0)
+
+    def _forward(self, dealer: zmq.Socket, frame: bytes) -> None:
+        try:
+            dealer.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("gateway not reachable; dropped a %d-byte message", len(frame))
+
+    def _receive(self, frame: bytes) -> bool:
+        """Route one frame from the gateway; True if it was a valid message."""
+        try:
+            message = decode(frame)
+        except ProtocolError as exc:
+            log.warning("dropped a bad frame from the gateway: %s", exc)
+            return False
+        if not isinstance(message, Heartbeat):
+            self.inbox.put(message)
+        return True
