@@ -26,6 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-sequences", type=int, default=16, help="sequences decoded together (default: 16)")
     parser.add_argument("--context-length", type=int, default=None, help="override the model's context window")
     parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill step")
+    parser.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -49,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, ValueError, PermissionError) as exc:
         log.error("%s", exc)
         return 2
-    return serve(loaded, address, args.max_sequences, args.prefill_step_size)
+    return serve(loaded, address, args.max_sequences, args.prefill_step_size, args.heartbeat_interval)
 
 
-def serve(loaded, address: str, max_sequences: int, prefill_step_size: int) -> int:
+def serve(loaded, address: str, max_sequences: int, prefill_step_size: int, heartbeat_interval: float) -> int:
     from protocol import PROTOCOL_VERSION, Output, Ready
     from protocol.messages import ERROR_SHUTTING_DOWN
     from worker.engine import Engine
@@ -61,7 +62,7 @@ def serve(loaded, address: str, max_sequences: int, prefill_step_size: int) -> i
     engine = Engine(loaded, max_sequences=max_sequences, prefill_step_size=prefill_step_size)
     worker_id = f"{loaded.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     ready = Ready(worker_id, loaded.name, PROTOCOL_VERSION, max_sequences, loaded.context_length, os.getpid())
-    link = GatewayLink(address, ready, load=lambda: (engine.active, engine.queued))
+    link = GatewayLink(address, ready, load=lambda: (engine.active, engine.queued), heartbeat_interval=heartbeat_interval)
     stopping = False
 
     def request_stop(signum: int, _frame: object) -> None:

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from worker.blas import enable_fast_blas  # noqa: E402
+
+enable_fast_blas()  # before anything imports mlx, as the worker does
+
+from processes import Stack  # noqa: E402
+from tiny_model import write_tiny_model  # noqa: E402
+
+TINY = "tiny"
+# The same weights with a huge context window: a generation long enough to cancel mid-way.
+TINY_LONG = "tiny-long"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path):
+    from worker.models import load
+
+    return load(str(tiny_model_dir), "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
+    """A gateway and two workers (two model names) on the tiny model, shared by a test module."""
+    stack = Stack(tmp_path_factory.mktemp("stack"))
+    try:
+        stack.start_gateway()
+        stack.start_worker(str(tiny_model_dir), TINY, "--max-sequences", "8")
+        stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000")
+        stack.wait_for_models(TINY, TINY_LONG)
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def fresh_stack(tmp_path: Path) -> Iterator[Stack]:
+    """An empty stack for tests that start and kill processes themselves."""
+    stack = Stack(tmp_path)
+    try:
+        yield stack
+    finally:
+        stack.stop()

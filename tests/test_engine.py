@@ -1,0 +1,140 @@
+"""The batching engine, in process, on the tiny random-weight model."""
+
+from __future__ import annotations
+
+import pytest
+
+from protocol import Accepted, Error, Generate, SamplingParams
+from worker.engine import Engine
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def chat(request_id: str, text: str, **kwargs) -> Generate:
+    kwargs.setdefault("max_tokens", 12)
+    kwargs.setdefault("sampling", GREEDY)
+    return Generate(request_id, messages=[{"role": "user", "content": text}], **kwargs)
+
+
+def run(engine: Engine, *requests: Generate, max_steps: int = 10_000):
+    texts = {r.request_id: "" for r in requests}
+    finished = {}
+    for request in requests:
+        assert isinstance(engine.submit(request), Accepted)
+    for _ in range(max_steps):
+        if not engine.busy:
+            break
+        result = engine.step()
+        assert not result.errors
+        for delta in result.deltas:
+            texts[delta.request_id] += delta.text
+        for f in result.finished:
+            finished[f.request_id] = f
+    return texts, finished
+
+
+PROMPTS = ["What is the capital of France?", "Write a poem about the sea.", "def add(a, b):", "Café 日本 🎉"]
+
+
+def test_batched_greedy_output_equals_each_request_alone(tiny_model):
+    alone = {}
+    for i, prompt in enumerate(PROMPTS):
+        texts, _ = run(Engine(tiny_model, max_sequences=8), chat(str(i), prompt))
+        alone.update(texts)
+    together, finished = run(Engine(tiny_model, max_sequences=8), *[chat(str(i), p) for i, p in enumerate(PROMPTS)])
+    assert together == alone
+    assert len(set(alone.values())) > 1, "different prompts should give different outputs"
+    assert all(f.finish_reason in ("length", "stop") for f in finished.values())
+
+
+def test_max_tokens_ends_with_length_and_counts_tokens(tiny_model):
+    _, finished = run(Engine(tiny_model), chat("a", "Hello", max_tokens=5))
+    assert finished["a"].finish_reason == "length"
+    assert finished["a"].completion_tokens == 5
+    assert finished["a"].prompt_tokens > 3
+
+
+def test_stop_string_truncates_output(tiny_model):
+    texts, _ = run(Engine(tiny_model), chat("a", "Hello", max_tokens=20))
+    full = texts["a"]
+    stop = full[5:8]
+    assert stop and stop not in full[:5], "pick a stop string that first occurs at offset 5"
+    texts, finished = run(Engine(tiny_model), chat("b", "Hello", max_tokens=20, stop=[stop]))
+    assert texts["b"] == full[: full.index(stop)]
+    assert finished["b"].finish_reason == "stop"
+
+
+def test_cancel_frees_the_slot_for_a_waiting_request(tiny_model):
+    engine = Engine(tiny_model, max_sequences=1)
+    assert isinstance(engine.submit(chat("first", "Hello", max_tokens=200)), Accepted)
+    assert isinstance(engine.submit(chat("second", "Hello", max_tokens=3)), Accepted)
+    engine.step()
+    assert (engine.active, engine.queued) == (1, 1)
+    finished = engine.cancel("first")
+    assert finished is not None and finished.finish_reason == "cancelled"
+    assert (engine.active, engine.queued) == (0, 1)
+    texts, done = {}, {}
+    while engine.busy:
+        result = engine.step()
+        done.update({f.request_id: f for f in result.finished})
+    assert set(done) == {"second"}
+    assert engine.cancel("first") is None, "cancelling twice is harmless"
+
+
+def test_cancel_of_a_queued_request(tiny_model):
+    engine = Engine(tiny_model, max_sequences=1)
+    engine.submit(chat("a", "Hello", max_tokens=50))
+    engine.submit(chat("b", "Hello", max_tokens=50))
+    engine.step()
+    assert engine.cancel("b").finish_reason == "cancelled"
+    assert (engine.active, engine.queued) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    "request_, code",
+    [
+        (chat("long", "word " * 300), "context_length_exceeded"),
+        (Generate("tmpl", messages=[{"role": "bogus", "content": "x"}]), "template_error"),
+        (Generate("empty", prompt=""), "invalid_request"),
+        (chat("zero", "Hello", max_tokens=0), "invalid_request"),
+    ],
+    ids=["context", "template", "empty-prompt", "zero-max-tokens"],
+)
+def test_bad_requests_fail_alone_and_the_engine_keeps_serving(tiny_model, request_, code):
+    engine = Engine(tiny_model)
+    engine.submit(chat("good", "Hello", max_tokens=4))
+    result = engine.submit(request_)
+    assert isinstance(result, Error) and result.code == code and result.request_id == request_.request_id
+    texts, finished = {"good": ""}, {}
+    while engine.busy:
+        step = engine.step()
+        finished.update({f.request_id: f for f in step.finished})
+    assert set(finished) == {"good"}
+
+
+def test_duplicate_request_id_is_refused(tiny_model):
+    engine = Engine(tiny_model)
+    engine.submit(chat("a", "Hello"))
+    assert engine.submit(chat("a", "Hello")).code == "invalid_request"
+
+
+def test_max_tokens_is_clipped_to_the_context_window(tiny_model):
+    engine = Engine(tiny_model)
+    texts, finished = run(engine, Generate("a", prompt="Hello", max_tokens=None, sampling=GREEDY))
+    assert finished["a"].prompt_tokens + finished["a"].completion_tokens <= tiny_model.context_length
+
+
+def test_streaming_detokenizer_never_splits_a_character(tiny_model):
+    tokenizer = tiny_model.tokenizer
+    text = "Café naïve 日本語 🎉🚀 déjà vu"
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    assert len(tokens) > len(text.split()), "multi-byte characters should span several tokens"
+    detokenizer = tokenizer.detokenizer
+    pieces = []
+    for token in tokens:
+        detokenizer.add_token(token)
+        pieces.append(detokenizer.last_segment)
+    detokenizer.finalize()
+    pieces.append(detokenizer.last_segment)
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)

@@ -1,0 +1,230 @@
+"""The real gateway and worker processes, over HTTP, ZeroMQ and the tiny model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import msgpack
+import pytest
+import zmq
+from conftest import TINY, TINY_LONG
+from processes import REPO_ROOT
+from sse import chat_text, read_sse, stream_chat
+
+from protocol import PROTOCOL_VERSION
+
+HELLO = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def post(stack, path: str, body, timeout: float | httpx.Timeout = 60) -> httpx.Response:
+    return httpx.post(f"{stack.base_url}{path}", json=body, timeout=timeout)
+
+
+def workers_by_model(stack) -> dict[str, dict]:
+    return {w["model"]: w for w in httpx.get(f"{stack.base_url}/v1/workers").json()["data"]}
+
+
+def test_models_health_and_workers(tiny_stack):
+    models = httpx.get(f"{tiny_stack.base_url}/v1/models").json()
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == [TINY, TINY_LONG]
+    assert all(m["object"] == "model" for m in models["data"])
+    assert httpx.get(f"{tiny_stack.base_url}/v1/models/{TINY}").json()["id"] == TINY
+    health = httpx.get(f"{tiny_stack.base_url}/health").json()
+    assert health["status"] == "ok" and health["workers"] == 2
+    workers = workers_by_model(tiny_stack)
+    assert workers[TINY]["context_length"] == 256 and workers[TINY_LONG]["context_length"] == 100000
+    assert workers[TINY]["last_heartbeat_s"] < 2
+
+
+def test_chat_completion(tiny_stack):
+    r = post(tiny_stack, "/v1/chat/completions", {"model": TINY, "messages": HELLO, "max_tokens": 7, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == TINY
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["message"]["content"]
+    assert choice["finish_reason"] == "length"
+    usage = body["usage"]
+    assert usage["completion_tokens"] == 7 and usage["prompt_tokens"] > 5
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 7
+
+
+def test_streaming_chat_matches_non_streaming(tiny_stack):
+    request = {"model": TINY, "messages": HELLO, "max_tokens": 10, "temperature": 0}
+    expected = post(tiny_stack, "/v1/chat/completions", request).json()
+    events, done = stream_chat(tiny_stack.base_url, {**request, "stream_options": {"include_usage": True}})
+    assert done
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chat_text(events) == expected["choices"][0]["message"]["content"]
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == expected["usage"]
+    assert len({e["id"] for e in events}) == 1
+
+
+def test_completions(tiny_stack):
+    request = {"model": TINY, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}
+    body = post(tiny_stack, "/v1/completions", request).json()
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 6
+    with httpx.stream("POST", f"{tiny_stack.base_url}/v1/completions", json={**request, "stream": True}) as r:
+        events, done = read_sse(r)
+    assert done
+    assert "".join(e["choices"][0]["text"] for e in events) == body["choices"][0]["text"]
+    echoed = post(tiny_stack, "/v1/completions", {**request, "echo": True}).json()
+    assert echoed["choices"][0]["text"] == "Once upon a time" + body["choices"][0]["text"]
+
+
+def test_stop_strings_end_the_output(tiny_stack):
+    request = {"model": TINY, "messages": HELLO, "max_tokens": 20, "temperature": 0}
+    full = post(tiny_stack, "/v1/chat/completions", request).json()["choices"][0]["message"]["content"]
+    stop = full[4:7]
+    body = post(tiny_stack, "/v1/chat/completions", {**request, "stop": [stop]}).json()
+    assert body["choices"][0]["message"]["content"] == full[: full.index(stop)]
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    "path, body, status, param, code",
+    [
+        ("/v1/chat/completions", {"model": "nope", "messages": HELLO}, 404, "model", "model_not_found"),
+        ("/v1/chat/completions", {"model": TINY, "messages": []}, 400, "messages", None),
+        ("/v1/chat/completions", {"messages": HELLO}, 400, "model", None),
+        ("/v1/chat/completions", {"model": TINY, "messages": HELLO, "temperature": 9}, 400, "temperature", None),
+        ("/v1/chat/completions", {"model": TINY, "messages": HELLO, "max_tokens": 0}, 400, "max_tokens", None),
+        ("/v1/chat/completions", {"model": TINY, "messages": HELLO, "n": 3}, 400, "n", None),
+        ("/v1/chat/completions", {"model": TINY, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, 400, "messages.0.content.0", None),
+        ("/v1/chat/completions", {"model": TINY, "messages": [{"role": "user", "content": "word " * 400}]},
+         400, "messages", "context_length_exceeded"),
+        ("/v1/chat/completions", {"model": TINY, "messages": [{"role": "function", "content": "x"}]},
+         400, None, "template_error"),
+        ("/v1/completions", {"model": TINY, "prompt": ["a", "b"]}, 400, "prompt", None),
+        ("/v1/completions", {"model": TINY, "prompt": "a", "suffix": "b"}, 400, "suffix", None),
+    ],
+    ids=["unknown-model", "no-messages", "no-model", "temperature", "max-tokens", "n", "image",
+         "context-length", "template", "many-prompts", "suffix"],
+)
+def test_bad_requests_get_openai_errors(tiny_stack, path, body, status, param, code):
+    for stream in (False, True):
+        r = post(tiny_stack, path, {**body, "stream": stream})
+        assert r.status_code == status, r.text
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["message"] and error["type"] == "invalid_request_error"
+        assert (error["param"], error["code"]) == (param, code)
+
+
+def test_malformed_json_and_unknown_routes(tiny_stack):
+    r = httpx.post(f"{tiny_stack.base_url}/v1/chat/completions", content=b"{not json",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.get(f"{tiny_stack.base_url}/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_concurrent_streams_get_the_same_output_as_alone(tiny_stack):
+    prompts = [f"Question {i}: tell me about {topic}" for i, topic in
+               enumerate(["the sea", "France", "Python", "stars", "cafés", "日本", "batches"])]
+    requests = [{"model": TINY, "messages": [{"role": "user", "content": p}], "max_tokens": 24, "temperature": 0}
+                for p in prompts]
+    alone = [chat_text(stream_chat(tiny_stack.base_url, r)[0]) for r in requests]
+    together: list[str | None] = [None] * len(requests)
+
+    def run(i: int) -> None:
+        events, done = stream_chat(tiny_stack.base_url, requests[i])
+        together[i] = chat_text(events) if done else None
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert together == alone
+    assert len(set(alone)) > 1
+
+
+def wait_until_idle(stack, model: str, timeout: float = 3.0) -> float:
+    """Seconds until the worker of ``model`` reports no active sequences (via its heartbeat)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        worker = workers_by_model(stack)[model]
+        if worker["active"] == 0 and worker["in_flight"] == 0:
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise AssertionError(f"{model} still busy after {timeout}s: {workers_by_model(stack)[model]}")
+
+
+def test_a_disconnected_stream_frees_its_slot(tiny_stack):
+    # 50,000 tokens would take minutes; the worker must drop the sequence when the client leaves.
+    request = {"model": TINY_LONG, "messages": HELLO, "max_tokens": 50_000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{tiny_stack.base_url}/v1/chat/completions", json=request, timeout=30) as r:
+        lines = r.iter_lines()
+        received = [next(lines) for _ in range(10)]
+        assert any(line.startswith("data: ") for line in received)
+        time.sleep(1.5)  # a heartbeat reports the sequence as active
+        assert workers_by_model(tiny_stack)[TINY_LONG]["active"] == 1
+    wait_until_idle(tiny_stack, TINY_LONG)
+
+
+def test_a_disconnected_non_streaming_request_frees_its_slot(tiny_stack):
+    request = {"model": TINY_LONG, "messages": HELLO, "max_tokens": 50_000, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        post(tiny_stack, "/v1/chat/completions", request, timeout=httpx.Timeout(30, read=2))
+    wait_until_idle(tiny_stack, TINY_LONG)
+
+
+def test_bad_frames_do_not_hurt_the_gateway(tiny_stack):
+    context = zmq.Context()
+    rogue = context.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(tiny_stack.zmq_address)
+    try:
+        for frames in ([b"\xc1garbage"], [msgpack.packb({"v": PROTOCOL_VERSION + 7, "t": "ready"})],
+                       [msgpack.packb({"v": PROTOCOL_VERSION, "t": "nonsense"})],
+                       [msgpack.packb({"v": PROTOCOL_VERSION, "t": "output", "deltas": [{"x": 1}]})],
+                       [b"two", b"frames"]):
+            rogue.send_multipart(frames)
+        time.sleep(0.5)
+    finally:
+        rogue.close()
+        context.term()
+    r = post(tiny_stack, "/v1/chat/completions", {"model": TINY, "messages": HELLO, "max_tokens": 3})
+    assert r.status_code == 200
+    gateway_log = next(p for p in tiny_stack.processes if p.name == "gateway").log()
+    assert "dropped a bad frame" in gateway_log and "Traceback" not in gateway_log
+
+
+def test_killed_worker_ends_its_streams_with_an_error(fresh_stack, tiny_model_dir):
+    fresh_stack.start_gateway()
+    worker = fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000")
+    fresh_stack.wait_for_models(TINY_LONG)
+    request = {"model": TINY_LONG, "messages": HELLO, "max_tokens": 50_000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{fresh_stack.base_url}/v1/chat/completions", json=request, timeout=30) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        worker.kill()
+        killed_at = time.monotonic()
+        rest = list(lines)
+    elapsed = time.monotonic() - killed_at
+    assert elapsed < 3.0, f"the stream took {elapsed:.1f}s to end after the worker died"
+    data = [line for line in rest if line.startswith("data: ")]
+    assert data[-1] == "data: [DONE]"
+    assert '"code":"worker_crashed"' in data[-2]
+    assert httpx.get(f"{fresh_stack.base_url}/health").json()["workers"] == 0
+    r = post(fresh_stack, "/v1/chat/completions", {"model": TINY_LONG, "messages": HELLO})
+    assert r.status_code == 404
+
+
+def test_worker_reports_a_missing_model_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "--model", str(tmp_path / "missing.gguf"), "--gateway", f"ipc://{tmp_path}/s"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "GGUF file not found" in result.stderr and "Traceback" not in result.stderr

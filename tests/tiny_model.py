@@ -1,0 +1,104 @@
+"""A tiny random-weight llama with a real byte-level BPE tokenizer, written as an mlx-lm model dir.
+
+Two layers and a 256-token context: it loads in a fraction of a second, decodes in
+milliseconds, and exercises the same loader, tokenizer wrapper, chat template and
+batching code as a real model. Its output is gibberish, but deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('unknown role ' + m['role']) }}"
+    "{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CONTEXT_LENGTH = 256
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Write a short poem about the sea and the sky and the stars.",
+    "Tokens, batches, caches and streams: a server for local models.",
+    "Café, naïve, façade, déjà vu; 日本語のテキスト; emoji 🎉🚀 and ünïcödé.",
+    "def add(a, b):\n    return a + b\n\nprint(add(1, 2))",
+] * 20
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def model_config(vocab_size: int, eos_token_id: int) -> dict:
+    return {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": CONTEXT_LENGTH,
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": False,
+        "eos_token_id": eos_token_id,
+    }
+
+
+def random_weights(config: dict, seed: int = 0) -> dict:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    mx.random.seed(seed)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    weights = dict(tree_flatten(model.parameters()))
+    # Widen the logit gaps so greedy decoding does not hinge on float rounding
+    # (batched and single runs must pick the same tokens).
+    lm_head = weights["lm_head.weight"] * 8
+    # A zero row gives end-of-turn a logit of 0 while the best token's is far above it, so
+    # greedy runs never stop early: tests can rely on long generations to cancel or kill.
+    eos = config["eos_token_id"]
+    weights["lm_head.weight"] = mx.concatenate([lm_head[:eos], mx.zeros_like(lm_head[eos:eos + 1]), lm_head[eos + 1:]])
+    return weights
+
+
+def write_tiny_model(out_dir: Path) -> Path:
+    import mlx.core as mx
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config = model_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    mx.save_safetensors(str(out_dir / "model.safetensors"), random_weights(config), metadata={"format": "mlx"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
