@@ -1,0 +1,94 @@
+"""End to end on the default model: SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI) through
+separate gateway and worker processes, driven by the official openai SDK."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+
+import pytest
+from processes import Stack
+
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.slow
+MODEL = "smollm2-135m"
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def smol_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # The default cache (~/.cache/mlx-gateway) keeps the download and conversion between runs.
+    stack = Stack(tmp_path_factory.mktemp("smol"))
+    try:
+        stack.start_gateway()
+        stack.start_worker(MODEL, MODEL)
+        stack.wait_for_models(MODEL, timeout=900)
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def client(smol_stack: Stack):
+    return openai.OpenAI(base_url=f"{smol_stack.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_streamed_chat_completion_knows_paris(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=FRANCE, temperature=0, max_tokens=40, stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 3, "tokens should stream"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 3
+
+
+def test_chat_completion_and_models(client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=40)
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.prompt_tokens > 10
+
+
+def test_completion(client):
+    reply = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert reply.choices[0].text.strip()
+    assert reply.usage.completion_tokens == 8
+
+
+def test_unknown_model_raises_not_found(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-17", messages=FRANCE)
+
+
+def test_concurrent_streams_match_alone(client):
+    questions = ["What is the capital of France?", "Name three colors.", "What is 2 plus 2?", "Say hello."]
+
+    def ask(question: str) -> str:
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=24, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    alone = [ask(q) for q in questions]
+    together: list[str] = [""] * len(questions)
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(questions[i])))
+               for i in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert together == alone
+
+
+def test_worker_uses_an_optimized_blas_on_linux(smol_stack):
+    import platform
+
+    if platform.system() != "Linux":
+        pytest.skip("Metal on macOS")
+    log = next(p for p in smol_stack.processes if p.name.startswith("worker")).log()
+    assert re.search(r"BLAS: OpenBLAS", log), log
