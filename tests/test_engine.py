@@ -138,3 +138,10 @@ def test_streaming_detokenizer_never_splits_a_character(tiny_model):
     pieces.append(detokenizer.last_segment)
     assert "".join(pieces) == text
     assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_chat_template_kwargs_reach_the_template(tiny_model):
+    engine = Engine(tiny_model)
+    plain = engine.submit(chat("a", "Hello"))
+    extended = engine.submit(chat("b", "Hello", chat_template_kwargs={"preamble": "Be brief and kind."}))
+    assert extended.prompt_tokens > plain.prompt_tokens + 3

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 CHAT_TEMPLATE = (
+    "{% if preamble is defined %}<|im_start|>system\n{{ preamble }}<|im_end|>\n{% endif %}"
     "{% for m in messages %}"
     "{% if m['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
     "{{ raise_exception('unknown role ' + m['role']) }}"
