@@ -14,6 +14,7 @@ from protocol.messages import (
     Output,
     Ready,
     SamplingParams,
+    ToolCall,
 )
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "ProtocolError",
     "Ready",
     "SamplingParams",
+    "ToolCall",
     "decode",
     "encode",
 ]

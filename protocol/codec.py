@@ -48,7 +48,17 @@ def decode(frame: bytes) -> Message:
 
 def _to_wire(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
-        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        # Fields left at their default are not sent (decode restores them): most deltas
+        # carry only text, and this keeps the per-token frames small.
+        wire = {}
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            if f.default is not dataclasses.MISSING and item == f.default:
+                continue
+            if f.default_factory is not dataclasses.MISSING and not item and item == f.default_factory():
+                continue
+            wire[f.name] = _to_wire(item)
+        return wire
     if isinstance(value, list):
         return [_to_wire(v) for v in value]
     return value

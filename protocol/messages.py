@@ -38,11 +38,22 @@ class Accepted:
 
 
 @dataclass
+class ToolCall:
+    """A complete tool call the worker parsed from the model's output."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text
+
+
+@dataclass
 class Delta:
-    """New output of one request in one engine step."""
+    """New output of one request in one engine step, already split by kind."""
 
     request_id: str
-    text: str = ""
+    text: str = ""  # visible content
+    reasoning: str = ""  # thinking-block text
+    tool_calls: list[ToolCall] = field(default_factory=list)
     token_count: int = 0
 
 
@@ -64,6 +75,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    reasoning_tokens: int = 0
 
 
 @dataclass
@@ -109,7 +121,8 @@ class Generate:
     max_tokens: Optional[int] = None  # None: as many as fit in the context window
     messages: Optional[list[dict[str, Any]]] = None
     prompt: Optional[str] = None
-    tools: Optional[list[dict[str, Any]]] = None
+    tools: Optional[list[dict[str, Any]]] = None  # chat-template tool definitions
+    tool_choice: str = "auto"  # "auto" | "required" (the gateway resolves "none" and named tools)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)

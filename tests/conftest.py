@@ -26,6 +26,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_variant_dir(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_variant_dir("qwen" | "mistral" | "llama")``: a tiny model with that tool-call format."""
+    made: dict[str, Path] = {}
+
+    def make(variant: str) -> Path:
+        if variant not in made:
+            made[variant] = write_tiny_model(tmp_path_factory.mktemp(f"tiny-{variant}"), variant)
+        return made[variant]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir: Path):
     from worker.models import load
 

@@ -145,3 +145,13 @@ def test_chat_template_kwargs_reach_the_template(tiny_model):
     plain = engine.submit(chat("a", "Hello"))
     extended = engine.submit(chat("b", "Hello", chat_template_kwargs={"preamble": "Be brief and kind."}))
     assert extended.prompt_tokens > plain.prompt_tokens + 3
+
+
+def test_raw_completions_keep_the_leading_space(tiny_model):
+    tokenizer = tiny_model.tokenizer
+    script = " Paris."
+    from tiny_model import forced_output
+
+    engine = Engine(tiny_model, logits_processors=lambda request: [forced_output(tokenizer, script)])
+    texts, _ = run(engine, Generate("raw", prompt="The capital of France is", sampling=GREEDY))
+    assert texts["raw"] == " Paris."

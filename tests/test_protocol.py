@@ -18,6 +18,7 @@ from protocol import (
     ProtocolError,
     Ready,
     SamplingParams,
+    ToolCall,
     decode,
     encode,
 )
@@ -37,7 +38,8 @@ MESSAGES = [
     Generate("r2", prompt="Once upon a time"),
     Cancel("r1"),
     Accepted("r1", 37),
-    Output([Delta("r1", "Hel", 1), Delta("r2", "lo ✓", 2)]),
+    Output([Delta("r1", "Hel", token_count=1), Delta("r2", "lo ✓", token_count=2)]),
+    Output([Delta("r3", reasoning="hmm", tool_calls=[ToolCall("call_1", "f", "{}")], token_count=1)]),
     Finished("r1", "length", prompt_tokens=37, completion_tokens=5, cached_tokens=3),
     Error("context_length_exceeded", "too long", "r1"),
     Error("internal_error", "worker-wide"),

@@ -20,6 +20,36 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Variants whose templates make mlx-lm (or worker.tool_formats) pick each tool-call format.
+# The "qwen" variant also has <think>/</think> tokens and opens a thinking block when asked.
+_CHATML_TURNS = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}"
+    "{% if m.tool_calls %}{% for tool_call in m.tool_calls %}"
+    "{% if tool_call.function is defined %}{% set tool_call = tool_call.function %}{% endif %}"
+    "<tool_call>{\"name\": \"{{ tool_call.name }}\", \"arguments\": {{ tool_call.arguments | tojson }}}</tool_call>"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+)
+TOOL_TEMPLATES = {
+    "qwen": (
+        "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+        + _CHATML_TURNS
+        + "{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% if enable_thinking is defined and enable_thinking %}<think>\n{% endif %}{% endif %}"
+    ),
+    "mistral": (
+        "{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+        "{% for m in messages %}{% if m.tool_calls %}[TOOL_CALLS]{{ m.tool_calls | tojson }}"
+        "{% else %}[INST]{{ m['content'] }}[/INST]{% endif %}{% endfor %}"
+    ),
+    "llama": (
+        "{% if tools %}Respond with {\"name\": function name, \"parameters\": dictionary of arguments}. "
+        "Functions: {{ tools | tojson }}{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}"
+        "{% if m.tool_calls %}<|python_tag|>{{ m.tool_calls | tojson }}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+}
+THINK_TOKENS = ["<think>", "</think>"]
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CONTEXT_LENGTH = 256
 
@@ -33,7 +63,7 @@ _CORPUS = [
 ] * 20
 
 
-def build_tokenizer():
+def build_tokenizer(chat_template: str = CHAT_TEMPLATE, added_tokens: tuple[str, ...] = ()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -47,17 +77,19 @@ def build_tokenizer():
         show_progress=False,
     )
     backend.train_from_iterator(_CORPUS, trainer=trainer)
+    if added_tokens:
+        backend.add_tokens(list(added_tokens))
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token="<|im_start|>",
         eos_token="<|im_end|>",
         unk_token="<|endoftext|>",
         pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 
-def model_config(vocab_size: int, eos_token_id: int) -> dict:
+def model_config(vocab_size: int, eos_token_id: int, context_length: int = CONTEXT_LENGTH) -> dict:
     return {
         "model_type": "llama",
         "hidden_size": 64,
@@ -68,7 +100,7 @@ def model_config(vocab_size: int, eos_token_id: int) -> dict:
         "head_dim": 16,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
-        "max_position_embeddings": CONTEXT_LENGTH,
+        "max_position_embeddings": context_length,
         "vocab_size": vocab_size,
         "tie_word_embeddings": False,
         "eos_token_id": eos_token_id,
@@ -93,13 +125,58 @@ def random_weights(config: dict, seed: int = 0) -> dict:
     return weights
 
 
-def write_tiny_model(out_dir: Path) -> Path:
+def write_tiny_model(out_dir: Path, variant: str | None = None) -> Path:
+    """The plain tiny model, or one of TOOL_TEMPLATES' variants."""
     import mlx.core as mx
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
-    config = model_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    if variant is None:
+        tokenizer = build_tokenizer()
+    else:
+        tokenizer = build_tokenizer(TOOL_TEMPLATES[variant], tuple(THINK_TOKENS) if variant == "qwen" else ())
+    # Variants get room for tool definitions in the prompt.
+    context = CONTEXT_LENGTH if variant is None else 4096
+    config = model_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|im_end|>"), context)
     mx.save_safetensors(str(out_dir / "model.safetensors"), random_weights(config), metadata={"format": "mlx"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
+
+
+def forced_output(tokenizer, script: str):
+    """A logits processor that makes the model write ``script`` and then end its turn.
+
+    Test-only: small models do not call tools on their own, so tests that need a tool call
+    (or a thinking block) force the tokens and let everything after sampling run for real.
+    """
+    import mlx.core as mx
+
+    tokens = list(tokenizer.encode(script, add_special_tokens=False)) + [tokenizer.eos_token_id]
+    position = 0
+
+    def processor(context, logits):
+        nonlocal position
+        target = tokens[min(position, len(tokens) - 1)]
+        position += 1
+        mask = mx.arange(logits.shape[-1]) == target
+        return mx.where(mask, mx.zeros_like(logits), mx.full(logits.shape, -mx.inf))
+
+    return processor
+
+
+SCRIPT_PREFIX = "SCRIPT:"
+
+
+def scripted_logits_processors(loaded):
+    """For a worker under test: a request whose last user message is "SCRIPT:<text>" gets <text>."""
+
+    def factory(request):
+        for message in reversed(request.messages or []):
+            if message.get("role") == "user":
+                content = message.get("content") or ""
+                if isinstance(content, str) and content.startswith(SCRIPT_PREFIX):
+                    return [forced_output(loaded.tokenizer, content[len(SCRIPT_PREFIX):])]
+                break
+        return []
+
+    return factory

@@ -9,6 +9,7 @@ import queue
 import signal
 import sys
 import uuid
+from collections.abc import Callable
 
 from worker.blas import enable_fast_blas  # no mlx import here: the BLAS must be chosen first
 
@@ -31,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, make_logits_processors: Callable | None = None) -> int:
+    """Run a worker. ``make_logits_processors(loaded_model)`` is a hook for tests that script output."""
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -50,16 +52,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, ValueError, PermissionError) as exc:
         log.error("%s", exc)
         return 2
-    return serve(loaded, address, args.max_sequences, args.prefill_step_size, args.heartbeat_interval)
+    processors = make_logits_processors(loaded) if make_logits_processors else None
+    return serve(loaded, address, args.max_sequences, args.prefill_step_size, args.heartbeat_interval, processors)
 
 
-def serve(loaded, address: str, max_sequences: int, prefill_step_size: int, heartbeat_interval: float) -> int:
+def serve(
+    loaded,
+    address: str,
+    max_sequences: int,
+    prefill_step_size: int,
+    heartbeat_interval: float,
+    logits_processors: Callable | None = None,
+) -> int:
     from protocol import PROTOCOL_VERSION, Output, Ready
     from protocol.messages import ERROR_SHUTTING_DOWN
     from worker.engine import Engine
     from worker.link import GatewayLink
 
-    engine = Engine(loaded, max_sequences=max_sequences, prefill_step_size=prefill_step_size)
+    engine = Engine(loaded, max_sequences, prefill_step_size, logits_processors)
     worker_id = f"{loaded.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     ready = Ready(worker_id, loaded.name, PROTOCOL_VERSION, max_sequences, loaded.context_length, os.getpid())
     link = GatewayLink(address, ready, load=lambda: (engine.active, engine.queued), heartbeat_interval=heartbeat_interval)

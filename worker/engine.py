@@ -9,13 +9,16 @@ that loaded the model.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.sample_utils import make_sampler
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from protocol.messages import (
     ERROR_CONTEXT_LENGTH,
@@ -28,7 +31,9 @@ from protocol.messages import (
     Finished,
     Generate,
 )
+from worker import tool_formats
 from worker.models import LoadedModel
+from worker.output_parser import OutputParser
 from worker.text_stream import StopStrings
 
 log = logging.getLogger(__name__)
@@ -43,8 +48,10 @@ class Sequence:
     max_tokens: int
     detokenizer: Any
     stops: StopStrings
+    parser: OutputParser
     uid: int | None = None  # BatchGenerator's id, once admitted
     completion_tokens: int = 0
+    reasoning_tokens: int = 0
 
 
 @dataclass
@@ -54,11 +61,22 @@ class StepResult:
     errors: list[Error] = field(default_factory=list)
 
 
+LogitsProcessorsFactory = Callable[[Generate], list[Any]]
+
+
 class Engine:
-    def __init__(self, loaded: LoadedModel, max_sequences: int = 16, prefill_step_size: int = 512):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_sequences: int = 16,
+        prefill_step_size: int = 512,
+        logits_processors: LogitsProcessorsFactory | None = None,
+    ):
         self.loaded = loaded
         self.max_sequences = max_sequences
         self._prefill_step_size = prefill_step_size
+        self._logits_processors = logits_processors
+        self._tool_format = tool_formats.detect(loaded.tokenizer)
         self._eos = StopSequences([(t,) for t in loaded.tokenizer.eos_token_ids])
         self._generator = self._new_generator()
         self._waiting: deque[Sequence] = deque()
@@ -81,8 +99,9 @@ class Engine:
         """Queue a request; an Error if it cannot run (the engine is unaffected)."""
         if request.request_id in self._by_request:
             return Error(ERROR_INVALID_REQUEST, "duplicate request id", request.request_id)
+        forced = request.tool_choice == "required" and bool(request.tools) and self._tool_format is not None
         try:
-            prompt = self._tokenize(request)
+            prompt = self._tokenize(request, forced)
         except Exception as exc:  # jinja and tokenizer errors come in many types
             code = ERROR_TEMPLATE if request.messages is not None else ERROR_INVALID_REQUEST
             return Error(code, f"could not build the prompt: {exc}", request.request_id)
@@ -99,8 +118,15 @@ class Engine:
             request=request,
             prompt=prompt,
             max_tokens=min(request.max_tokens or room, room),
-            detokenizer=self.loaded.tokenizer.detokenizer,
+            detokenizer=self._detokenizer(raw=request.messages is None),
             stops=StopStrings(request.stop),
+            parser=OutputParser(
+                self.loaded.tokenizer,
+                self._tool_format,
+                request.tools,
+                initial_state=self._initial_state(prompt) if request.messages is not None else "normal",
+                forced_tool_call=forced,
+            ),
         )
         self._waiting.append(sequence)
         self._by_request[request.request_id] = sequence
@@ -157,7 +183,21 @@ class Engine:
             finish_reason = "stop" if hit_stop else response.finish_reason
             if finish_reason is not None and not hit_stop:
                 text += sequence.stops.flush()
-            result.deltas.append(Delta(sequence.request.request_id, text, 1))
+            parsed = sequence.parser.feed(text)
+            if sequence.parser.state == "reasoning" or parsed.reasoning:
+                sequence.reasoning_tokens += 1
+            if finish_reason is not None:
+                rest = sequence.parser.finish()
+                parsed.content += rest.content
+                parsed.reasoning += rest.reasoning
+                parsed.tool_calls += rest.tool_calls
+            result.deltas.append(Delta(
+                sequence.request.request_id,
+                text=parsed.content,
+                reasoning=parsed.reasoning,
+                tool_calls=parsed.tool_calls,
+                token_count=1,
+            ))
             if finish_reason is None:
                 continue
             if hit_stop and response.finish_reason is None:
@@ -180,25 +220,44 @@ class Engine:
             [s.prompt for s in batch],
             max_tokens=[s.max_tokens for s in batch],
             samplers=[self._sampler(s.request) for s in batch],
+            logits_processors=[self._logits_processors(s.request) if self._logits_processors else [] for s in batch],
             stop_sequences=[self._eos] * len(batch),
         )
         for uid, sequence in zip(uids, batch):
             sequence.uid = uid
             self._running[uid] = sequence
 
-    def _tokenize(self, request: Generate) -> list[int]:
+    def _tokenize(self, request: Generate, forced_tool_call: bool) -> list[int]:
         tokenizer = self.loaded.tokenizer
         if request.messages is None:
             return list(tokenizer.encode(request.prompt or ""))
         text = tokenizer.apply_chat_template(
-            request.messages,
+            [_template_message(m) for m in request.messages],
             tools=request.tools or None,
             add_generation_prompt=True,
             tokenize=False,
             **request.chat_template_kwargs,
         )
+        if forced_tool_call:
+            # tool_choice "required": the reply starts inside a tool call.
+            text += self._tool_format.forced_prefix
         # The template writes any BOS itself.
         return list(tokenizer.encode(text, add_special_tokens=False))
+
+    def _detokenizer(self, raw: bool) -> Any:
+        detokenizer = self.loaded.tokenizer.detokenizer
+        if raw and type(detokenizer) is BPEStreamingDetokenizer:
+            # mlx-lm drops the first space of a reply, which suits chat; a raw completion
+            # continues the prompt, where " Paris" after "The capital is" must keep it.
+            detokenizer.__class__ = _UntrimmedBPEDetokenizer
+        return detokenizer
+
+    def _initial_state(self, prompt: list[int]) -> str:
+        """"reasoning" when the template left a thinking block open for the reply."""
+        tokenizer = self.loaded.tokenizer
+        if tokenizer.has_thinking and tokenizer.rfind_think_start(prompt) > tokenizer.rfind_think_end(prompt):
+            return "reasoning"
+        return tokenizer.response_initial_state or "normal"
 
     @staticmethod
     def _sampler(request: Generate) -> Any:
@@ -211,6 +270,7 @@ class Engine:
             finish_reason=reason,
             prompt_tokens=len(sequence.prompt),
             completion_tokens=sequence.completion_tokens,
+            reasoning_tokens=sequence.reasoning_tokens,
         )
 
     def _new_generator(self) -> BatchGenerator:
@@ -220,3 +280,26 @@ class Engine:
             prefill_batch_size=min(self.max_sequences, 8),
             prefill_step_size=self._prefill_step_size,
         )
+
+
+def _template_message(message: dict[str, Any]) -> dict[str, Any]:
+    """Chat templates index tool-call arguments as a mapping; the APIs carry them as JSON text."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    fixed = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            try:
+                arguments = json.loads(function["arguments"])
+            except json.JSONDecodeError:
+                arguments = function["arguments"]
+            call = {**call, "function": {**function, "arguments": arguments}}
+        fixed.append(call)
+    return {**message, "tool_calls": fixed}
+
+
+class _UntrimmedBPEDetokenizer(BPEStreamingDetokenizer):
+    def _maybe_trim_space(self, current_text: str) -> str:
+        return current_text
