@@ -9,21 +9,28 @@ from fastapi import FastAPI
 
 from gateway.engine_client import EngineClient
 from gateway.errors import install_handlers
-from gateway.routes import chat, completions, models
+from gateway.responses.service import ResponsesService
+from gateway.responses.store import ResponseStore
+from gateway.routes import chat, completions, models, responses
 
 
-def create_app(engine: EngineClient) -> FastAPI:
+def create_app(engine: EngineClient, store: ResponseStore) -> FastAPI:
+    service = ResponsesService(engine, store)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
         try:
             yield
         finally:
+            await service.close()
             await engine.close()
+            await store.close()
 
     app = FastAPI(title="mlx-gateway", lifespan=lifespan)
     app.state.engine = engine
+    app.state.responses = service
     install_handlers(app)
-    for module in (models, chat, completions):
+    for module in (models, chat, completions, responses):
         app.include_router(module.router)
     return app

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import sys
+from pathlib import Path
 
 import uvicorn
 
 from gateway.app import create_app
 from gateway.engine_client import EngineClient
+from gateway.responses.store import MemoryStore, ResponseStore, SQLiteStore
 from protocol.transport import check_address, default_address
 
 log = logging.getLogger("gateway")
@@ -22,6 +25,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     parser.add_argument("--zmq", default=None, help="ZeroMQ address workers connect to (default: ipc in a private dir)")
     parser.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
+    parser.add_argument("--store", choices=["sqlite", "memory"], default="sqlite",
+                        help="where stored Responses live (default: sqlite in --data-dir)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="directory for the response store (default: ~/.local/share/mlx-gateway)")
+    parser.add_argument("--store-max-responses", type=int, default=10_000, help="oldest are evicted beyond this")
+    parser.add_argument("--store-max-mb", type=int, default=1024, help="oldest are evicted beyond this size")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -40,9 +49,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not _is_loopback(args.host):
         log.warning("listening on %s: anyone who can reach this address can use the models", args.host)
-    app = create_app(EngineClient(address, heartbeat_interval=args.heartbeat_interval))
+    store = _open_store(args)
+    app = create_app(EngineClient(address, heartbeat_interval=args.heartbeat_interval), store)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None)
     return 0
+
+
+def _open_store(args: argparse.Namespace) -> ResponseStore:
+    limits = {"max_responses": args.store_max_responses, "max_bytes": args.store_max_mb << 20}
+    if args.store == "memory":
+        return MemoryStore(**limits)
+    data_dir = args.data_dir or Path(os.environ.get("MLX_GATEWAY_DATA", Path.home() / ".local/share/mlx-gateway"))
+    path = data_dir / "responses.db"
+    log.info("storing responses in %s", path)
+    return SQLiteStore(path, **limits)
 
 
 def _is_loopback(host: str) -> bool:

@@ -132,8 +132,8 @@ class EngineClient:
         worker = self.registry.pick(model)
         return worker.context_length if worker else None
 
-    async def submit(self, model: str, request: Generate) -> RequestStream:
-        """Send ``request`` to a worker of ``model``; return once the worker accepted it."""
+    def open(self, model: str, request: Generate) -> RequestStream:
+        """Send ``request`` to the least-loaded worker of ``model``."""
         worker = self.registry.pick(model)
         if worker is None:
             raise NoWorker(model)
@@ -141,11 +141,15 @@ class EngineClient:
         self._streams[request.request_id] = stream
         worker.in_flight.add(request.request_id)
         self._send(worker.identity, request)
+        return stream
+
+    async def submit(self, model: str, request: Generate) -> RequestStream:
+        """``open``, then wait until the worker accepted the request (or raise its error)."""
+        stream = self.open(model, request)
         try:
             await stream.wait_accepted()
         except BaseException:
             stream.close()
-            self._forget(stream)
             raise
         return stream
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from fastapi import Request
 from starlette.responses import StreamingResponse
@@ -18,13 +19,24 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.engine_client import EngineClient, NoWorker, RequestFailed, RequestStream
 from gateway.errors import from_worker_error, model_not_found
-from protocol import Finished, Generate
+from protocol import Finished, Generate, ToolCall
 
 SSE_DONE = b"data: [DONE]\n\n"
+KEEPALIVE_S = 10.0
+T = TypeVar("T")
 
 
 def sse_data(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + _json(payload) + b"\n\n"
+
+
+def sse_event(event: dict[str, Any]) -> bytes:
+    """A Responses event: its type on the ``event:`` line and inside the data."""
+    return b"event: " + event["type"].encode() + b"\ndata: " + _json(event) + b"\n\n"
+
+
+def _json(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 async def start(client: EngineClient, model: str, generate: Generate) -> RequestStream:
@@ -41,25 +53,45 @@ class ClientDisconnected(Exception):
     pass
 
 
-async def collect(stream: RequestStream, request: Request) -> str:
-    """The whole output text; cancels the generation if the client disconnects first."""
-
-    async def read() -> str:
-        return "".join([delta.text async for delta in stream])
-
-    reading = asyncio.ensure_future(read())
-    watching = asyncio.ensure_future(_wait_for_disconnect(request))
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client disconnects first (then ClientDisconnected)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
-        await asyncio.wait({reading, watching}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watching.cancel()
-        if not reading.done():
-            reading.cancel()
-        stream.close()
-    if not reading.done() or reading.cancelled():
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
         raise ClientDisconnected()
+    return task.result()
+
+
+@dataclass
+class Collected:
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+async def collect(stream: RequestStream, request: Request) -> Collected:
+    """The whole output; the generation stops if the client disconnects first."""
+
+    async def read() -> Collected:
+        out = Collected()
+        try:
+            async for delta in stream:
+                out.text += delta.text
+                out.reasoning += delta.reasoning
+                out.tool_calls += delta.tool_calls
+        finally:
+            stream.close()
+        return out
+
     try:
-        return reading.result()
+        return await unless_disconnected(request, read())
     except RequestFailed as exc:
         raise from_worker_error(exc.error) from None
 
@@ -70,27 +102,54 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 class EventStreamResponse(StreamingResponse):
-    """An SSE response that always runs ``on_close``, however the connection ends."""
+    """An SSE response whose body generator is always closed, however the connection ends.
 
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]):
+    Body generators stop their generation in a ``finally``; closing the generator here runs
+    it even when the client vanished while the generator was suspended between chunks.
+    During long silences (a long prefill) a comment line keeps proxies and clients such as
+    Codex (``stream_idle_timeout_ms``) from giving up.
+    """
+
+    def __init__(self, content: AsyncGenerator[bytes, None], keepalive_s: float = KEEPALIVE_S):
         super().__init__(
-            content,
+            _with_keepalive(content, keepalive_s),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-        self._on_close = on_close
+        self._content = content
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._on_close()
+            await self.body_iterator.aclose()
+            await self._content.aclose()
 
 
-def finish_reason(finished: Finished | None) -> str:
+async def _with_keepalive(content: AsyncGenerator[bytes, None], interval: float) -> AsyncGenerator[bytes, None]:
+    pending = asyncio.ensure_future(content.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield b": keep-alive\n\n"
+                continue
+            try:
+                chunk = pending.result()
+            except StopAsyncIteration:
+                return
+            yield chunk
+            pending = asyncio.ensure_future(content.__anext__())
+    finally:
+        if not pending.done():
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+
+
+def finish_reason(finished: Finished | None, made_tool_calls: bool = False) -> str:
     if finished is not None and finished.finish_reason == "length":
         return "length"
-    return "stop"
+    return "tool_calls" if made_tool_calls else "stop"
 
 
 def usage(finished: Finished | None) -> dict[str, Any]:

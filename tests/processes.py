@@ -81,7 +81,7 @@ class Stack:
     def start_gateway(self) -> Process:
         return self._spawn("gateway", [
             "gateway", "--port", str(self.port), "--zmq", self.zmq_address,
-            "--heartbeat-interval", str(self.heartbeat_interval),
+            "--heartbeat-interval", str(self.heartbeat_interval), "--data-dir", str(self.workdir / "data"),
         ])
 
     def start_worker(self, model: str, served_name: str, *extra: str) -> Process:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -23,7 +23,7 @@ from gateway.streaming import (
     start,
     usage,
 )
-from protocol import Generate
+from protocol import Generate, ToolCall
 
 router = APIRouter()
 
@@ -31,10 +31,12 @@ router = APIRouter()
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    tools, tool_choice = _tools(body)
     generate = Generate(
         request_id=request_id,
         messages=[_worker_message(m, i) for i, m in enumerate(body.messages)],
-        tools=body.tools,
+        tools=tools,
+        tool_choice=tool_choice,
         max_tokens=body.max_completion_tokens or body.max_tokens,
         sampling=body.sampling(),
         stop=body.stop_list(),
@@ -44,11 +46,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStreamResponse(_chunks(stream, body.model, created, include_usage), on_close=stream.close)
+        return EventStreamResponse(_chunks(stream, body.model, created, include_usage))
     try:
-        text = await collect(stream, request)
+        out = await collect(stream, request)
     except ClientDisconnected:
         return Response(status_code=499)
+    message: dict[str, Any] = {"role": "assistant", "content": out.text}
+    if out.reasoning:
+        message["reasoning_content"] = out.reasoning
+    if out.tool_calls:
+        message["tool_calls"] = [_tool_call(call) for call in out.tool_calls]
     return JSONResponse({
         "id": request_id,
         "object": "chat.completion",
@@ -57,15 +64,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         "system_fingerprint": None,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": text},
+            "message": message,
             "logprobs": None,
-            "finish_reason": finish_reason(stream.finished),
+            "finish_reason": finish_reason(stream.finished, bool(out.tool_calls)),
         }],
         "usage": usage(stream.finished),
     })
 
 
-async def _chunks(stream: RequestStream, model: str, created: int, include_usage: bool) -> AsyncIterator[bytes]:
+async def _chunks(stream: RequestStream, model: str, created: int, include_usage: bool) -> AsyncGenerator[bytes, None]:
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         payload = {
             "id": stream.request_id,
@@ -79,17 +86,45 @@ async def _chunks(stream: RequestStream, model: str, created: int, include_usage
             payload["usage"] = None
         return payload
 
-    yield sse_data(chunk({"role": "assistant", "content": ""}))
+    calls = 0
     try:
+        yield sse_data(chunk({"role": "assistant", "content": ""}))
         async for delta in stream:
+            if delta.reasoning:
+                yield sse_data(chunk({"reasoning_content": delta.reasoning}))
             if delta.text:
                 yield sse_data(chunk({"content": delta.text}))
-        yield sse_data(chunk({}, finish_reason(stream.finished)))
+            for call in delta.tool_calls:
+                yield sse_data(chunk({"tool_calls": [{"index": calls, **_tool_call(call)}]}))
+                calls += 1
+        yield sse_data(chunk({}, finish_reason(stream.finished, calls > 0)))
         if include_usage:
             yield sse_data({**chunk({}), "choices": [], "usage": usage(stream.finished)})
     except RequestFailed as exc:
         yield sse_data(from_worker_error(exc.error).body())
+    finally:
+        stream.close()  # stops the generation if the client went away mid-stream
     yield SSE_DONE
+
+
+def _tools(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, str]:
+    """The tools the template gets, and "auto" or "required", from ``tool_choice``."""
+    choice = body.tool_choice
+    if not body.tools or choice == "none":
+        return None, "auto"
+    if choice == "required":
+        return body.tools, "required"
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        chosen = [t for t in body.tools if (t.get("function") or {}).get("name") == name]
+        if not chosen:
+            raise APIError(400, f"tool_choice names an unknown function {name!r}", param="tool_choice")
+        return chosen, "required"
+    return body.tools, "auto"
+
+
+def _tool_call(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def _worker_message(message: ChatMessage, index: int) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -50,9 +50,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = _chunks(stream, body.model, created, prefix, include_usage)
-        return EventStreamResponse(chunks, on_close=stream.close)
+        return EventStreamResponse(chunks)
     try:
-        text = await collect(stream, request)
+        text = (await collect(stream, request)).text
     except ClientDisconnected:
         return Response(status_code=499)
     choice = {"index": 0, "text": prefix + text, "logprobs": None, "finish_reason": finish_reason(stream.finished)}
@@ -77,7 +77,7 @@ def _single_prompt(prompt: str | list[str]) -> str:
 
 async def _chunks(
     stream: RequestStream, model: str, created: int, prefix: str, include_usage: bool
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     def chunk(text: str, finish: str | None = None) -> dict[str, Any]:
         payload = {
             "id": stream.request_id,
@@ -102,4 +102,6 @@ async def _chunks(
             yield sse_data({**chunk(""), "choices": [], "usage": usage(stream.finished)})
     except RequestFailed as exc:
         yield sse_data(from_worker_error(exc.error).body())
+    finally:
+        stream.close()  # stops the generation if the client went away mid-stream
     yield SSE_DONE

@@ -1,0 +1,1 @@
+"""The OpenAI Responses API: request normalization, events, the response store."""

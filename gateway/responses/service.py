@@ -1,0 +1,198 @@
+"""Running a response: from a validated request to events, a stored result, and background runs.
+
+``prepare`` does everything that can fail with a 4xx before any generation (model lookup,
+``previous_response_id``, item references, input and tool validation) and returns a ``Run``.
+``events(run)`` then drives the worker and yields the Responses events; the route streams
+them, drains them for a JSON reply, or ``start_background`` drains them in a task that GET
+and cancel can see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.engine_client import EngineClient, NoWorker, RequestFailed, RequestStream
+from gateway.errors import APIError, model_not_found
+from gateway.responses.conversation import chat_messages, format_instructions, item_type, normalize_input
+from gateway.responses.events import Event, ResponseEvents
+from gateway.responses.objects import ResponseState, new_id
+from gateway.responses.request import ResponsesRequest
+from gateway.responses.store import ResponseStore, StoredResponse
+from gateway.responses.tools import resolve_tools
+from protocol import Generate, SamplingParams
+from protocol.messages import ERROR_INTERNAL
+
+log = logging.getLogger(__name__)
+
+# reasoning.effort -> the chat template's thinking switch
+_THINKING_OFF = {"none", "minimal"}
+
+
+@dataclass
+class Run:
+    state: ResponseState
+    generate: Generate
+    input_items: list[dict[str, Any]]
+    context: list[dict[str, Any]]  # everything the model sees before its output
+    builder: ResponseEvents
+    task: asyncio.Task | None = None  # background runs only
+    stream: RequestStream | None = None
+    events: list[Event] = field(default_factory=list)  # background runs keep theirs for streaming GETs
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ResponsesService:
+    def __init__(self, engine: EngineClient, store: ResponseStore):
+        self.engine = engine
+        self.store = store
+        self._background: dict[str, Run] = {}
+
+    async def prepare(self, body: ResponsesRequest) -> Run:
+        if self.engine.registry.pick(body.model) is None:
+            raise model_not_found(body.model)
+        if body.background and body.store is False:
+            raise APIError(400, "background responses must be stored (store: true)", param="background")
+        earlier: list[dict[str, Any]] = []
+        if body.previous_response_id:
+            previous = await self.store.get(body.previous_response_id)
+            if previous is None:
+                raise APIError(400, f"Previous response with id '{body.previous_response_id}' not found.",
+                               param="previous_response_id", code="previous_response_not_found")
+            earlier = previous.context + previous.response.get("output", [])
+        items = await self._resolve_references(normalize_input(body.input))
+        context = earlier + items
+        tools = resolve_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+        template_kwargs = {}
+        effort = (body.reasoning or {}).get("effort")
+        if effort is not None:
+            template_kwargs["enable_thinking"] = effort not in _THINKING_OFF
+        template_kwargs.update(body.chat_template_kwargs or {})
+
+        state = ResponseState(new_id("resp"), body, status="queued")
+        generate = Generate(
+            request_id=state.id,
+            messages=chat_messages(body.instructions, context, format_instructions(body.text)),
+            tools=tools.template_tools or None,
+            tool_choice=tools.tool_choice,
+            max_tokens=body.max_output_tokens,
+            sampling=SamplingParams(
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+            ),
+            chat_template_kwargs=template_kwargs,
+        )
+        round_trip = "reasoning.encrypted_content" in (body.include or [])
+        return Run(state, generate, items, context, ResponseEvents(state, tools, round_trip))
+
+    async def _resolve_references(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        resolved = []
+        for index, item in enumerate(items):
+            if item_type(item) == "item_reference":
+                found = await self.store.get_item(str(item.get("id")))
+                if found is None:
+                    raise APIError(400, f"Item with id '{item.get('id')}' not found.", param=f"input[{index}]")
+                item = found
+            resolved.append(item)
+        return resolved
+
+    async def events(self, run: Run) -> AsyncIterator[Event]:
+        """Generate, yielding every event; store the result when it ends (not if abandoned)."""
+        builder = run.builder
+        for event in builder.start():
+            yield event
+        try:
+            run.stream = self.engine.open(run.state.request.model, run.generate)
+            await run.stream.wait_accepted()
+            async for delta in run.stream:
+                for event in builder.add(delta):
+                    yield event
+            closing = builder.finish(run.stream.finished)
+        except NoWorker:
+            closing = builder.fail("model_not_found", f"no live worker serves '{run.state.request.model}'")
+        except RequestFailed as exc:
+            code = "server_error" if exc.error.code == ERROR_INTERNAL else exc.error.code
+            closing = builder.fail(code, exc.error.message)
+        finally:
+            if run.stream is not None:
+                run.stream.close()
+        for event in closing:
+            yield event
+        await self._save(run)
+
+    async def _save(self, run: Run) -> None:
+        if run.state.request.store is False:
+            return
+        try:
+            await self.store.put(StoredResponse(run.state.to_dict(), run.input_items, run.context))
+        except Exception:  # a full disk must not turn a finished answer into an error
+            log.exception("could not store response %s", run.state.id)
+
+    # --- background ---------------------------------------------------------------------
+
+    def start_background(self, run: Run) -> None:
+        self._background[run.state.id] = run
+        run.task = asyncio.create_task(self._drain(run), name=f"background-{run.state.id}")
+
+    async def _drain(self, run: Run) -> None:
+        try:
+            async for event in self.events(run):
+                run.events.append(event)
+                run.changed.set()
+        except asyncio.CancelledError:
+            run.builder.cancel()
+            await self._save(run)
+        finally:
+            run.changed.set()
+            self._background.pop(run.state.id, None)
+
+    async def follow(self, run: Run, after: int = -1) -> AsyncIterator[Event]:
+        """A background run's events with ``sequence_number > after``, live until it ends."""
+        position = after + 1
+        while True:
+            while position < len(run.events):
+                yield run.events[position]
+                position += 1
+            if run.task is None or run.task.done():
+                return
+            run.changed.clear()
+            if position < len(run.events):
+                continue
+            await run.changed.wait()
+
+    def background_run(self, response_id: str) -> Run | None:
+        return self._background.get(response_id)
+
+    async def cancel(self, response_id: str) -> dict[str, Any]:
+        run = self._background.get(response_id)
+        if run is not None:
+            run.task.cancel()
+            await asyncio.gather(run.task, return_exceptions=True)
+            return run.state.to_dict()
+        stored = await self.store.get(response_id)
+        if stored is None:
+            raise response_not_found(response_id)
+        if not stored.response.get("background"):
+            raise APIError(400, "Only background responses can be cancelled.", param="response_id")
+        return stored.response  # already finished: nothing to cancel
+
+    async def retrieve(self, response_id: str) -> dict[str, Any]:
+        run = self._background.get(response_id)
+        if run is not None:
+            return run.state.to_dict()
+        stored = await self.store.get(response_id)
+        if stored is None:
+            raise response_not_found(response_id)
+        return stored.response
+
+    async def close(self) -> None:
+        for run in list(self._background.values()):
+            run.task.cancel()
+        await asyncio.gather(*(r.task for r in self._background.values()), return_exceptions=True)
+
+
+def response_not_found(response_id: str) -> APIError:
+    return APIError(404, f"Response with id '{response_id}' not found.", param="response_id", code="not_found")

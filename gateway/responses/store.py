@@ -1,0 +1,175 @@
+"""Stored responses, for ``previous_response_id``, retrieval, input items and item references.
+
+Each stored response keeps its final object, its own input items, and its *context*: every
+item the model saw before its output (earlier turns included), so a chain continues without
+walking back through ancestors that may have been evicted. Both stores are bounded by count
+and bytes and evict oldest first.
+
+``SQLiteStore`` (the default) persists across gateway restarts. Its connection lives on one
+dedicated thread, so database work never blocks the event loop. ``MemoryStore`` keeps
+everything in process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class StoredResponse:
+    response: dict[str, Any]
+    input_items: list[dict[str, Any]]
+    context: list[dict[str, Any]]
+
+
+class MemoryStore:
+    def __init__(self, max_responses: int = 10_000, max_bytes: int = 512 << 20):
+        self.max_responses = max_responses
+        self.max_bytes = max_bytes
+        self._responses: OrderedDict[str, tuple[StoredResponse, int]] = OrderedDict()
+        self._items: dict[str, dict[str, Any]] = {}
+        self._item_ids: dict[str, list[str]] = {}  # response id -> its item ids
+        self._bytes = 0
+
+    async def put(self, stored: StoredResponse) -> None:
+        response_id = stored.response["id"]
+        size = len(json.dumps(stored.response)) + len(json.dumps(stored.context))
+        await self.delete(response_id)
+        self._responses[response_id] = (stored, size)
+        self._bytes += size
+        items = [i for i in (*stored.input_items, *stored.response.get("output", [])) if i.get("id")]
+        self._items.update((item["id"], item) for item in items)
+        self._item_ids[response_id] = [item["id"] for item in items]
+        while len(self._responses) > self.max_responses or (self._bytes > self.max_bytes and len(self._responses) > 1):
+            await self.delete(next(iter(self._responses)))
+
+    async def get(self, response_id: str) -> StoredResponse | None:
+        entry = self._responses.get(response_id)
+        return entry[0] if entry else None
+
+    async def get_item(self, item_id: str) -> dict[str, Any] | None:
+        return self._items.get(item_id)
+
+    async def delete(self, response_id: str) -> bool:
+        entry = self._responses.pop(response_id, None)
+        if entry is None:
+            return False
+        self._bytes -= entry[1]
+        for item_id in self._item_ids.pop(response_id, []):
+            self._items.pop(item_id, None)
+        return True
+
+    async def count(self) -> int:
+        return len(self._responses)
+
+    async def close(self) -> None:
+        pass
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    response TEXT NOT NULL,
+    input_items TEXT NOT NULL,
+    context TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS responses_seq ON responses (seq);
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT PRIMARY KEY,
+    response_id TEXT NOT NULL,
+    item TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_response ON items (response_id);
+"""
+
+
+class SQLiteStore:
+    def __init__(self, path: Path, max_responses: int = 10_000, max_bytes: int = 512 << 20):
+        self.path = path
+        self.max_responses = max_responses
+        self.max_bytes = max_bytes
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="response-store")
+        self._db: sqlite3.Connection | None = None
+        self._executor.submit(self._open).result()
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    async def _run(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def put(self, stored: StoredResponse) -> None:
+        await self._run(self._put, stored)
+
+    def _put(self, stored: StoredResponse) -> None:
+        db = self._db
+        response_id = stored.response["id"]
+        response_json = json.dumps(stored.response)
+        context_json = json.dumps(stored.context)
+        size = len(response_json) + len(context_json)
+        with db:
+            self._delete(response_id)
+            (seq,) = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM responses").fetchone()
+            db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?)",
+                       (response_id, seq, size, response_json, json.dumps(stored.input_items), context_json))
+            db.executemany(
+                "INSERT OR REPLACE INTO items VALUES (?, ?, ?)",
+                [(item["id"], response_id, json.dumps(item))
+                 for item in (*stored.input_items, *stored.response.get("output", [])) if item.get("id")],
+            )
+            while True:
+                count, total = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM responses").fetchone()
+                if count <= self.max_responses and (total <= self.max_bytes or count <= 1):
+                    break
+                (oldest,) = db.execute("SELECT id FROM responses ORDER BY seq LIMIT 1").fetchone()
+                self._delete(oldest)
+
+    async def get(self, response_id: str) -> StoredResponse | None:
+        return await self._run(self._get, response_id)
+
+    def _get(self, response_id: str) -> StoredResponse | None:
+        row = self._db.execute(
+            "SELECT response, input_items, context FROM responses WHERE id = ?", (response_id,)).fetchone()
+        return StoredResponse(*(json.loads(column) for column in row)) if row else None
+
+    async def get_item(self, item_id: str) -> dict[str, Any] | None:
+        return await self._run(self._get_item, item_id)
+
+    def _get_item(self, item_id: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT item FROM items WHERE id = ?", (item_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    async def delete(self, response_id: str) -> bool:
+        return await self._run(self._delete_committed, response_id)
+
+    def _delete_committed(self, response_id: str) -> bool:
+        with self._db:
+            return self._delete(response_id)
+
+    def _delete(self, response_id: str) -> bool:
+        deleted = self._db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount
+        self._db.execute("DELETE FROM items WHERE response_id = ?", (response_id,))
+        return deleted > 0
+
+    async def count(self) -> int:
+        return await self._run(lambda: self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
+
+    async def close(self) -> None:
+        await self._run(self._db.close)
+        self._executor.shutdown(wait=True)
+
+
+ResponseStore = MemoryStore | SQLiteStore

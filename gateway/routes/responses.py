@@ -1,0 +1,123 @@
+"""The Responses API: POST /v1/responses, and GET, DELETE, input_items and cancel by id."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from gateway.errors import APIError, from_worker_error
+from gateway.responses.events import Event
+from gateway.responses.request import ResponsesRequest
+from gateway.responses.service import ResponsesService, response_not_found
+from gateway.streaming import ClientDisconnected, EventStreamResponse, sse_event, unless_disconnected
+from protocol import Error
+
+router = APIRouter()
+
+
+def _service(request: Request) -> ResponsesService:
+    return request.app.state.responses
+
+
+@router.post("/v1/responses")
+async def create_response(body: ResponsesRequest, request: Request) -> Response:
+    service = _service(request)
+    run = await service.prepare(body)
+    if body.background:
+        service.start_background(run)
+        if body.stream:
+            return EventStreamResponse(_sse(service.follow(run)))
+        return JSONResponse(run.state.to_dict())
+    if body.stream:
+        return EventStreamResponse(_sse(service.events(run)))
+
+    async def drain() -> None:
+        async for _ in service.events(run):
+            pass
+
+    try:
+        await unless_disconnected(request, drain())
+    except ClientDisconnected:
+        return Response(status_code=499)
+    state = run.state
+    if state.status == "failed":
+        if state.error["code"] == "model_not_found":
+            raise APIError(404, state.error["message"], param="model", code="model_not_found")
+        raise from_worker_error(Error(state.error["code"], state.error["message"], state.id))
+    return JSONResponse(state.to_dict())
+
+
+async def _sse(events: AsyncIterator[Event]) -> AsyncGenerator[bytes, None]:
+    try:
+        async for event in events:
+            yield sse_event(event)
+    finally:
+        await events.aclose()  # runs the generator's cleanup: stops the generation
+
+
+@router.get("/v1/responses/{response_id}")
+async def get_response(
+    response_id: str, request: Request, stream: bool = False, starting_after: int = -1
+) -> Response:
+    service = _service(request)
+    run = service.background_run(response_id)
+    if stream and run is not None:
+        return EventStreamResponse(_sse(service.follow(run, starting_after)))
+    return JSONResponse(await service.retrieve(response_id))
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str, request: Request) -> dict[str, Any]:
+    service = _service(request)
+    if service.background_run(response_id) is not None:
+        await service.cancel(response_id)
+    if not await service.store.delete(response_id):
+        raise response_not_found(response_id)
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
+@router.post("/v1/responses/{response_id}/cancel")
+async def cancel_response(response_id: str, request: Request) -> dict[str, Any]:
+    return await _service(request).cancel(response_id)
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def list_input_items(
+    response_id: str,
+    request: Request,
+    after: str | None = None,
+    before: str | None = None,
+    limit: int = Query(default=20, ge=1, le=100),
+    order: Literal["asc", "desc"] = "desc",
+) -> dict[str, Any]:
+    service = _service(request)
+    run = service.background_run(response_id)
+    if run is not None:
+        items = run.input_items
+    else:
+        stored = await service.store.get(response_id)
+        if stored is None:
+            raise response_not_found(response_id)
+        items = stored.input_items
+    items = list(reversed(items)) if order == "desc" else list(items)
+    ids = [item.get("id") for item in items]
+    if after is not None:
+        if after not in ids:
+            raise APIError(400, f"No input item with id '{after}' in this response.", param="after")
+        items = items[ids.index(after) + 1:]
+    if before is not None:
+        ids = [item.get("id") for item in items]
+        if before not in ids:
+            raise APIError(400, f"No input item with id '{before}' in this response.", param="before")
+        items = items[: ids.index(before)]
+    page = items[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0].get("id") if page else None,
+        "last_id": page[-1].get("id") if page else None,
+        "has_more": len(items) > limit,
+    }
