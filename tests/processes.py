@@ -65,13 +65,14 @@ class Stack:
         return f"ipc://{self.workdir / 'gateway.sock'}"
 
     def _spawn(self, name: str, args: list[str]) -> Process:
+        """Run ``python -m <args>`` (or ``python <script> ...`` when args[0] ends in .py)."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if self.cache_dir is not None:
             env["MLX_GATEWAY_CACHE"] = str(self.cache_dir)
         log_path = self.workdir / f"{name}.log"
         with open(log_path, "wb") as log_file:
             popen = subprocess.Popen(
-                [sys.executable, "-m", *args], cwd=REPO_ROOT, env=env,
+                [sys.executable, *([] if args[0].endswith(".py") else ["-m"]), *args], cwd=REPO_ROOT, env=env,
                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         process = Process(name, popen, log_path)
@@ -84,10 +85,12 @@ class Stack:
             "--heartbeat-interval", str(self.heartbeat_interval), "--data-dir", str(self.workdir / "data"),
         ])
 
-    def start_worker(self, model: str, served_name: str, *extra: str) -> Process:
+    def start_worker(self, model: str, served_name: str, *extra: str, scripted: bool = False) -> Process:
+        """A worker process; ``scripted`` runs tests/scripted_worker.py (scripted output on request)."""
         index = sum(1 for p in self.processes if p.name.startswith("worker"))
+        program = "tests/scripted_worker.py" if scripted else "worker"
         return self._spawn(f"worker{index}-{served_name}", [
-            "worker", "--model", model, "--served-name", served_name, "--gateway", self.zmq_address,
+            program, "--model", model, "--served-name", served_name, "--gateway", self.zmq_address,
             "--heartbeat-interval", str(self.heartbeat_interval), *extra,
         ])
 
@@ -105,6 +108,11 @@ class Stack:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"models {names} not served within {timeout}s:\n" + self.logs())
+
+    def remove(self, process: Process) -> None:
+        """Stop one process for good (it no longer counts as part of the stack)."""
+        process.stop()
+        self.processes.remove(process)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name} ---\n{p.log()}" for p in self.processes)

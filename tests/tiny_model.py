@@ -168,15 +168,19 @@ SCRIPT_PREFIX = "SCRIPT:"
 
 
 def scripted_logits_processors(loaded):
-    """For a worker under test: a request whose last user message is "SCRIPT:<text>" gets <text>."""
+    """For a worker under test: the model writes a script, when the request carries one.
+
+    The script is ``chat_template_kwargs["test_script"]``, or the text after "SCRIPT:" when
+    the conversation ends with a user message that starts so. Other requests run normally.
+    """
 
     def factory(request):
-        for message in reversed(request.messages or []):
-            if message.get("role") == "user":
-                content = message.get("content") or ""
-                if isinstance(content, str) and content.startswith(SCRIPT_PREFIX):
-                    return [forced_output(loaded.tokenizer, content[len(SCRIPT_PREFIX):])]
-                break
-        return []
+        script = (request.chat_template_kwargs or {}).get("test_script")
+        messages = request.messages or []
+        if script is None and messages and messages[-1].get("role") == "user":
+            content = messages[-1].get("content") or ""
+            if isinstance(content, str) and content.startswith(SCRIPT_PREFIX):
+                script = content[len(SCRIPT_PREFIX):]
+        return [forced_output(loaded.tokenizer, script)] if script is not None else []
 
     return factory

@@ -73,8 +73,11 @@ def normalize_input(raw: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             item = {**item, "type": kind}
         elif kind != "item_reference":
             item = {**item, "type": kind}
-        if kind in _ITEM_ID_PREFIXES and not item.get("id"):
-            item["id"] = new_id(_ITEM_ID_PREFIXES[kind])
+        if kind in _ITEM_ID_PREFIXES:
+            # Listed back by input_items, where ids and statuses are required.
+            item.setdefault("status", "completed")
+            if not item.get("id"):
+                item["id"] = new_id(_ITEM_ID_PREFIXES[kind])
         items.append(item)
     return items
 
