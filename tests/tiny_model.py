@@ -192,20 +192,28 @@ def forced_output(tokenizer, script: str):
 SCRIPT_PREFIX = "SCRIPT:"
 
 
+STEP_SEPARATOR = "|||"
+
+
 def scripted_logits_processors(loaded):
     """For a worker under test: the model writes a script, when the request carries one.
 
-    The script is ``chat_template_kwargs["test_script"]``, or the text after "SCRIPT:" when
-    the conversation ends with a user message that starts so. Other requests run normally.
+    The script is ``chat_template_kwargs["test_script"]``, or the text after "SCRIPT:" in the
+    last user message. A script may have steps separated by "|||" for agent loops: step k is
+    written when k tool results follow that user message. Other requests run normally.
     """
 
     def factory(request):
         script = (request.chat_template_kwargs or {}).get("test_script")
         messages = request.messages or []
-        if script is None and messages and messages[-1].get("role") == "user":
-            content = messages[-1].get("content") or ""
+        users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+        if script is None and users:
+            content = messages[users[-1]].get("content") or ""
+            tool_results = sum(1 for m in messages[users[-1]:] if m.get("role") == "tool")
             if isinstance(content, str) and content.startswith(SCRIPT_PREFIX):
-                script = content[len(SCRIPT_PREFIX):]
+                steps = content[len(SCRIPT_PREFIX):].split(STEP_SEPARATOR)
+                if tool_results < len(steps):
+                    script = steps[tool_results]
         return [forced_output(loaded.tokenizer, script)] if script is not None else []
 
     return factory

@@ -1,0 +1,68 @@
+"""The openai-agents SDK (Responses API by default) running an agent with a tool, for real.
+
+The worker is scripted ("SCRIPT:step|||step"): the model calls the tool, the SDK runs our
+Python function, sends its result back, and the model answers with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from processes import Stack
+
+agents = pytest.importorskip("agents")
+from agents import Agent, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled  # noqa: E402
+from openai import AsyncOpenAI  # noqa: E402
+
+MODEL = "tiny-agents"
+CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+# The tiny model's template opens a thinking block by default: each step closes it first.
+SCRIPT = f"SCRIPT:</think>{CALL}|||</think>The weather in Paris is sunny."
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_variant_dir) -> Iterator[Stack]:
+    stack = Stack(tmp_path_factory.mktemp("agents"))
+    try:
+        stack.start_gateway()
+        stack.start_worker(str(tiny_variant_dir("qwen")), MODEL, "--context-length", "100000", scripted=True)
+        stack.wait_for_models(MODEL)
+        yield stack
+    finally:
+        stack.stop()
+
+
+def make_agent(stack: Stack, calls: list[str]) -> Agent:
+    set_tracing_disabled(True)
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Weather for a city."""
+        calls.append(city)
+        return f"sunny in {city}"
+
+    client = AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
+    return Agent(name="weather", instructions="Answer weather questions.", tools=[get_weather],
+                 model=OpenAIResponsesModel(model=MODEL, openai_client=client))
+
+
+def test_agent_calls_the_tool_and_answers(stack):
+    calls: list[str] = []
+    result = asyncio.run(Runner.run(make_agent(stack, calls), SCRIPT))
+    assert calls == ["Paris"]
+    assert result.final_output == "The weather in Paris is sunny."
+
+
+def test_streamed_agent_run(stack):
+    calls: list[str] = []
+
+    async def run() -> tuple[str, list[str]]:
+        streamed = Runner.run_streamed(make_agent(stack, calls), SCRIPT)
+        kinds = [event.type async for event in streamed.stream_events()]
+        return streamed.final_output, kinds
+
+    final, kinds = asyncio.run(run())
+    assert calls == ["Paris"] and final == "The weather in Paris is sunny."
+    assert "raw_response_event" in kinds and "run_item_stream_event" in kinds
