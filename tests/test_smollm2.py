@@ -92,3 +92,19 @@ def test_worker_uses_an_optimized_blas_on_linux(smol_stack):
         pytest.skip("Metal on macOS")
     log = next(p for p in smol_stack.processes if p.name.startswith("worker")).log()
     assert re.search(r"BLAS: OpenBLAS", log), log
+
+
+def test_responses_api_streams_paris(smol_stack):
+    from responses_sse import check_stream, post_stream
+
+    client = openai.OpenAI(base_url=f"{smol_stack.base_url}/v1", api_key="unused", max_retries=0,
+                           timeout=120, _strict_response_validation=True)
+    response = client.responses.create(model=MODEL, input="What is the capital of France?", temperature=0,
+                                       instructions="Answer in one sentence.")
+    assert "Paris" in response.output_text and response.status == "completed"
+    final = check_stream(post_stream(smol_stack.base_url, {
+        "model": MODEL, "input": "What is the capital of France?", "temperature": 0}))
+    assert "Paris" in final["output"][0]["content"][0]["text"]
+    chained = client.responses.create(model=MODEL, previous_response_id=response.id, temperature=0,
+                                      input="And what is the capital of Italy?", max_output_tokens=30)
+    assert chained.usage.input_tokens > response.usage.input_tokens + response.usage.output_tokens
