@@ -67,3 +67,19 @@ def fresh_stack(tmp_path: Path) -> Iterator[Stack]:
         yield stack
     finally:
         stack.stop()
+
+
+@pytest.fixture(scope="session")
+def smol_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The gateway and a worker on the default model, SmolLM2-135M (slow tests only).
+
+    The default cache (~/.cache/mlx-gateway) keeps its download and conversion between runs.
+    """
+    stack = Stack(tmp_path_factory.mktemp("smol"))
+    try:
+        stack.start_gateway()
+        stack.start_worker("smollm2-135m", "smollm2-135m")
+        stack.wait_for_models("smollm2-135m", timeout=900)
+        yield stack
+    finally:
+        stack.stop()

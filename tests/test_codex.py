@@ -44,11 +44,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_variant_dir) -> Iterato
         stack.stop()
 
 
-def run_codex(stack: Stack, workdir: Path, prompt: str) -> str:
+def run_codex(stack: Stack, workdir: Path, prompt: str, model: str = MODEL) -> str:
     home = workdir.parent / f"{workdir.name}-codex-home"
     home.mkdir(exist_ok=True)
     (home / "config.toml").write_text(
-        f'model = "{MODEL}"\nmodel_provider = "local"\n'
+        f'model = "{model}"\nmodel_provider = "local"\n'
         f'[model_providers.local]\nname = "local"\nbase_url = "{stack.base_url}/v1"\n'
         'wire_api = "responses"\nenv_key = "LOCAL_API_KEY"\nstream_max_retries = 0\n'
     )
@@ -73,3 +73,11 @@ def test_codex_runs_a_shell_tool_call_and_continues(stack, tmp_path):
     output = run_codex(stack, tmp_path, f"SCRIPT:Run it.</think>{call}|||</think>The file is written.")
     assert (tmp_path / "proof.txt").read_text() == "made by codex\n"
     assert "The file is written." in output
+
+
+def test_codex_on_the_default_model(smol_stack, tmp_path):
+    """Nothing scripted: Codex's real ~4,500-token prompt, answered by SmolLM2 (about a minute on a CPU)."""
+    if CODEX is None:
+        pytest.skip("Codex CLI not installed")
+    output = run_codex(smol_stack, tmp_path, "What is the capital of France? Answer in one word.", "smollm2-135m")
+    assert "Paris" in output.split("codex\n", 1)[-1], output

@@ -5,33 +5,17 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
-
 import pytest
-from processes import Stack
 
 openai = pytest.importorskip("openai")
 
 pytestmark = pytest.mark.slow
-MODEL = "smollm2-135m"
+MODEL = "smollm2-135m"  # served by the session's smol_stack (conftest.py)
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def smol_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    # The default cache (~/.cache/mlx-gateway) keeps the download and conversion between runs.
-    stack = Stack(tmp_path_factory.mktemp("smol"))
-    try:
-        stack.start_gateway()
-        stack.start_worker(MODEL, MODEL)
-        stack.wait_for_models(MODEL, timeout=900)
-        yield stack
-    finally:
-        stack.stop()
-
-
-@pytest.fixture(scope="module")
-def client(smol_stack: Stack):
+def client(smol_stack):
     return openai.OpenAI(base_url=f"{smol_stack.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
