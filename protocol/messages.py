@@ -126,6 +126,7 @@ class Generate:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    prompt_cache_key: Optional[str] = None  # the client's conversation id: a prefix-cache hint
 
 
 @dataclass

@@ -9,6 +9,7 @@ position, and require a 200 and a valid stream or object for every request.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ MODEL = "tiny-replay"
 FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "clients"
 CAPTURES = sorted(FIXTURES.glob("*.json"))
 
-pytestmark = pytest.mark.skipif(not CAPTURES, reason=f"no captures in {FIXTURES}")
+# CI always has shared/ beside the checkout; a developer's machine may not.
+pytestmark = pytest.mark.skipif(not CAPTURES and not os.environ.get("CI"), reason=f"no captures in {FIXTURES}")
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -228,3 +229,23 @@ def test_worker_reports_a_missing_model_without_a_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "GGUF file not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_killed_worker_fails_a_responses_stream(fresh_stack, tiny_model_dir):
+    fresh_stack.start_gateway()
+    worker = fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000")
+    fresh_stack.wait_for_models(TINY_LONG)
+    body = {"model": TINY_LONG, "input": "Tell me a story", "max_output_tokens": 50_000, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", f"{fresh_stack.base_url}/v1/responses", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        while "output_text.delta" not in next(lines):
+            pass
+        worker.kill()
+        killed_at = time.monotonic()
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert time.monotonic() - killed_at < 3.0
+    final = json.loads(rest[-1][len("data: "):])
+    assert final["type"] == "response.failed"
+    assert final["response"]["error"]["code"] == "worker_crashed"
+    assert final["response"]["output"][0]["status"] == "incomplete", "the open message is closed, not dropped"

@@ -10,15 +10,23 @@ import signal
 import sys
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from worker.blas import enable_fast_blas  # no mlx import here: the BLAS must be chosen first
+from protocol import PROTOCOL_VERSION, Cancel, Generate, Output, Ready
+from protocol.messages import ERROR_SHUTTING_DOWN
+from protocol.transport import check_address, default_address
+from worker.blas import enable_fast_blas
+from worker.link import GatewayLink
+
+# Modules that import mlx are imported only once enable_fast_blas() has chosen the BLAS.
+if TYPE_CHECKING:
+    from worker.engine import Engine
+    from worker.models import LoadedModel
 
 log = logging.getLogger("worker")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from protocol.transport import default_address
-
     parser = argparse.ArgumentParser(prog="worker", description=__doc__)
     parser.add_argument("--model", default="smollm2-135m",
                         help="model directory, Hugging Face repo id, .gguf file, or built-in name (default: smollm2-135m)")
@@ -41,8 +49,6 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
         stream=sys.stderr,
     )
     log.info("BLAS: %s", enable_fast_blas())
-
-    from protocol.transport import check_address, default_address
     from worker.gguf import ModelLoadError
     from worker.models import load
 
@@ -57,17 +63,14 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
 
 
 def serve(
-    loaded,
+    loaded: LoadedModel,
     address: str,
     max_sequences: int,
     prefill_step_size: int,
     heartbeat_interval: float,
     logits_processors: Callable | None = None,
 ) -> int:
-    from protocol import PROTOCOL_VERSION, Output, Ready
-    from protocol.messages import ERROR_SHUTTING_DOWN
     from worker.engine import Engine
-    from worker.link import GatewayLink
 
     engine = Engine(loaded, max_sequences, prefill_step_size, logits_processors)
     worker_id = f"{loaded.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -101,10 +104,8 @@ def serve(
     return 0
 
 
-def _drain_inbox(link, engine, block: bool) -> None:
+def _drain_inbox(link: GatewayLink, engine: Engine, block: bool) -> None:
     """Apply every waiting Generate/Cancel; wait briefly for one when the engine is idle."""
-    from protocol import Cancel, Generate
-
     try:
         message = link.inbox.get(timeout=0.2) if block else link.inbox.get_nowait()
     except queue.Empty:

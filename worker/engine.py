@@ -77,6 +77,7 @@ class Engine:
         self._prefill_step_size = prefill_step_size
         self._logits_processors = logits_processors
         self._tool_format = tool_formats.detect(loaded.tokenizer)
+        self._warned_no_tools = False
         self._eos = StopSequences([(t,) for t in loaded.tokenizer.eos_token_ids])
         self._generator = self._new_generator()
         self._waiting: deque[Sequence] = deque()
@@ -99,6 +100,10 @@ class Engine:
         """Queue a request; an Error if it cannot run (the engine is unaffected)."""
         if request.request_id in self._by_request:
             return Error(ERROR_INVALID_REQUEST, "duplicate request id", request.request_id)
+        if request.tools and self._tool_format is None and not self._warned_no_tools:
+            self._warned_no_tools = True
+            log.warning("%s has no tool-call format mlx-lm knows; tools go to its template, calls stay text",
+                        self.loaded.name)
         forced = request.tool_choice == "required" and bool(request.tools) and self._tool_format is not None
         try:
             prompt = self._tokenize(request, forced)

@@ -84,6 +84,7 @@ class ResponsesService:
                 top_p=1.0 if body.top_p is None else body.top_p,
             ),
             chat_template_kwargs=template_kwargs,
+            prompt_cache_key=body.prompt_cache_key,
         )
         round_trip = "reasoning.encrypted_content" in (body.include or [])
         return Run(state, generate, items, context, ResponseEvents(state, tools, round_trip))
