@@ -18,6 +18,8 @@ from tiny_model import write_tiny_model  # noqa: E402
 TINY = "tiny"
 # The same weights with a huge context window: a generation long enough to cancel mid-way.
 TINY_LONG = "tiny-long"
+# The tiny "qwen" variant (tool calls, thinking) behind tests/scripted_worker.py.
+SCRIPTED = "tiny-tools"
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +82,20 @@ def smol_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack.start_gateway()
         stack.start_worker("smollm2-135m", "smollm2-135m")
         stack.wait_for_models("smollm2-135m", timeout=900)
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def scripted_stack(tmp_path_factory: pytest.TempPathFactory, tiny_variant_dir) -> Iterator[Stack]:
+    """A gateway and a scripted worker (see tiny_model.scripted_logits_processors), shared by
+    the Responses, replay and real-client tests. The context is huge so long prompts fit."""
+    stack = Stack(tmp_path_factory.mktemp("scripted"))
+    try:
+        stack.start_gateway()
+        stack.start_worker(str(tiny_variant_dir("qwen")), SCRIPTED, "--context-length", "200000", scripted=True)
+        stack.wait_for_models(SCRIPTED)
         yield stack
     finally:
         stack.stop()

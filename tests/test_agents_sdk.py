@@ -7,31 +7,23 @@ Python function, sends its result back, and the model answers with it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-
 import pytest
+from conftest import SCRIPTED
 from processes import Stack
 
 agents = pytest.importorskip("agents")
 from agents import Agent, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled  # noqa: E402
 from openai import AsyncOpenAI  # noqa: E402
 
-MODEL = "tiny-agents"
+MODEL = SCRIPTED
 CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
 # The tiny model's template opens a thinking block by default: each step closes it first.
 SCRIPT = f"SCRIPT:</think>{CALL}|||</think>The weather in Paris is sunny."
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_variant_dir) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("agents"))
-    try:
-        stack.start_gateway()
-        stack.start_worker(str(tiny_variant_dir("qwen")), MODEL, "--context-length", "100000", scripted=True)
-        stack.wait_for_models(MODEL)
-        yield stack
-    finally:
-        stack.stop()
+def stack(scripted_stack: Stack) -> Stack:
+    return scripted_stack
 
 
 def make_agent(stack: Stack, calls: list[str]) -> Agent:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import SCRIPTED
 from processes import REPO_ROOT, Stack
 
 pytestmark = pytest.mark.slow
-MODEL = "tiny-codex"
+MODEL = SCRIPTED
 
 
 def codex_binary() -> str | None:
@@ -31,17 +31,10 @@ CODEX = codex_binary()
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_variant_dir) -> Iterator[Stack]:
+def stack(scripted_stack: Stack) -> Stack:
     if CODEX is None:
         pytest.skip("Codex CLI not installed (tests/run.sh installs it with npm into .tools/)")
-    stack = Stack(tmp_path_factory.mktemp("codex"))
-    try:
-        stack.start_gateway()
-        stack.start_worker(str(tiny_variant_dir("qwen")), MODEL, "--context-length", "200000", scripted=True)
-        stack.wait_for_models(MODEL)
-        yield stack
-    finally:
-        stack.stop()
+    return scripted_stack
 
 
 def run_codex(stack: Stack, workdir: Path, prompt: str, model: str = MODEL) -> str:

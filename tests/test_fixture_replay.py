@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from conftest import SCRIPTED
 from processes import REPO_ROOT, Stack
 from responses_sse import check_stream, read_events, sdk_validate_response
 
-MODEL = "tiny-replay"
+MODEL = SCRIPTED
 FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "clients"
 CAPTURES = sorted(FIXTURES.glob("*.json"))
 
@@ -28,15 +28,8 @@ pytestmark = pytest.mark.skipif(not CAPTURES and not os.environ.get("CI"), reaso
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_variant_dir) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("replay"))
-    try:
-        stack.start_gateway()
-        stack.start_worker(str(tiny_variant_dir("qwen")), MODEL, "--context-length", "200000", scripted=True)
-        stack.wait_for_models(MODEL)
-        yield stack
-    finally:
-        stack.stop()
+def stack(scripted_stack: Stack) -> Stack:
+    return scripted_stack
 
 
 def mock_output(capture: dict[str, Any]) -> list[dict[str, Any]]:

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-
 import httpx
 import openai
 import pytest
+from conftest import SCRIPTED
 from processes import Stack
 from responses_sse import check_stream, post_stream, read_events, sdk_validate_response
 
-MODEL = "tiny-tools"
+MODEL = SCRIPTED
 WEATHER_TOOL = {
     "type": "function",
     "name": "get_weather",
@@ -30,15 +29,8 @@ NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_variant_dir) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("responses"))
-    try:
-        stack.start_gateway()
-        stack.start_worker(str(tiny_variant_dir("qwen")), MODEL, "--context-length", "100000", scripted=True)
-        stack.wait_for_models(MODEL)
-        yield stack
-    finally:
-        stack.stop()
+def stack(scripted_stack: Stack) -> Stack:
+    return scripted_stack
 
 
 @pytest.fixture(scope="module")
