@@ -50,12 +50,7 @@ class SamplingFields(Lenient):
     n: int = Field(default=1, ge=1, le=1)  # one choice per request: batch with concurrent requests instead
 
     def sampling(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0,
-        )
+        return SamplingParams(self.temperature, self.top_p, self.top_k, self.min_p)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

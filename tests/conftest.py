@@ -80,7 +80,8 @@ def smol_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack = Stack(tmp_path_factory.mktemp("smol"))
     try:
         stack.start_gateway()
-        stack.start_worker("smollm2-135m", "smollm2-135m")
+        # Greedy by default: Codex sends no temperature, and the tests check answers.
+        stack.start_worker("smollm2-135m", "smollm2-135m", "--temperature", "0")
         stack.wait_for_models("smollm2-135m", timeout=900)
         yield stack
     finally:

@@ -155,3 +155,24 @@ def test_raw_completions_keep_the_leading_space(tiny_model):
     engine = Engine(tiny_model, logits_processors=lambda request: [forced_output(tokenizer, script)])
     texts, _ = run(engine, Generate("raw", prompt="The capital of France is", sampling=GREEDY))
     assert texts["raw"] == " Paris."
+
+
+def test_requests_without_sampling_use_the_model_then_operator_defaults(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from worker.models import load
+
+    model_dir = tmp_path / "with-generation-config"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "top_p": 0.5}))
+    loaded = load(str(model_dir))
+    assert loaded.sampling["temperature"] == 0.0 and loaded.sampling["top_p"] == 0.5
+    unspecified = Generate("u", messages=[{"role": "user", "content": "Hello"}], max_tokens=12)
+    greedy = Generate("g", messages=[{"role": "user", "content": "Hello"}], max_tokens=12, sampling=GREEDY)
+    first, _ = run(Engine(loaded), unspecified)
+    second, _ = run(Engine(loaded), unspecified)
+    reference, _ = run(Engine(loaded), greedy)
+    assert first["u"] == second["u"] == reference["g"]
+    assert load(str(model_dir), sampling={"temperature": 0.7}).sampling["temperature"] == 0.7
+    assert load(str(tiny_model_dir)).sampling["temperature"] == 1.0

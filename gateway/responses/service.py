@@ -79,10 +79,7 @@ class ResponsesService:
             tools=tools.template_tools or None,
             tool_choice=tools.tool_choice,
             max_tokens=body.max_output_tokens,
-            sampling=SamplingParams(
-                temperature=1.0 if body.temperature is None else body.temperature,
-                top_p=1.0 if body.top_p is None else body.top_p,
-            ),
+            sampling=SamplingParams(temperature=body.temperature, top_p=body.top_p),
             chat_template_kwargs=template_kwargs,
             prompt_cache_key=body.prompt_cache_key,
         )
