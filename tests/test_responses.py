@@ -260,9 +260,11 @@ def test_accept_header_does_not_decide_streaming(stack):
         ({"model": MODEL, "input": "hi", "temperature": 3}, 400, None),
         ({"model": MODEL, "input": "hi", "tool_choice": 7}, 400, None),
         ({"model": MODEL, "input": "hi", "tools": [{"type": "function"}]}, 400, None),
+        ({"model": MODEL, "input": "hi", "conversation": "conv_1"}, 400, None),
+        ({"model": MODEL, "input": "hi", "prompt": {"id": "pmpt_1"}}, 400, None),
     ],
     ids=["model", "previous", "call-id", "role", "image", "reference", "background-store", "temperature",
-         "tool-choice", "tool-name"],
+         "tool-choice", "tool-name", "conversation", "prompt"],
 )
 def test_bad_requests_are_openai_errors_before_any_stream(stack, body, status, code):
     for stream in (False, True):

@@ -41,3 +41,5 @@ class ResponsesRequest(BaseModel):
     truncation: str | None = None
     top_logprobs: int | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    conversation: str | dict[str, Any] | None = None  # refused: see ResponsesService.prepare
+    prompt: dict[str, Any] | None = None  # refused likewise

@@ -56,6 +56,12 @@ class ResponsesService:
             raise model_not_found(body.model)
         if body.background and body.store is False:
             raise APIError(400, "background responses must be stored (store: true)", param="background")
+        for unsupported in ("conversation", "prompt"):
+            # Server-side conversation objects and stored prompt templates live at OpenAI; failing
+            # loudly beats answering without the context the client thinks it sent.
+            if getattr(body, unsupported, None):
+                raise APIError(400, f"'{unsupported}' is not supported by this server; send the items in "
+                               "'input' or use previous_response_id", param=unsupported)
         earlier: list[dict[str, Any]] = []
         if body.previous_response_id:
             previous = await self.store.get(body.previous_response_id)
