@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import logging
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 import uvicorn
 
 from gateway.app import create_app
-from gateway.engine_client import EngineClient
+from gateway.engine_client import ERROR_GATEWAY_SHUTTING_DOWN, EngineClient
 from gateway.responses.store import MemoryStore, ResponseStore, SQLiteStore
 from protocol.transport import check_address, default_address
 
@@ -25,6 +26,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     parser.add_argument("--zmq", default=None, help="ZeroMQ address workers connect to (default: ipc in a private dir)")
     parser.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
+    parser.add_argument("--queue-timeout", type=float, default=30.0,
+                        help="seconds a request waits for a worker of its model to (re)appear (default: 30)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests per model beyond what its workers decode at once; more get 429 (default: 64)")
     parser.add_argument("--store", choices=["sqlite", "memory"], default="sqlite",
                         help="where stored Responses live (default: sqlite in --data-dir)")
     parser.add_argument("--data-dir", type=Path, default=None,
@@ -50,9 +55,37 @@ def main(argv: list[str] | None = None) -> int:
     if not _is_loopback(args.host):
         log.warning("listening on %s: anyone who can reach this address can use the models", args.host)
     store = _open_store(args)
-    app = create_app(EngineClient(address, heartbeat_interval=args.heartbeat_interval), store)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None)
+    engine = EngineClient(address, heartbeat_interval=args.heartbeat_interval,
+                          queue_timeout=args.queue_timeout, max_queue=args.max_queue)
+    app = create_app(engine, store)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
+                            timeout_graceful_shutdown=10)
+    GatewayServer(config, engine).run()
     return 0
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn, but SIGTERM/SIGINT first end every open stream with a terminal event.
+
+    uvicorn waits for open connections before it shuts down, and a generation can run for
+    minutes; failing the open requests lets each stream close properly, at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, engine: EngineClient):
+        super().__init__(config)
+        self._engine = engine
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self._loop is not None and not self.should_exit:
+            log.info("stopping: ending every open request with an error event")
+            self._loop.call_soon_threadsafe(
+                self._engine.fail_all, ERROR_GATEWAY_SHUTTING_DOWN, "the gateway is shutting down")
+        super().handle_exit(sig, frame)
 
 
 def _open_store(args: argparse.Namespace) -> ResponseStore:

@@ -53,7 +53,13 @@ _WORKER_ERRORS = {
     proto.ERROR_OVERLOADED: (503, "server_error"),
     proto.ERROR_SHUTTING_DOWN: (503, "server_error"),
     proto.ERROR_WORKER_CRASHED: (503, "server_error"),
+    "no_worker": (503, "server_error"),
+    "gateway_shutting_down": (503, "server_error"),
 }
+
+
+def overloaded(message: str) -> APIError:
+    return APIError(429, message, "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})
 
 
 def from_worker_error(error: proto.Error) -> APIError:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
 from protocol import Ready
+
+READY, DRAINING = "ready", "draining"
 
 
 @dataclass
@@ -15,6 +18,8 @@ class WorkerInfo:
     pid: int
     max_sequences: int
     context_length: int
+    fd: int | None = None  # the gateway-side connection, to match a disconnect to this worker
+    state: str = READY  # "draining": finishing its work, takes no new requests
     registered_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
     active: int = 0  # as the worker last reported
@@ -29,15 +34,22 @@ class WorkerInfo:
 class WorkerRegistry:
     def __init__(self) -> None:
         self._workers: dict[bytes, WorkerInfo] = {}
+        self._known_models: set[str] = set()  # ever served: requests for them wait for a worker
+        self._registered = asyncio.Event()  # set (and cleared) whenever a worker registers
 
-    def register(self, identity: bytes, ready: Ready) -> WorkerInfo:
+    def register(self, identity: bytes, ready: Ready, fd: int | None) -> tuple[WorkerInfo, bool]:
+        """Add or refresh a worker; returns it and whether it is new."""
         existing = self._workers.get(identity)
         if existing is not None and existing.model == ready.model:
             existing.last_seen = time.monotonic()
-            return existing
-        worker = WorkerInfo(identity, ready.model, ready.pid, ready.max_sequences, ready.context_length)
+            existing.fd = fd if fd is not None else existing.fd
+            return existing, False
+        worker = WorkerInfo(identity, ready.model, ready.pid, ready.max_sequences, ready.context_length, fd)
         self._workers[identity] = worker
-        return worker
+        self._known_models.add(ready.model)
+        self._registered.set()
+        self._registered.clear()
+        return worker, True
 
     def get(self, identity: bytes) -> WorkerInfo | None:
         return self._workers.get(identity)
@@ -48,13 +60,37 @@ class WorkerRegistry:
     def all(self) -> list[WorkerInfo]:
         return list(self._workers.values())
 
+    def with_fd(self, fd: int) -> list[WorkerInfo]:
+        return [w for w in self._workers.values() if w.fd == fd]
+
     def models(self) -> list[str]:
+        """Models with a live worker."""
         return sorted({w.model for w in self._workers.values()})
 
+    def is_known(self, model: str) -> bool:
+        return model in self._known_models
+
     def pick(self, model: str) -> WorkerInfo | None:
-        """The least-loaded live worker serving ``model``."""
-        candidates = [w for w in self._workers.values() if w.model == model]
+        """The least-loaded worker serving ``model`` that takes new requests."""
+        candidates = [w for w in self._workers.values() if w.model == model and w.state == READY]
         return min(candidates, key=lambda w: len(w.in_flight), default=None)
+
+    async def wait_for(self, model: str, timeout: float) -> WorkerInfo | None:
+        """``pick(model)``, waiting up to ``timeout`` seconds for a worker to register."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (worker := self.pick(model)) is None:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(self._registered.wait(), remaining)
+            except asyncio.TimeoutError:
+                return None
+        return worker
+
+    def capacity(self, model: str) -> int:
+        """Sequences the model's ready workers decode at once."""
+        return sum(w.max_sequences for w in self._workers.values() if w.model == model and w.state == READY)
 
     def stale(self, timeout: float) -> list[WorkerInfo]:
         cutoff = time.monotonic() - timeout

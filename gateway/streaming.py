@@ -17,8 +17,8 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from gateway.engine_client import EngineClient, NoWorker, RequestFailed, RequestStream
-from gateway.errors import from_worker_error, model_not_found
+from gateway.engine_client import EngineClient, NoWorker, Overloaded, RequestFailed, RequestStream
+from gateway.errors import from_worker_error, model_not_found, overloaded
 from protocol import Finished, Generate, ToolCall
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -45,6 +45,8 @@ async def start(client: EngineClient, model: str, generate: Generate) -> Request
         return await client.submit(model, generate)
     except NoWorker:
         raise model_not_found(model) from None
+    except Overloaded as exc:
+        raise overloaded(str(exc)) from None
     except RequestFailed as exc:
         raise from_worker_error(exc.error) from None
 

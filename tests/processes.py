@@ -53,6 +53,7 @@ class Stack:
     workdir: Path
     cache_dir: Path | None = None
     heartbeat_interval: float = 0.5
+    queue_timeout: float = 2.0
     port: int = field(default_factory=free_port)
     processes: list[Process] = field(default_factory=list)
 
@@ -79,10 +80,11 @@ class Stack:
         self.processes.append(process)
         return process
 
-    def start_gateway(self) -> Process:
+    def start_gateway(self, *extra: str) -> Process:
         return self._spawn("gateway", [
             "gateway", "--port", str(self.port), "--zmq", self.zmq_address,
             "--heartbeat-interval", str(self.heartbeat_interval), "--data-dir", str(self.workdir / "data"),
+            "--queue-timeout", str(self.queue_timeout), *extra,
         ])
 
     def start_worker(self, model: str, served_name: str, *extra: str, scripted: bool = False) -> Process:

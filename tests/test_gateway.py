@@ -218,8 +218,11 @@ def test_killed_worker_ends_its_streams_with_an_error(fresh_stack, tiny_model_di
     assert data[-1] == "data: [DONE]"
     assert '"code":"worker_crashed"' in data[-2]
     assert httpx.get(f"{fresh_stack.base_url}/health").json()["workers"] == 0
+    # A model that had a worker waits --queue-timeout for one to come back, then gets a 503.
+    started = time.monotonic()
     r = post(fresh_stack, "/v1/chat/completions", {"model": TINY_LONG, "messages": HELLO})
-    assert r.status_code == 404
+    assert r.status_code == 503 and r.json()["error"]["code"] == "no_worker"
+    assert time.monotonic() - started >= fresh_stack.queue_timeout * 0.9
 
 
 def test_worker_reports_a_missing_model_without_a_traceback(tmp_path):

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import queue
-import signal
 import sys
-import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from protocol import PROTOCOL_VERSION, Cancel, Generate, Output, Ready
-from protocol.messages import ERROR_SHUTTING_DOWN
 from protocol.transport import check_address, default_address
 from worker.blas import enable_fast_blas
-from worker.link import GatewayLink
 
-# Modules that import mlx are imported only once enable_fast_blas() has chosen the BLAS.
-if TYPE_CHECKING:
-    from worker.engine import Engine
-    from worker.models import LoadedModel
+# Modules that import mlx (worker.models, worker.core) are imported inside main(), once
+# enable_fast_blas() has chosen the BLAS.
 
 log = logging.getLogger("worker")
 
@@ -40,6 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=None,
                         help="default top_p when a request sets none (default: the model's, else 1.0)")
     parser.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="on SIGTERM, seconds to finish running requests before failing them (default: 30)")
+    parser.add_argument("--stall-timeout", type=float, default=300.0,
+                        help="exit (for the supervisor to restart us) if one engine step hangs this long")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -63,72 +57,10 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
     except (ModelLoadError, ValueError, PermissionError) as exc:
         log.error("%s", exc)
         return 2
+    from worker.core import Worker
+
     processors = make_logits_processors(loaded) if make_logits_processors else None
-    return serve(loaded, address, args.max_sequences, args.prefill_step_size, args.heartbeat_interval, processors)
-
-
-def serve(
-    loaded: LoadedModel,
-    address: str,
-    max_sequences: int,
-    prefill_step_size: int,
-    heartbeat_interval: float,
-    logits_processors: Callable | None = None,
-) -> int:
-    from worker.engine import Engine
-
-    engine = Engine(loaded, max_sequences, prefill_step_size, logits_processors)
-    worker_id = f"{loaded.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    ready = Ready(worker_id, loaded.name, PROTOCOL_VERSION, max_sequences, loaded.context_length, os.getpid())
-    link = GatewayLink(address, ready, load=lambda: (engine.active, engine.queued), heartbeat_interval=heartbeat_interval)
-    stopping = False
-
-    def request_stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        log.info("received %s; stopping", signal.Signals(signum).name)
-        stopping = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    link.start()
-    log.info("serving %s (context %d, %d sequences, default sampling %s) as %s",
-             loaded.name, loaded.context_length, max_sequences, loaded.sampling, worker_id)
-    try:
-        while not stopping:
-            _drain_inbox(link, engine, block=not engine.busy)
-            if not engine.busy:
-                continue
-            result = engine.step()
-            if result.deltas:
-                link.send(Output(result.deltas))
-            for message in (*result.finished, *result.errors):
-                link.send(message)
-    finally:
-        for error in engine.cancel_all(ERROR_SHUTTING_DOWN, "the worker is shutting down"):
-            link.send(error)
-        link.close()
-    return 0
-
-
-def _drain_inbox(link: GatewayLink, engine: Engine, block: bool) -> None:
-    """Apply every waiting Generate/Cancel; wait briefly for one when the engine is idle."""
-    try:
-        message = link.inbox.get(timeout=0.2) if block else link.inbox.get_nowait()
-    except queue.Empty:
-        return
-    while True:
-        if isinstance(message, Generate):
-            link.send(engine.submit(message))
-        elif isinstance(message, Cancel):
-            finished = engine.cancel(message.request_id)
-            if finished is not None:
-                link.send(finished)
-        else:
-            log.debug("ignoring %s from the gateway", type(message).__name__)
-        try:
-            message = link.inbox.get_nowait()
-        except queue.Empty:
-            return
+    return Worker(loaded, address, args, processors).run()
 
 
 if __name__ == "__main__":

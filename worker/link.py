@@ -9,6 +9,7 @@ heartbeat keeps going during a long engine step.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -31,12 +32,18 @@ class GatewayLink:
         ready: Ready,
         load: Callable[[], tuple[int, int]],
         heartbeat_interval: float = HEARTBEAT_INTERVAL_S,
+        stalled_for: Callable[[], float] | None = None,
+        stall_timeout: float = 300.0,
     ):
         self.address = address
         self.inbox: queue.Queue[Message] = queue.Queue()
         self._ready = ready
         self._load = load  # () -> (active, queued), read from the engine's counters
         self._interval = heartbeat_interval
+        # A watchdog: heartbeats come from this thread, so an engine stuck in one step would
+        # still look alive. Past stall_timeout we exit, and the supervisor restarts us.
+        self._stalled_for = stalled_for
+        self._stall_timeout = stall_timeout
         self._context = zmq.Context()
         self._outbox_address = f"inproc://worker-outbox-{ready.worker_id}"
         self._pull = self._context.socket(zmq.PULL)
@@ -45,6 +52,10 @@ class GatewayLink:
         self._push.connect(self._outbox_address)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gateway-link", daemon=True)
+
+    @property
+    def worker_id(self) -> str:
+        return self._ready.worker_id
 
     def start(self) -> None:
         self._thread.start()
@@ -96,6 +107,10 @@ class GatewayLink:
                             last_heard = time.monotonic()
                             register_backoff = self._interval
                 now = time.monotonic()
+                if self._stalled_for is not None and self._stalled_for() > self._stall_timeout:
+                    log.critical("the engine has been stuck for %.0fs; exiting so the supervisor restarts it",
+                                 self._stalled_for())
+                    os._exit(3)
                 if now >= next_heartbeat:
                     active, queued = self._load()
                     self._forward(dealer, encode(Heartbeat(self._ready.worker_id, active, queued)))

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.engine_client import EngineClient, NoWorker, RequestFailed, RequestStream
-from gateway.errors import APIError, model_not_found
+from gateway.engine_client import EngineClient, NoWorker, Overloaded, RequestFailed, RequestStream
+from gateway.errors import APIError, model_not_found, overloaded
 from gateway.responses.conversation import chat_messages, format_instructions, item_type, normalize_input
 from gateway.responses.events import Event, ResponseEvents
 from gateway.responses.objects import ResponseState, new_id
@@ -52,8 +52,11 @@ class ResponsesService:
         self._background: dict[str, Run] = {}
 
     async def prepare(self, body: ResponsesRequest) -> Run:
-        if self.engine.registry.pick(body.model) is None:
+        if not self.engine.registry.is_known(body.model):
             raise model_not_found(body.model)
+        limit = self.engine.registry.capacity(body.model) + self.engine.max_queue
+        if self.engine.load(body.model) >= limit:
+            raise overloaded(str(Overloaded(body.model, limit)))
         if body.background and body.store is False:
             raise APIError(400, "background responses must be stored (store: true)", param="background")
         for unsupported in ("conversation", "prompt"):
@@ -109,7 +112,7 @@ class ResponsesService:
         for event in builder.start():
             yield event
         try:
-            run.stream = self.engine.open(run.state.request.model, run.generate)
+            run.stream = await self.engine.open(run.state.request.model, run.generate)
             await run.stream.wait_accepted()
             async for delta in run.stream:
                 for event in builder.add(delta):
@@ -117,6 +120,8 @@ class ResponsesService:
             closing = builder.finish(run.stream.finished)
         except NoWorker:
             closing = builder.fail("model_not_found", f"no live worker serves '{run.state.request.model}'")
+        except Overloaded as exc:
+            closing = builder.fail("rate_limit_exceeded", str(exc))
         except RequestFailed as exc:
             code = "server_error" if exc.error.code == ERROR_INTERNAL else exc.error.code
             closing = builder.fail(code, exc.error.message)
