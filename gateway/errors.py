@@ -63,6 +63,8 @@ def overloaded(message: str) -> APIError:
 
 
 def from_worker_error(error: proto.Error) -> APIError:
+    if error.code == "rate_limit_exceeded":  # the queue filled between admission and dispatch
+        return overloaded(error.message)
     status, type = _WORKER_ERRORS.get(error.code, (500, "server_error"))
     param = "messages" if error.code == proto.ERROR_CONTEXT_LENGTH else None
     return APIError(status, error.message, type, param, error.code)
