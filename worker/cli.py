@@ -29,6 +29,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="default temperature when a request sets none (default: the model's, else 1.0)")
     parser.add_argument("--top-p", type=float, default=None,
                         help="default top_p when a request sets none (default: the model's, else 1.0)")
+    parser.add_argument("--memory-limit", type=float, default=None, metavar="GB",
+                        help="MLX memory limit: past it this worker's allocations fail, not the machine's")
+    parser.add_argument("--cache-limit", type=float, default=None, metavar="GB",
+                        help="MLX buffer cache limit (freed buffers kept for reuse)")
+    parser.add_argument("--wired-limit", type=float, default=None, metavar="GB",
+                        help="Metal wired-memory limit for this worker (default: mlx-lm's recommended size; "
+                             "with several workers, split the machine's limit between them)")
     parser.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="on SIGTERM, seconds to finish running requests before failing them (default: 30)")

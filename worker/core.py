@@ -37,6 +37,7 @@ class Worker:
         logits_processors: LogitsProcessorsFactory | None = None,
     ):
         self.engine = Engine(loaded, args.max_sequences, args.prefill_step_size, logits_processors)
+        _apply_memory_limits(args)  # after the engine: its BatchGenerator sets mlx-lm's wired limit
         worker_id = f"{loaded.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         ready = Ready(worker_id, loaded.name, PROTOCOL_VERSION, args.max_sequences, loaded.context_length, os.getpid())
         self.link = GatewayLink(address, ready, load=lambda: (self.engine.active, self.engine.queued),
@@ -121,3 +122,18 @@ class Worker:
         else:
             log.debug("ignoring %s from the gateway", type(message).__name__)
 
+
+
+def _apply_memory_limits(args: argparse.Namespace) -> None:
+    import mlx.core as mx
+
+    gib = 1 << 30
+    if args.memory_limit is not None:
+        mx.set_memory_limit(int(args.memory_limit * gib))
+    if args.cache_limit is not None:
+        mx.set_cache_limit(int(args.cache_limit * gib))
+    if args.wired_limit is not None:
+        mx.set_wired_limit(int(args.wired_limit * gib))
+    limits = {name: getattr(args, name) for name in ("memory_limit", "cache_limit", "wired_limit")}
+    if any(v is not None for v in limits.values()):
+        log.info("memory limits (GB): %s", {k: v for k, v in limits.items() if v is not None})

@@ -1,0 +1,32 @@
+"""The supervision files in deploy/ are well formed and do what deploy/README.md says."""
+
+from __future__ import annotations
+
+import configparser
+import plistlib
+
+from processes import REPO_ROOT
+
+DEPLOY = REPO_ROOT / "deploy"
+
+
+def test_launchd_plists_keep_the_processes_alive():
+    plists = {p.name: plistlib.loads(p.read_bytes()) for p in (DEPLOY / "launchd").glob("*.plist")}
+    assert set(plists) == {"com.mlx-gateway.gateway.plist", "com.mlx-gateway.worker-smollm2.plist"}
+    for name, plist in plists.items():
+        assert plist["Label"] + ".plist" == name
+        assert plist["KeepAlive"] is True and plist["RunAtLoad"] is True
+        assert plist["ProgramArguments"][0].endswith(("/gateway", "/worker"))
+    worker = plists["com.mlx-gateway.worker-smollm2.plist"]
+    assert worker["ExitTimeOut"] > 30, "longer than the worker's drain timeout"
+    assert worker["ProgramArguments"][1:3] == ["--model", "smollm2-135m"]
+
+
+def test_systemd_units_restart_and_drain():
+    for name, stop_seconds in (("mlx-gateway.service", 10), ("mlx-gateway-worker@.service", 30)):
+        unit = configparser.ConfigParser(interpolation=None, strict=False)
+        unit.read(DEPLOY / "systemd" / name)
+        service = unit["Service"]
+        assert service["Restart"] == "always" and service["KillSignal"] == "SIGTERM"
+        assert int(service["TimeoutStopSec"]) > stop_seconds
+        assert service["ExecStart"].startswith("/opt/mlx-gateway/.venv/bin/")
