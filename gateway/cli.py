@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     parser.add_argument("--zmq", default=None, help="ZeroMQ address workers connect to (default: ipc in a private dir)")
     parser.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
+    parser.add_argument("--heartbeat-misses", type=int, default=3,
+                        help="missed heartbeats before a silent worker is declared dead (default: 3)")
     parser.add_argument("--queue-timeout", type=float, default=30.0,
                         help="seconds a request waits for a worker of its model to (re)appear (default: 30)")
     parser.add_argument("--max-queue", type=int, default=64,
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if not _is_loopback(args.host):
         log.warning("listening on %s: anyone who can reach this address can use the models", args.host)
     store = _open_store(args)
-    engine = EngineClient(address, heartbeat_interval=args.heartbeat_interval,
+    engine = EngineClient(address, heartbeat_interval=args.heartbeat_interval, misses_allowed=args.heartbeat_misses,
                           queue_timeout=args.queue_timeout, max_queue=args.max_queue)
     app = create_app(engine, store)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,

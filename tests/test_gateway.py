@@ -252,3 +252,84 @@ def test_killed_worker_fails_a_responses_stream(fresh_stack, tiny_model_dir):
     assert final["type"] == "response.failed"
     assert final["response"]["error"]["code"] == "worker_crashed"
     assert final["response"]["output"][0]["status"] == "incomplete", "the open message is closed, not dropped"
+
+
+def test_replicas_share_load_and_a_dead_replicas_waiting_work_moves_over(fresh_stack, tiny_model_dir):
+    fresh_stack.start_gateway()
+    first = fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000", "--max-sequences", "1")
+    fresh_stack.wait_for_models(TINY_LONG)
+    fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000", "--max-sequences", "1")
+    base = fresh_stack.base_url
+    fresh_stack_wait(fresh_stack, lambda ws: len(ws) == 2)
+
+    # Least-loaded routing: two long streams land on different replicas.
+    stop_streaming = threading.Event()
+
+    def long_stream() -> None:
+        body = {"model": TINY_LONG, "messages": HELLO, "max_tokens": 50_000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
+            for _ in r.iter_lines():
+                if stop_streaming.is_set():
+                    return
+
+    streams = [threading.Thread(target=long_stream) for _ in range(2)]
+    for thread in streams:
+        thread.start()
+    fresh_stack_wait(fresh_stack, lambda ws: sorted(w["active"] for w in ws) == [1, 1])
+
+    # A background request and a blocking one wait behind the streams (no output yet) ...
+    background = httpx.post(f"{base}/v1/responses", json={"model": TINY_LONG, "input": "hi", "background": True,
+                                                          "max_output_tokens": 5, "temperature": 0}).json()
+    results: list[httpx.Response] = []
+    blocking = threading.Thread(target=lambda: results.append(post(fresh_stack, "/v1/chat/completions", {
+        "model": TINY_LONG, "messages": HELLO, "max_tokens": 5, "temperature": 0}, timeout=60)))
+    blocking.start()
+    fresh_stack_wait(fresh_stack, lambda ws: sum(w["in_flight"] for w in ws) == 4)
+    # ... then the first replica dies: whatever waited there moves to the other, which frees up
+    # when the streams stop.
+    first.kill()
+    stop_streaming.set()
+    for thread in streams:
+        thread.join(30)
+    blocking.join(60)
+    assert results and results[0].status_code == 200, results and results[0].text
+    assert results[0].json()["usage"]["completion_tokens"] == 5
+    deadline = time.monotonic() + 20
+    done = httpx.get(f"{base}/v1/responses/{background['id']}").json()
+    while done["status"] in ("queued", "in_progress") and time.monotonic() < deadline:
+        time.sleep(0.1)
+        done = httpx.get(f"{base}/v1/responses/{background['id']}").json()
+    assert done["status"] == "incomplete" and done["usage"]["output_tokens"] == 5
+
+
+def test_crash_fails_blocking_and_background_requests_that_had_output(fresh_stack, tiny_model_dir):
+    fresh_stack.start_gateway()
+    worker = fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000")
+    fresh_stack.wait_for_models(TINY_LONG)
+    base = fresh_stack.base_url
+    background = httpx.post(f"{base}/v1/responses", json={"model": TINY_LONG, "input": "hi", "background": True,
+                                                          "max_output_tokens": 50_000, "temperature": 0}).json()
+    results: list[httpx.Response] = []
+    blocking = threading.Thread(target=lambda: results.append(post(fresh_stack, "/v1/chat/completions", {
+        "model": TINY_LONG, "messages": HELLO, "max_tokens": 50_000, "temperature": 0}, timeout=60)))
+    blocking.start()
+    fresh_stack_wait(fresh_stack, lambda ws: ws and ws[0]["active"] == 2)
+    time.sleep(0.5)  # both have produced output by now
+    worker.kill()
+    blocking.join(10)
+    assert results[0].status_code == 503 and results[0].json()["error"]["code"] == "worker_crashed"
+    stored = httpx.get(f"{base}/v1/responses/{background['id']}").json()
+    assert stored["status"] == "failed" and stored["error"]["code"] == "worker_crashed"
+
+
+def fresh_stack_workers(stack) -> list[dict]:
+    return httpx.get(f"{stack.base_url}/v1/workers").json()["data"]
+
+
+def fresh_stack_wait(stack, predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate(fresh_stack_workers(stack)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out: {fresh_stack_workers(stack)}")
