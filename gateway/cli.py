@@ -7,7 +7,6 @@ import asyncio
 import ipaddress
 import logging
 import os
-import sys
 from pathlib import Path
 
 import uvicorn
@@ -15,6 +14,8 @@ import uvicorn
 from gateway.app import create_app
 from gateway.engine_client import ERROR_GATEWAY_SHUTTING_DOWN, EngineClient
 from gateway.responses.store import MemoryStore, ResponseStore, SQLiteStore
+from protocol.logs import configure as configure_logging
+from protocol.security import CurveServer
 from protocol.transport import check_address, default_address
 
 log = logging.getLogger("gateway")
@@ -38,28 +39,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="directory for the response store (default: ~/.local/share/mlx-gateway)")
     parser.add_argument("--store-max-responses", type=int, default=10_000, help="oldest are evicted beyond this")
     parser.add_argument("--store-max-mb", type=int, default=1024, help="oldest are evicted beyond this size")
+    parser.add_argument("--api-key", action="append", default=[],
+                        help="require 'Authorization: Bearer KEY' on /v1/* (repeatable; also MLX_GATEWAY_API_KEYS, "
+                             "comma-separated)")
+    parser.add_argument("--api-key-file", type=Path, default=None, help="a file of API keys, one per line")
+    parser.add_argument("--protect-metrics", action="store_true", help="require an API key for /metrics and /health too")
+    parser.add_argument("--curve-secret-key", type=Path, default=None, metavar="FILE",
+                        help="the gateway's CURVE key pair (.key_secret): required for tcp:// beyond loopback")
+    parser.add_argument("--curve-authorized-keys", type=Path, default=None, metavar="DIR",
+                        help="directory of the workers' CURVE public keys (.key) to accept")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s gateway[%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging("gateway", args.log_level, args.log_format)
     try:
         address = check_address(args.zmq or default_address())
-    except (ValueError, PermissionError) as exc:
+        api_keys = _api_keys(args)
+        curve = _curve(args, address)
+    except (ValueError, PermissionError, OSError) as exc:
         log.error("%s", exc)
         return 2
-    if not _is_loopback(args.host):
-        log.warning("listening on %s: anyone who can reach this address can use the models", args.host)
+    if not api_keys and not _is_loopback(args.host):
+        log.warning("listening on %s with no API key: anyone who can reach it can use the models "
+                    "(set --api-key)", args.host)
     store = _open_store(args)
     engine = EngineClient(address, heartbeat_interval=args.heartbeat_interval, misses_allowed=args.heartbeat_misses,
-                          queue_timeout=args.queue_timeout, max_queue=args.max_queue)
-    app = create_app(engine, store)
+                          queue_timeout=args.queue_timeout, max_queue=args.max_queue, curve=curve)
+    app = create_app(engine, store, api_keys, args.protect_metrics)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
                             timeout_graceful_shutdown=10)
     GatewayServer(config, engine).run()
@@ -88,6 +98,29 @@ class GatewayServer(uvicorn.Server):
             self._loop.call_soon_threadsafe(
                 self._engine.fail_all, ERROR_GATEWAY_SHUTTING_DOWN, "the gateway is shutting down")
         super().handle_exit(sig, frame)
+
+
+def _api_keys(args: argparse.Namespace) -> list[str]:
+    keys = list(args.api_key)
+    keys += [k for k in os.environ.get("MLX_GATEWAY_API_KEYS", "").split(",") if k.strip()]
+    if args.api_key_file is not None:
+        keys += args.api_key_file.read_text().split()
+    keys = [k.strip() for k in keys if k.strip()]
+    if keys:
+        log.info("API keys required on /v1/* (%d keys)", len(keys))
+    return keys
+
+
+def _curve(args: argparse.Namespace, address: str) -> CurveServer | None:
+    if args.curve_secret_key or args.curve_authorized_keys:
+        if not (args.curve_secret_key and args.curve_authorized_keys):
+            raise ValueError("CURVE needs both --curve-secret-key and --curve-authorized-keys")
+        log.info("workers must authenticate with CURVE (keys in %s)", args.curve_authorized_keys)
+        return CurveServer.load(args.curve_secret_key, args.curve_authorized_keys)
+    if address.startswith("tcp://") and not _is_loopback(address[6:].rsplit(":", 1)[0].strip("[]")):
+        raise ValueError(f"{address} reaches beyond this machine: give --curve-secret-key and "
+                         "--curve-authorized-keys (make them with mlx-gateway-keys)")
+    return None
 
 
 def _open_store(args: argparse.Namespace) -> ResponseStore:

@@ -15,9 +15,11 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import zmq
 import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from gateway.registry import DRAINING, WorkerInfo, WorkerRegistry
@@ -38,6 +40,7 @@ from protocol import (
     encode,
 )
 from protocol.messages import ERROR_SHUTTING_DOWN, ERROR_WORKER_CRASHED
+from protocol.security import CurveServer
 from protocol.transport import HEARTBEAT_INTERVAL_S, HEARTBEAT_MISSES_ALLOWED
 
 log = logging.getLogger(__name__)
@@ -63,12 +66,37 @@ class RequestFailed(Exception):
         self.error = error
 
 
+class Observer(Protocol):
+    """Where token timings and worker changes are reported (gateway.metrics.GatewayMetrics)."""
+
+    def first_token(self, model: str, seconds: float) -> None: ...
+    def tokens(self, model: str, count: int, seconds_since_previous: float | None) -> None: ...
+    def worker_registered(self, model: str) -> None: ...
+    def worker_lost(self, model: str, reason: str) -> None: ...
+
+
+class _NoObserver:
+    def first_token(self, model: str, seconds: float) -> None:
+        pass
+
+    def tokens(self, model: str, count: int, seconds_since_previous: float | None) -> None:
+        pass
+
+    def worker_registered(self, model: str) -> None:
+        pass
+
+    def worker_lost(self, model: str, reason: str) -> None:
+        pass
+
+
 class RequestStream:
     """The events of one request, in the order its worker produced them."""
 
     def __init__(self, client: EngineClient, request: Generate, model: str):
         self.request = request
         self.model = model
+        self._opened_at = time.monotonic()
+        self._last_output_at: float | None = None
         self.worker: WorkerInfo | None = None
         self.prompt_tokens = 0
         self.finished: Finished | None = None
@@ -84,6 +112,14 @@ class RequestStream:
     def deliver(self, message: Message) -> None:
         if isinstance(message, Delta):
             self.produced_output = True
+            now = time.monotonic()
+            observer = self._client.observer
+            if self._last_output_at is None:
+                observer.first_token(self.model, now - self._opened_at)
+                observer.tokens(self.model, message.token_count, None)
+            else:
+                observer.tokens(self.model, message.token_count, now - self._last_output_at)
+            self._last_output_at = now
         self._queue.put_nowait(message)
 
     async def wait_accepted(self) -> None:
@@ -124,8 +160,12 @@ class EngineClient:
         misses_allowed: int = HEARTBEAT_MISSES_ALLOWED,
         queue_timeout: float = 30.0,
         max_queue: int = 64,
+        curve: CurveServer | None = None,
+        observer: Observer | None = None,
     ):
         self.address = address
+        self.curve = curve
+        self.observer: Observer = observer or _NoObserver()
         self.registry = WorkerRegistry()
         self.queue_timeout = queue_timeout
         self.max_queue = max_queue  # per model, beyond what its workers decode at once
@@ -134,12 +174,20 @@ class EngineClient:
         self._streams: dict[str, RequestStream] = {}
         self._context = zmq.asyncio.Context()
         self._router = self._context.socket(zmq.ROUTER)
+        self._authenticator: AsyncioAuthenticator | None = None
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
         self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker keeps its identity
         self._router.setsockopt(zmq.LINGER, 0)
-        monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        if self.curve is not None:
+            # ZeroMQ asks this authenticator (ZAP) about every CURVE handshake.
+            self._authenticator = AsyncioAuthenticator(self._context)
+            self._authenticator.start()
+            self._authenticator.configure_curve(domain="*", location=str(self.curve.authorized_dir))
+            self.curve.apply(self._router)
+        monitor = self._router.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         self._router.bind(self.address)
         self._tasks = [
             asyncio.create_task(self._receive_loop(), name="zmq-receive"),
@@ -161,6 +209,8 @@ class EngineClient:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._router.disable_monitor()
         self._router.close(linger=0)
+        if self._authenticator is not None:
+            self._authenticator.stop()
         self._context.term()
 
     def context_length(self, model: str) -> int | None:
@@ -170,6 +220,12 @@ class EngineClient:
     def load(self, model: str) -> int:
         """Requests of ``model`` running, queued in workers, or waiting for a worker."""
         return sum(1 for s in self._streams.values() if s.model == model)
+
+    def waiting_for_worker(self, model: str) -> int:
+        return sum(1 for s in self._streams.values() if s.model == model and s.worker is None)
+
+    def models_with_requests(self) -> set[str]:
+        return {s.model for s in self._streams.values()}
 
     async def open(self, model: str, request: Generate) -> RequestStream:
         """Send ``request`` to the least-loaded worker of ``model``.
@@ -262,7 +318,7 @@ class EngineClient:
             return  # not registered (yet, or any more): it will send Ready again
         worker.last_seen = time.monotonic()
         if isinstance(message, Heartbeat):
-            worker.active, worker.queued = message.active, message.queued
+            worker.active, worker.queued, worker.stats = message.active, message.queued, message.stats
         elif isinstance(message, Output):
             for delta in message.deltas:
                 self._route(worker, delta.request_id, delta)
@@ -300,6 +356,7 @@ class EngineClient:
         if new:
             log.info("worker %s registered: model %s, pid %d, context %d, %d sequences",
                      worker.worker_id, worker.model, worker.pid, worker.context_length, worker.max_sequences)
+            self.observer.worker_registered(worker.model)
 
     # --- liveness ----------------------------------------------------------------------
 
@@ -312,10 +369,15 @@ class EngineClient:
                 self._send(worker.identity, Heartbeat("gateway"))
 
     async def _monitor_loop(self, monitor: zmq.asyncio.Socket) -> None:
-        """A dropped connection is a worker that exited or crashed: act on it at once."""
+        """A dropped connection is a worker that exited or crashed: act on it at once.
+        A failed handshake is a worker without an accepted CURVE key: log it."""
         try:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] != zmq.EVENT_DISCONNECTED:
+                    log.warning("refused a worker connection on %s: %s (not an authorized CURVE key?)",
+                                event["endpoint"].decode(errors="replace"), zmq.Event(event["event"]).name)
+                    continue
                 fd = int(event["value"])
                 for worker in self.registry.with_fd(fd):
                     self._declare_dead(worker, "its connection closed")
@@ -327,6 +389,7 @@ class EngineClient:
             return
         log.warning("worker %s (model %s, pid %d) is gone: %s; %d requests in flight",
                     worker.worker_id, worker.model, worker.pid, reason, len(worker.in_flight))
+        self.observer.worker_lost(worker.model, "hang" if "heartbeat" in reason else "exit")
         for request_id in list(worker.in_flight):
             stream = self._streams.get(request_id)
             if stream is None:

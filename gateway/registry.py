@@ -24,6 +24,7 @@ class WorkerInfo:
     last_seen: float = field(default_factory=time.monotonic)
     active: int = 0  # as the worker last reported
     queued: int = 0
+    stats: dict[str, float] = field(default_factory=dict)  # engine figures from its last heartbeat
     in_flight: set[str] = field(default_factory=set)  # request ids the gateway sent it
 
     @property

@@ -99,6 +99,7 @@ class Heartbeat:
     sender: str
     active: int = 0
     queued: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)  # a worker's engine figures, for /metrics
 
 
 # --- gateway -> worker -------------------------------------------------------------
@@ -129,6 +130,7 @@ class Generate:
     stop: list[str] = field(default_factory=list)
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     prompt_cache_key: Optional[str] = None  # the client's conversation id: a prefix-cache hint
+    trace_id: Optional[str] = None  # the id the gateway logs this request under (x-request-id)
 
 
 @dataclass

@@ -6,7 +6,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+from protocol.logs import configure as configure_logging
+from protocol.security import CurveClient
 from protocol.transport import check_address, default_address
 from worker.blas import enable_fast_blas
 
@@ -41,24 +44,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="on SIGTERM, seconds to finish running requests before failing them (default: 30)")
     parser.add_argument("--stall-timeout", type=float, default=300.0,
                         help="exit (for the supervisor to restart us) if one engine step hangs this long")
+    parser.add_argument("--curve-secret-key", type=Path, default=None, metavar="FILE",
+                        help="this worker's CURVE key pair (.key_secret), for a tcp:// gateway on another machine")
+    parser.add_argument("--curve-server-key", type=Path, default=None, metavar="FILE",
+                        help="the gateway's CURVE public key (.key)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None, make_logits_processors: Callable | None = None) -> int:
     """Run a worker. ``make_logits_processors(loaded_model)`` is a hook for tests that script output."""
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s worker[%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging("worker", args.log_level, args.log_format)
     log.info("BLAS: %s", enable_fast_blas())
     from worker.gguf import ModelLoadError
     from worker.models import load
 
     try:
         address = check_address(args.gateway or default_address())
+        curve = None
+        if args.curve_secret_key or args.curve_server_key:
+            if not (args.curve_secret_key and args.curve_server_key):
+                raise ValueError("CURVE needs both --curve-secret-key and --curve-server-key")
+            curve = CurveClient.load(args.curve_secret_key, args.curve_server_key)
         operator = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
         loaded = load(args.model, args.served_name, args.context_length, operator)
     except (ModelLoadError, ValueError, PermissionError) as exc:
@@ -67,7 +76,7 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
     from worker.core import Worker
 
     processors = make_logits_processors(loaded) if make_logits_processors else None
-    return Worker(loaded, address, args, processors).run()
+    return Worker(loaded, address, args, processors, curve).run()
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ import signal
 import time
 import uuid
 
-from protocol import PROTOCOL_VERSION, Cancel, Error, Generate, Output, Ready
+from protocol import PROTOCOL_VERSION, Accepted, Cancel, Error, Finished, Generate, Output, Ready
 from protocol.messages import ERROR_SHUTTING_DOWN
 from worker.engine import Engine, LogitsProcessorsFactory
+from protocol.security import CurveClient
 from worker.link import GatewayLink
 from worker.models import LoadedModel
 
@@ -35,19 +36,25 @@ class Worker:
         address: str,
         args: argparse.Namespace,
         logits_processors: LogitsProcessorsFactory | None = None,
+        curve: CurveClient | None = None,
     ):
         self.engine = Engine(loaded, args.max_sequences, args.prefill_step_size, logits_processors)
         _apply_memory_limits(args)  # after the engine: its BatchGenerator sets mlx-lm's wired limit
         worker_id = f"{loaded.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         ready = Ready(worker_id, loaded.name, PROTOCOL_VERSION, args.max_sequences, loaded.context_length, os.getpid())
-        self.link = GatewayLink(address, ready, load=lambda: (self.engine.active, self.engine.queued),
-                                heartbeat_interval=args.heartbeat_interval,
-                                stalled_for=self._stalled_for, stall_timeout=args.stall_timeout)
+        self.link = GatewayLink(address, ready, load=self._load, heartbeat_interval=args.heartbeat_interval,
+                                stalled_for=self._stalled_for, stall_timeout=args.stall_timeout, curve=curve)
         self.loaded = loaded
+        self.stats = EngineStats()
+        self._requests: dict[str, tuple[str, float]] = {}  # request id -> (log id, start time)
         self.drain_timeout = args.drain_timeout
         self.drain_deadline: float | None = None  # set once draining
         self.stop_now = False
         self._tick = time.monotonic()
+
+    def _load(self) -> tuple[int, int, dict]:
+        """For heartbeats (read from the link's thread: plain numbers only)."""
+        return self.engine.active, self.engine.queued, self.stats.snapshot()
 
     def _stalled_for(self) -> float:
         return time.monotonic() - self._tick
@@ -73,6 +80,7 @@ class Worker:
         try:
             while not self.stop_now:
                 self._tick = time.monotonic()
+                self.stats.sample_memory(self._tick)
                 if self.drain_deadline is not None:
                     if not announced:
                         self.link.send(Error(ERROR_SHUTTING_DOWN, "draining before shutdown"))
@@ -84,8 +92,10 @@ class Worker:
                     continue
                 result = engine.step()
                 if result.deltas:
+                    self.stats.generated_tokens += sum(d.token_count for d in result.deltas)
                     self.link.send(Output(result.deltas))
                 for message in (*result.finished, *result.errors):
+                    self._log_end(message)
                     self.link.send(message)
         finally:
             for error in engine.cancel_all(ERROR_SHUTTING_DOWN, "the worker is shutting down"):
@@ -111,16 +121,38 @@ class Worker:
     def _apply(self, message: object) -> None:
         link, engine = self.link, self.engine
         if isinstance(message, Generate):
+            log_id = message.trace_id or message.request_id
+            self._requests[message.request_id] = (log_id, time.monotonic())
             if self.drain_deadline is not None:
-                link.send(Error(ERROR_SHUTTING_DOWN, "this worker is shutting down", message.request_id))
+                reply = Error(ERROR_SHUTTING_DOWN, "this worker is shutting down", message.request_id)
             else:
-                link.send(engine.submit(message))
+                reply = engine.submit(message)
+            if isinstance(reply, Accepted):
+                self.stats.prompt_tokens += reply.prompt_tokens
+                note = f" ({message.request_id})" if log_id != message.request_id else ""
+                log.info("accepted%s: %d prompt tokens, %d running, %d waiting", note, reply.prompt_tokens,
+                         engine.active, engine.queued, extra={"request_id": log_id})
+            else:
+                self._log_end(reply)
+            link.send(reply)
         elif isinstance(message, Cancel):
             finished = engine.cancel(message.request_id)
             if finished is not None:
+                self._log_end(finished)
                 link.send(finished)
         else:
             log.debug("ignoring %s from the gateway", type(message).__name__)
+
+    def _log_end(self, message: Finished | Error) -> None:
+        log_id, started = self._requests.pop(message.request_id, (message.request_id, time.monotonic()))
+        seconds = time.monotonic() - started
+        if isinstance(message, Finished):
+            rate = message.completion_tokens / seconds if seconds > 0 else 0.0
+            log.info("finished (%s): %d prompt + %d completion tokens in %.2fs, %.1f tokens/s",
+                     message.finish_reason, message.prompt_tokens, message.completion_tokens, seconds, rate,
+                     extra={"request_id": log_id})
+        else:
+            log.warning("failed (%s): %s", message.code, message.message, extra={"request_id": log_id})
 
 
 
@@ -137,3 +169,33 @@ def _apply_memory_limits(args: argparse.Namespace) -> None:
     limits = {name: getattr(args, name) for name in ("memory_limit", "cache_limit", "wired_limit")}
     if any(v is not None for v in limits.values()):
         log.info("memory limits (GB): %s", {k: v for k, v in limits.items() if v is not None})
+
+
+class EngineStats:
+    """Running totals the heartbeat reports; memory is sampled on the engine thread (MLX's)."""
+
+    def __init__(self) -> None:
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.active_memory_bytes = 0
+        self.peak_memory_bytes = 0
+        self._next_sample = 0.0
+
+    def sample_memory(self, now: float) -> None:
+        if now < self._next_sample:
+            return
+        import mlx.core as mx
+
+        self.active_memory_bytes = mx.get_active_memory()
+        self.peak_memory_bytes = mx.get_peak_memory()
+        self._next_sample = now + 0.5
+
+    def snapshot(self) -> dict[str, int]:
+        return {
+            "generated_tokens": self.generated_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "active_memory_bytes": self.active_memory_bytes,
+            "peak_memory_bytes": self.peak_memory_bytes,
+        }

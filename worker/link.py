@@ -16,8 +16,10 @@ import time
 from typing import Callable
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from protocol import Heartbeat, Message, ProtocolError, Ready, decode, encode
+from protocol.security import CurveClient
 from protocol.transport import HEARTBEAT_INTERVAL_S, HEARTBEAT_MISSES_ALLOWED
 
 log = logging.getLogger(__name__)
@@ -30,15 +32,18 @@ class GatewayLink:
         self,
         address: str,
         ready: Ready,
-        load: Callable[[], tuple[int, int]],
+        load: Callable[[], tuple[int, int, dict]],
         heartbeat_interval: float = HEARTBEAT_INTERVAL_S,
         stalled_for: Callable[[], float] | None = None,
         stall_timeout: float = 300.0,
+        curve: CurveClient | None = None,
     ):
         self.address = address
         self.inbox: queue.Queue[Message] = queue.Queue()
         self._ready = ready
-        self._load = load  # () -> (active, queued), read from the engine's counters
+        self._load = load  # () -> (active, queued, stats), read from the engine's counters
+        self._curve = curve
+        self._last_rate_sample: tuple[float, int] | None = None
         self._interval = heartbeat_interval
         # A watchdog: heartbeats come from this thread, so an engine stuck in one step would
         # still look alive. Past stall_timeout we exit, and the supervisor restarts us.
@@ -75,10 +80,15 @@ class GatewayLink:
         dealer.setsockopt(zmq.IDENTITY, self._ready.worker_id.encode())
         dealer.setsockopt(zmq.LINGER, 1000)  # flush final messages on shutdown
         dealer.setsockopt(zmq.SNDHWM, 100_000)
+        if self._curve is not None:
+            self._curve.apply(dealer)
+        monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                            | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         dealer.connect(self.address)
         poller = zmq.Poller()
         poller.register(dealer, zmq.POLLIN)
         poller.register(self._pull, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
 
         dealer.send(encode(self._ready))
         log.info("registering with the gateway at %s", self.address)
@@ -97,6 +107,8 @@ class GatewayLink:
                         except zmq.Again:
                             break
                         self._forward(dealer, frame)
+                if monitor in events:
+                    self._on_monitor_event(monitor)
                 if dealer in events:
                     while True:
                         try:
@@ -112,8 +124,7 @@ class GatewayLink:
                                  self._stalled_for())
                     os._exit(3)
                 if now >= next_heartbeat:
-                    active, queued = self._load()
-                    self._forward(dealer, encode(Heartbeat(self._ready.worker_id, active, queued)))
+                    self._forward(dealer, encode(self._heartbeat(now)))
                     next_heartbeat = now + self._interval
                 silent = now - last_heard > HEARTBEAT_MISSES_ALLOWED * self._interval
                 if silent and now >= next_register:
@@ -129,8 +140,27 @@ class GatewayLink:
                     self._forward(dealer, self._pull.recv(zmq.NOBLOCK))
                 except zmq.Again:
                     break
+            dealer.disable_monitor()
+            monitor.close(linger=0)
             dealer.close()
             self._pull.close(linger=0)
+
+    def _heartbeat(self, now: float) -> Heartbeat:
+        active, queued, stats = self._load()
+        generated = stats.get("generated_tokens", 0)
+        if self._last_rate_sample is not None:
+            then, before = self._last_rate_sample
+            stats["tokens_per_second"] = (generated - before) / max(now - then, 1e-6)
+        self._last_rate_sample = (now, generated)
+        return Heartbeat(self._ready.worker_id, active, queued, stats)
+
+    def _on_monitor_event(self, monitor: zmq.Socket) -> None:
+        event = parse_monitor_message(monitor.recv_multipart())["event"]
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            log.info("connected to the gateway%s", " (CURVE)" if self._curve else "")
+        else:
+            log.error("the gateway refused this worker's handshake (%s): check the CURVE keys",
+                      zmq.Event(event).name)
 
     def _forward(self, dealer: zmq.Socket, frame: bytes) -> None:
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +51,8 @@ class ResponsesService:
         self.store = store
         self._background: dict[str, Run] = {}
 
-    async def prepare(self, body: ResponsesRequest) -> Run:
+    async def prepare(self, body: ResponsesRequest, bind_id: Callable[[str], str] = lambda rid: rid) -> Run:
+        """``bind_id(response_id)`` -> the id to log under (the middleware's ``bind_request_id``)."""
         if not self.engine.registry.is_known(body.model):
             raise model_not_found(body.model)
         limit = self.engine.registry.capacity(body.model) + self.engine.max_queue
@@ -82,6 +83,7 @@ class ResponsesService:
         template_kwargs.update(body.chat_template_kwargs or {})
 
         state = ResponseState(new_id("resp"), body, status="queued")
+        trace_id = bind_id(state.id)
         generate = Generate(
             request_id=state.id,
             messages=chat_messages(body.instructions, context, format_instructions(body.text)),
@@ -91,6 +93,7 @@ class ResponsesService:
             sampling=SamplingParams(temperature=body.temperature, top_p=body.top_p),
             chat_template_kwargs=template_kwargs,
             prompt_cache_key=body.prompt_cache_key,
+            trace_id=trace_id,
         )
         round_trip = "reasoning.encrypted_content" in (body.include or [])
         return Run(state, generate, items, context, ResponseEvents(state, tools, round_trip))

@@ -66,6 +66,10 @@ class MemoryStore:
             self._items.pop(item_id, None)
         return True
 
+    @property
+    def size(self) -> int:
+        return len(self._responses)
+
     async def count(self) -> int:
         return len(self._responses)
 
@@ -99,6 +103,7 @@ class SQLiteStore:
         self.max_bytes = max_bytes
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="response-store")
         self._db: sqlite3.Connection | None = None
+        self.size = 0  # responses stored, kept current by the store's thread (for /metrics)
         self._executor.submit(self._open).result()
 
     def _open(self) -> None:
@@ -107,6 +112,7 @@ class SQLiteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self.size = self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 
     async def _run(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
@@ -136,6 +142,7 @@ class SQLiteStore:
                     break
                 (oldest,) = db.execute("SELECT id FROM responses ORDER BY seq LIMIT 1").fetchone()
                 self._delete(oldest)
+            self.size = count
 
     async def get(self, response_id: str) -> StoredResponse | None:
         return await self._run(self._get, response_id)
@@ -157,7 +164,9 @@ class SQLiteStore:
 
     def _delete_committed(self, response_id: str) -> bool:
         with self._db:
-            return self._delete(response_id)
+            deleted = self._delete(response_id)
+        self.size -= int(deleted)
+        return deleted
 
     def _delete(self, response_id: str) -> bool:
         deleted = self._db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.engine_client import RequestFailed, RequestStream
 from gateway.errors import APIError, from_worker_error
+from gateway.middleware import bind_request_id
 from gateway.schemas import ChatCompletionRequest, ChatMessage
 from gateway.streaming import (
     SSE_DONE,
@@ -31,6 +32,7 @@ router = APIRouter()
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    trace_id = bind_request_id(request, request_id, body.model)
     tools, tool_choice = _tools(body)
     generate = Generate(
         request_id=request_id,
@@ -41,6 +43,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         sampling=body.sampling(),
         stop=body.stop_list(),
         chat_template_kwargs=body.chat_template_kwargs or {},
+        trace_id=trace_id,
     )
     stream = await start(request.app.state.engine, body.model, generate)
     created = int(time.time())

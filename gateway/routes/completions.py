@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.engine_client import RequestFailed, RequestStream
 from gateway.errors import APIError, from_worker_error
+from gateway.middleware import bind_request_id
 from gateway.schemas import CompletionRequest
 from gateway.streaming import (
     SSE_DONE,
@@ -37,12 +38,14 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     if body.suffix is not None:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
     request_id = f"cmpl-{uuid.uuid4().hex}"
+    trace_id = bind_request_id(request, request_id, body.model)
     generate = Generate(
         request_id=request_id,
         prompt=prompt,
         max_tokens=body.max_tokens or DEFAULT_MAX_TOKENS,
         sampling=body.sampling(),
         stop=body.stop_list(),
+        trace_id=trace_id,
     )
     stream = await start(request.app.state.engine, body.model, generate)
     created = int(time.time())

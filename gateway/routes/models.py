@@ -1,4 +1,4 @@
-"""GET /v1/models, /v1/models/{model}, /v1/workers and /health."""
+"""GET /v1/models, /v1/models/{model}, /v1/workers, /health and /metrics."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.engine_client import EngineClient
 from gateway.errors import model_not_found
@@ -65,3 +67,8 @@ async def list_workers(request: Request) -> dict[str, Any]:
 async def health(request: Request) -> dict[str, Any]:
     engine = _engine(request)
     return {"status": "ok", "workers": len(engine.registry.all()), "models": engine.registry.models()}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from gateway.errors import APIError, from_worker_error
+from gateway.middleware import bind_request_id
 from gateway.responses.events import Event
 from gateway.responses.request import ResponsesRequest
 from gateway.responses.service import ResponsesService, response_not_found
@@ -25,7 +26,8 @@ def _service(request: Request) -> ResponsesService:
 @router.post("/v1/responses")
 async def create_response(body: ResponsesRequest, request: Request) -> Response:
     service = _service(request)
-    run = await service.prepare(body)
+    request.scope.setdefault("state", {})["model"] = body.model
+    run = await service.prepare(body, lambda response_id: bind_request_id(request, response_id))
     if body.background:
         service.start_background(run)
         if body.stream:
