@@ -176,3 +176,36 @@ def test_requests_without_sampling_use_the_model_then_operator_defaults(tiny_mod
     assert first["u"] == second["u"] == reference["g"]
     assert load(str(model_dir), sampling={"temperature": 0.7}).sampling["temperature"] == 0.7
     assert load(str(tiny_model_dir)).sampling["temperature"] == 1.0
+
+
+def test_prefix_cache_hits_give_the_same_greedy_output(tiny_model):
+    conversation = [{"role": "system", "content": "You are terse. " * 20}, {"role": "user", "content": "Hello"}]
+    first_turn = Generate("t1", messages=conversation, max_tokens=16, sampling=GREEDY)
+    cached = Engine(tiny_model)
+    texts, done = run(cached, first_turn)
+    assert done["t1"].cached_tokens == 0
+    again, done_again = run(cached, Generate("t1b", messages=conversation, max_tokens=16, sampling=GREEDY))
+    assert done_again["t1b"].cached_tokens == done_again["t1b"].prompt_tokens - 1, "all but the last token"
+    assert again["t1b"] == texts["t1"]
+    # The next turn resends the history: only its new tail is prefilled, and nothing changes.
+    next_turn = conversation + [{"role": "assistant", "content": texts["t1"]}, {"role": "user", "content": "More"}]
+    with_cache, done2 = run(cached, Generate("t2", messages=next_turn, max_tokens=16, sampling=GREEDY))
+    without, done3 = run(Engine(tiny_model, prompt_cache_bytes=0),
+                         Generate("t2", messages=next_turn, max_tokens=16, sampling=GREEDY))
+    assert done2["t2"].cached_tokens > done2["t2"].prompt_tokens // 2
+    assert done3["t2"].cached_tokens == 0
+    assert with_cache["t2"] == without["t2"]
+    assert cached.prompt_cache_bytes > 0
+
+
+def test_prefix_cache_with_a_batch_and_stop_strings(tiny_model):
+    engine = Engine(tiny_model)
+    texts, _ = run(engine, chat("a", "Hello", max_tokens=20))
+    stop = texts["a"][5:8]
+    requests = [chat("b", "Hello", max_tokens=20, stop=[stop]), chat("c", "Hello", max_tokens=20),
+                chat("d", "Other prompt", max_tokens=20)]
+    batch, done = run(engine, *requests)
+    assert batch["b"] == texts["a"][: texts["a"].index(stop)] and batch["c"] == texts["a"]
+    assert done["c"].cached_tokens > 0 and done["b"].cached_tokens > 0
+    fresh, _ = run(Engine(tiny_model, prompt_cache_bytes=0), chat("d", "Other prompt", max_tokens=20))
+    assert batch["d"] == fresh["d"]

@@ -51,8 +51,16 @@ def test_create_plain_text(client):
     assert response.output[0].type == "message" and response.output[0].status == "incomplete"
     assert response.output_text
     assert response.usage.output_tokens == 8 and response.usage.input_tokens > 5
-    assert response.usage.input_tokens_details.cached_tokens == 0
     assert response.usage.output_tokens_details.reasoning_tokens == 0
+
+
+def test_a_repeated_prompt_reports_cached_tokens_and_the_same_output(client):
+    body = {"input": "A question nobody asked before: why is the sky blue?", "max_output_tokens": 8,
+            "temperature": 0}
+    first = create(client, **body)
+    second = create(client, **body)
+    assert second.usage.input_tokens_details.cached_tokens == second.usage.input_tokens - 1
+    assert second.output_text == first.output_text
 
 
 def test_create_streaming_matches_the_sdk_and_our_validator(stack, client):

@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-sequences", type=int, default=16, help="sequences decoded together (default: 16)")
     parser.add_argument("--context-length", type=int, default=None, help="override the model's context window")
     parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill step")
+    parser.add_argument("--prompt-cache-mb", type=int, default=1024,
+                        help="KV cache kept for reuse by later prompts with the same prefix (0: off; default 1024)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="default temperature when a request sets none (default: the model's, else 1.0)")
     parser.add_argument("--top-p", type=float, default=None,

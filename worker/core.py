@@ -38,7 +38,8 @@ class Worker:
         logits_processors: LogitsProcessorsFactory | None = None,
         curve: CurveClient | None = None,
     ):
-        self.engine = Engine(loaded, args.max_sequences, args.prefill_step_size, logits_processors)
+        self.engine = Engine(loaded, args.max_sequences, args.prefill_step_size, logits_processors,
+                             prompt_cache_bytes=args.prompt_cache_mb << 20)
         _apply_memory_limits(args)  # after the engine: its BatchGenerator sets mlx-lm's wired limit
         worker_id = f"{loaded.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         ready = Ready(worker_id, loaded.name, PROTOCOL_VERSION, args.max_sequences, loaded.context_length, os.getpid())
@@ -147,10 +148,11 @@ class Worker:
         log_id, started = self._requests.pop(message.request_id, (message.request_id, time.monotonic()))
         seconds = time.monotonic() - started
         if isinstance(message, Finished):
+            self.stats.cached_tokens += message.cached_tokens
             rate = message.completion_tokens / seconds if seconds > 0 else 0.0
-            log.info("finished (%s): %d prompt + %d completion tokens in %.2fs, %.1f tokens/s",
-                     message.finish_reason, message.prompt_tokens, message.completion_tokens, seconds, rate,
-                     extra={"request_id": log_id})
+            log.info("finished (%s): %d prompt (%d cached) + %d completion tokens in %.2fs, %.1f tokens/s",
+                     message.finish_reason, message.prompt_tokens, message.cached_tokens, message.completion_tokens,
+                     seconds, rate, extra={"request_id": log_id})
         else:
             log.warning("failed (%s): %s", message.code, message.message, extra={"request_id": log_id})
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
@@ -52,6 +53,7 @@ class Sequence:
     uid: int | None = None  # BatchGenerator's id, once admitted
     completion_tokens: int = 0
     reasoning_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass
@@ -62,6 +64,7 @@ class StepResult:
 
 
 LogitsProcessorsFactory = Callable[[Generate], list[Any]]
+_MODEL_KEY = "model"  # LRUPromptCache keys entries by model; a worker has one
 
 
 class Engine:
@@ -71,8 +74,13 @@ class Engine:
         max_sequences: int = 16,
         prefill_step_size: int = 512,
         logits_processors: LogitsProcessorsFactory | None = None,
+        prompt_cache_bytes: int = 1 << 30,
     ):
         self.loaded = loaded
+        # KV caches of finished requests, by token prefix (mlx-lm's LRUPromptCache): an agent's
+        # next turn resends the whole conversation, and only its new tail needs prefilling.
+        self._cache_budget = prompt_cache_bytes
+        self._prompt_cache = LRUPromptCache(max_size=256, max_bytes=prompt_cache_bytes) if prompt_cache_bytes else None
         self.max_sequences = max_sequences
         self._prefill_step_size = prefill_step_size
         self._logits_processors = logits_processors
@@ -207,12 +215,28 @@ class Engine:
                 continue
             if hit_stop and response.finish_reason is None:
                 stopped_early.append(response.uid)
+            else:
+                self._remember(response.all_tokens, response.prompt_cache)
             del self._running[response.uid]
             del self._by_request[sequence.request.request_id]
             result.finished.append(self._finished(sequence, finish_reason))
         if stopped_early:
-            self._generator.remove(stopped_early)
+            caches = self._generator.remove(stopped_early, return_prompt_caches=self._prompt_cache is not None)
+            for cache, tokens in caches.values():
+                self._remember(tokens, cache)
         return result
+
+    def _remember(self, tokens: list[int] | None, cache: list[Any] | None) -> None:
+        """Keep a finished sequence's KV cache for later prompts that share its prefix."""
+        if self._prompt_cache is None or not tokens or cache is None:
+            return
+        self._prompt_cache.insert_cache(_MODEL_KEY, list(tokens), cache)
+        # The running batch's caches count against the same budget.
+        self._prompt_cache.trim_to(n_bytes=self._cache_budget - self._generator.prompt_cache_nbytes)
+
+    @property
+    def prompt_cache_bytes(self) -> int:
+        return self._prompt_cache.nbytes if self._prompt_cache is not None else 0
 
     def _admit(self) -> None:
         """Move waiting requests into the batch while there are free slots."""
@@ -221,8 +245,16 @@ class Engine:
             batch.append(self._waiting.popleft())
         if not batch:
             return
+        caches, rests = [], []
+        for sequence in batch:
+            cache, rest = self._cached_prefix(sequence.prompt)
+            sequence.cached_tokens = len(sequence.prompt) - len(rest)
+            caches.append(cache)
+            rests.append(rest)
         uids = self._generator.insert(
-            [s.prompt for s in batch],
+            rests,
+            caches=caches,
+            all_tokens=[s.prompt[: s.cached_tokens] for s in batch],
             max_tokens=[s.max_tokens for s in batch],
             samplers=[self._sampler(s.request) for s in batch],
             logits_processors=[self._logits_processors(s.request) if self._logits_processors else [] for s in batch],
@@ -231,6 +263,19 @@ class Engine:
         for uid, sequence in zip(uids, batch):
             sequence.uid = uid
             self._running[uid] = sequence
+
+    def _cached_prefix(self, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
+        """(a KV cache for the longest cached prefix of ``prompt`` or None, the tokens still to prefill)."""
+        if self._prompt_cache is None:
+            return None, prompt
+        cache, rest = self._prompt_cache.fetch_nearest_cache(_MODEL_KEY, prompt)
+        if cache is not None and not rest:
+            # The whole prompt is cached, but the model must see one token to predict the next.
+            if not can_trim_prompt_cache(cache):
+                return None, prompt
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, rest
 
     def _tokenize(self, request: Generate, forced_tool_call: bool) -> list[int]:
         tokenizer = self.loaded.tokenizer
@@ -279,6 +324,7 @@ class Engine:
             finish_reason=reason,
             prompt_tokens=len(sequence.prompt),
             completion_tokens=sequence.completion_tokens,
+            cached_tokens=sequence.cached_tokens,
             reasoning_tokens=sequence.reasoning_tokens,
         )
 
