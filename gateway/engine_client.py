@@ -258,7 +258,7 @@ class EngineClient:
         return stream
 
     async def _dispatch_to_worker(self, stream: RequestStream) -> None:
-        worker = self.registry.pick(stream.model)
+        worker = self.registry.pick(stream.model, stream.request.prompt_cache_key)
         if worker is None:
             log.info("no live worker for %s; request %s waits up to %.0fs", stream.model, stream.request_id,
                      self.queue_timeout)

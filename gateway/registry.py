@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from protocol import Ready
@@ -33,8 +34,12 @@ class WorkerInfo:
 
 
 class WorkerRegistry:
+    AFFINITY_KEYS = 10_000
+
     def __init__(self) -> None:
         self._workers: dict[bytes, WorkerInfo] = {}
+        # prompt_cache_key -> the worker that last served it (and so holds its prefix cache)
+        self._affinity: OrderedDict[str, bytes] = OrderedDict()
         self._known_models: set[str] = set()  # ever served: requests for them wait for a worker
         self._registered = asyncio.Event()  # set (and cleared) whenever a worker registers
 
@@ -71,10 +76,20 @@ class WorkerRegistry:
     def is_known(self, model: str) -> bool:
         return model in self._known_models
 
-    def pick(self, model: str) -> WorkerInfo | None:
-        """The least-loaded worker serving ``model`` that takes new requests."""
+    def pick(self, model: str, affinity_key: str | None = None) -> WorkerInfo | None:
+        """A worker serving ``model`` that takes new requests: the one that last served
+        ``affinity_key`` (a client's prompt_cache_key) while it has a free slot, else the least loaded."""
         candidates = [w for w in self._workers.values() if w.model == model and w.state == READY]
-        return min(candidates, key=lambda w: len(w.in_flight), default=None)
+        chosen = min(candidates, key=lambda w: len(w.in_flight), default=None)
+        if affinity_key is not None and chosen is not None:
+            preferred = self._workers.get(self._affinity.get(affinity_key, b""))
+            if preferred in candidates and len(preferred.in_flight) < preferred.max_sequences:
+                chosen = preferred
+            self._affinity[affinity_key] = chosen.identity
+            self._affinity.move_to_end(affinity_key)
+            if len(self._affinity) > self.AFFINITY_KEYS:
+                self._affinity.popitem(last=False)
+        return chosen
 
     async def wait_for(self, model: str, timeout: float) -> WorkerInfo | None:
         """``pick(model)``, waiting up to ``timeout`` seconds for a worker to register."""

@@ -333,3 +333,35 @@ def fresh_stack_wait(stack, predicate, timeout: float = 10.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out: {fresh_stack_workers(stack)}")
+
+
+def test_prompt_cache_key_routes_a_conversation_back_to_its_cache(fresh_stack, tiny_model_dir):
+    fresh_stack.start_gateway()
+    fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000")
+    fresh_stack.wait_for_models(TINY_LONG)
+    fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000")
+    fresh_stack_wait(fresh_stack, lambda ws: len(ws) == 2)
+    base = fresh_stack.base_url
+    turn = {"model": TINY_LONG, "input": "The same long conversation " * 10, "max_output_tokens": 4,
+            "temperature": 0, "prompt_cache_key": "thread-7"}
+    assert httpx.post(f"{base}/v1/responses", json=turn).status_code == 200  # lands on the first worker
+    stop = threading.Event()
+
+    def busy_stream() -> None:  # makes the first worker the more loaded one
+        body = {"model": TINY_LONG, "messages": HELLO, "max_tokens": 50_000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    return
+
+    thread = threading.Thread(target=busy_stream)
+    thread.start()
+    try:
+        fresh_stack_wait(fresh_stack, lambda ws: sorted(w["in_flight"] for w in ws) == [0, 1])
+        again = httpx.post(f"{base}/v1/responses", json=turn).json()
+        other = httpx.post(f"{base}/v1/responses", json={**turn, "prompt_cache_key": "thread-8"}).json()
+    finally:
+        stop.set()
+        thread.join(30)
+    assert again["usage"]["input_tokens_details"]["cached_tokens"] > 0, "routed to the worker with its cache"
+    assert other["usage"]["input_tokens_details"]["cached_tokens"] == 0, "a new key goes to the idle worker"
