@@ -132,18 +132,34 @@ class RequestStream:
                 self.prompt_tokens = message.prompt_tokens
                 return
 
-    async def __aiter__(self) -> AsyncIterator[Delta]:
+    async def batches(self) -> AsyncIterator[list[Delta]]:
+        """The deltas, in lists of whatever arrived together: a client that falls behind (or a
+        busy gateway) gets them in fewer, larger writes. Ends at Finished; raises on an Error."""
         while self.finished is None:
-            message = await self._queue.get()
-            if isinstance(message, Delta):
-                yield message
-            elif isinstance(message, Finished):
-                self.finished = message
-                self._closed = True
-            elif isinstance(message, Error):
-                self._closed = True
-                raise RequestFailed(message)
-            # An Accepted here comes from a retry on another worker: nothing to do.
+            messages = [await self._queue.get()]
+            while not self._queue.empty():
+                messages.append(self._queue.get_nowait())
+            deltas: list[Delta] = []
+            for message in messages:
+                if isinstance(message, Delta):
+                    deltas.append(message)
+                elif isinstance(message, Finished):
+                    self.finished = message
+                    self._closed = True
+                    break
+                elif isinstance(message, Error):
+                    self._closed = True
+                    if deltas:
+                        yield deltas
+                    raise RequestFailed(message)
+                # An Accepted here comes from a retry on another worker: nothing to do.
+            if deltas:
+                yield deltas
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        async for batch in self.batches():
+            for delta in batch:
+                yield delta
 
     def close(self) -> None:
         """Stop the request if it is still running (client gone, or the route failed)."""
@@ -294,20 +310,38 @@ class EngineClient:
 
     async def _receive_loop(self) -> None:
         while True:
-            frames = await self._router.recv_multipart(copy=False)
-            if len(frames) != 2:
-                log.warning("dropped a message of %d frames", len(frames))
-                continue
-            identity, frame = frames[0].bytes, frames[1]
-            try:
-                message = decode(frame.buffer)
-            except ProtocolError as exc:
-                log.warning("dropped a bad frame from %r: %s", identity, exc)
-                continue
-            try:
-                self._dispatch(identity, message, frame)
-            except Exception:  # one bad message must not stop the loop that serves everyone
-                log.exception("failed to handle %s from %r", type(message).__name__, identity)
+            self._handle_frames(await self._router.recv_multipart(copy=False))
+            # Whatever else is waiting, without a trip through the event loop per frame.
+            for _ in range(1000):
+                frames = self._receive_now()
+                if frames is None:
+                    break
+                self._handle_frames(frames)
+
+    def _receive_now(self) -> list[zmq.Frame] | None:
+        """A waiting multipart message, read synchronously (zmq.Socket.recv: not the asyncio one)."""
+        try:
+            frames = [zmq.Socket.recv(self._router, zmq.NOBLOCK, copy=False)]
+        except zmq.Again:
+            return None
+        while self._router.getsockopt(zmq.RCVMORE):
+            frames.append(zmq.Socket.recv(self._router, 0, copy=False))
+        return frames
+
+    def _handle_frames(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) != 2:
+            log.warning("dropped a message of %d frames", len(frames))
+            return
+        identity, frame = frames[0].bytes, frames[1]
+        try:
+            message = decode(frame.buffer)
+        except ProtocolError as exc:
+            log.warning("dropped a bad frame from %r: %s", identity, exc)
+            return
+        try:
+            self._dispatch(identity, message, frame)
+        except Exception:  # one bad message must not stop the loop that serves everyone
+            log.exception("failed to handle %s from %r", type(message).__name__, identity)
 
     def _dispatch(self, identity: bytes, message: Message, frame: zmq.Frame) -> None:
         if isinstance(message, Ready):

@@ -38,6 +38,7 @@ class GatewayMetrics:
         self.worker_losses = Counter("mlxgw_worker_losses", "Workers declared gone", ["model", "reason"],
                                      registry=self.registry)
         self._lost: dict[str, int] = {}  # model -> losses not yet made up by a new registration
+        self._token_metrics: dict[str, tuple] = {}
 
     def attach(self, engine: EngineClient, store: ResponseStore) -> None:
         self.registry.register(_LiveState(engine, store))
@@ -51,9 +52,14 @@ class GatewayMetrics:
         self.time_to_first_token.labels(model).observe(seconds)
 
     def tokens(self, model: str, count: int, seconds_since_previous: float | None) -> None:
-        self.output_tokens.labels(model).inc(count)
+        # Once per token: the labelled children are looked up once per model.
+        children = self._token_metrics.get(model)
+        if children is None:
+            children = self._token_metrics[model] = (self.output_tokens.labels(model),
+                                                     self.inter_token_latency.labels(model))
+        children[0].inc(count)
         if seconds_since_previous is not None and count:
-            self.inter_token_latency.labels(model).observe(seconds_since_previous / count)
+            children[1].observe(seconds_since_previous / count)
 
     def worker_registered(self, model: str) -> None:
         if self._lost.get(model, 0) > 0:

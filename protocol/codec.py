@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Union
 
 import msgpack
@@ -43,7 +44,10 @@ def decode(frame: bytes) -> Message:
     cls = MESSAGE_TYPES.get(kind)  # type: ignore[arg-type]
     if cls is None:
         raise ProtocolError(f"unknown message type {kind!r}")
-    return _build(cls, wire, kind)
+    try:
+        return _builder(cls)(wire)
+    except ProtocolError as exc:
+        raise ProtocolError(f"{kind}{exc}") from None
 
 
 def _to_wire(value: Any) -> Any:
@@ -79,52 +83,103 @@ def _required_fields(cls: type) -> frozenset[str]:
     )
 
 
-def _build(cls: type, wire: Any, path: str) -> Any:
-    if not isinstance(wire, dict):
-        raise ProtocolError(f"{path}: expected a map")
-    types_by_name = _field_types(cls)
-    unknown = wire.keys() - types_by_name.keys()
-    if unknown:
-        raise ProtocolError(f"{path}: unknown fields {sorted(unknown)}")
-    missing = _required_fields(cls) - wire.keys()
-    if missing:
-        raise ProtocolError(f"{path}: missing fields {sorted(missing)}")
-    values = {name: _check(value, types_by_name[name], f"{path}.{name}") for name, value in wire.items()}
-    return cls(**values)
+# Checkers are built once per type (the typing introspection is slow) and raise ProtocolError
+# with the path below them (".field", "[]"); callers prepend their own part of the path.
 
 
-def _check(value: Any, tp: Any, path: str) -> Any:
-    """Return ``value`` converted to ``tp`` (nested dataclasses built), or raise ProtocolError."""
+@functools.cache
+def _builder(cls: type) -> Callable[[Any], Any]:
+    checkers = {name: _checker(tp) for name, tp in _field_types(cls).items()}
+    names = frozenset(checkers)
+    required = _required_fields(cls)
+
+    def build(wire: Any) -> Any:
+        if not isinstance(wire, dict):
+            raise ProtocolError(": expected a map")
+        keys = wire.keys()
+        if not keys <= names:
+            raise ProtocolError(f": unknown fields {sorted(keys - names)}")
+        if not required <= keys:
+            raise ProtocolError(f": missing fields {sorted(required - keys)}")
+        values = {}
+        for name, value in wire.items():
+            try:
+                values[name] = checkers[name](value)
+            except ProtocolError as exc:
+                raise ProtocolError(f".{name}{exc}") from None
+        return cls(**values)
+
+    return build
+
+
+@functools.cache
+def _checker(tp: Any) -> Callable[[Any], Any]:
+    """A function returning a value converted to ``tp`` (nested dataclasses built), or raising."""
     if tp is Any:
-        return value
+        return _identity
+    if dataclasses.is_dataclass(tp):
+        return _builder(tp)
     origin = typing.get_origin(tp)
     if origin is Union or origin is types.UnionType:
         options = typing.get_args(tp)
-        if value is None:
-            if type(None) in options:
-                return None
-            raise ProtocolError(f"{path}: must not be null")
         (inner,) = [o for o in options if o is not type(None)]
-        return _check(value, inner, path)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
+        inner_check = _checker(inner)
+        nullable = type(None) in options
+
+        def check_optional(value: Any) -> Any:
+            if value is None:
+                if nullable:
+                    return None
+                raise ProtocolError(": must not be null")
+            return inner_check(value)
+
+        return check_optional
     if origin is list:
-        if not isinstance(value, list):
-            raise ProtocolError(f"{path}: expected a list")
         (item_type,) = typing.get_args(tp)
-        return [_check(v, item_type, f"{path}[{i}]") for i, v in enumerate(value)]
+        item_check = _checker(item_type)
+
+        def check_list(value: Any) -> Any:
+            if not isinstance(value, list):
+                raise ProtocolError(": expected a list")
+            try:
+                return [item_check(item) for item in value]
+            except ProtocolError as exc:
+                raise ProtocolError(f"[]{exc}") from None
+
+        return check_list
     if origin is dict:
-        if not isinstance(value, dict):
-            raise ProtocolError(f"{path}: expected a map")
-        return value
+        return _check_map
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ProtocolError(f"{path}: expected a number")
+        return _check_float
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        return _check_int
+    name = tp.__name__
+
+    def check_plain(value: Any) -> Any:
+        if isinstance(value, tp):
             return value
-        raise ProtocolError(f"{path}: expected an integer")
-    if isinstance(value, tp):
+        raise ProtocolError(f": expected {name}")
+
+    return check_plain
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _check_map(value: Any) -> Any:
+    if not isinstance(value, dict):
+        raise ProtocolError(": expected a map")
+    return value
+
+
+def _check_float(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ProtocolError(": expected a number")
+
+
+def _check_int(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
-    raise ProtocolError(f"{path}: expected {tp.__name__}")
+    raise ProtocolError(": expected an integer")

@@ -109,17 +109,18 @@ class ResponsesService:
             resolved.append(item)
         return resolved
 
-    async def events(self, run: Run) -> AsyncIterator[Event]:
-        """Generate, yielding every event; store the result when it ends (not if abandoned)."""
+    async def events(self, run: Run) -> AsyncIterator[list[Event]]:
+        """Generate, yielding the events in batches (what one wake-up produced, so a transport
+        can write them at once); store the result when it ends (not if abandoned)."""
         builder = run.builder
-        for event in builder.start():
-            yield event
+        yield builder.start()
         try:
             run.stream = await self.engine.open(run.state.request.model, run.generate)
             await run.stream.wait_accepted()
-            async for delta in run.stream:
-                for event in builder.add(delta):
-                    yield event
+            async for batch in run.stream.batches():
+                events = [event for delta in batch for event in builder.add(delta)]
+                if events:
+                    yield events
             closing = builder.finish(run.stream.finished)
         except NoWorker:
             closing = builder.fail("model_not_found", f"no live worker serves '{run.state.request.model}'")
@@ -131,8 +132,7 @@ class ResponsesService:
         finally:
             if run.stream is not None:
                 run.stream.close()
-        for event in closing:
-            yield event
+        yield closing
         await self._save(run)
 
     async def _save(self, run: Run) -> None:
@@ -151,8 +151,8 @@ class ResponsesService:
 
     async def _drain(self, run: Run) -> None:
         try:
-            async for event in self.events(run):
-                run.events.append(event)
+            async for events in self.events(run):
+                run.events.extend(events)
                 run.changed.set()
         except asyncio.CancelledError:
             run.builder.cancel()
@@ -161,13 +161,13 @@ class ResponsesService:
             run.changed.set()
             self._background.pop(run.state.id, None)
 
-    async def follow(self, run: Run, after: int = -1) -> AsyncIterator[Event]:
+    async def follow(self, run: Run, after: int = -1) -> AsyncIterator[list[Event]]:
         """A background run's events with ``sequence_number > after``, live until it ends."""
         position = after + 1
         while True:
-            while position < len(run.events):
-                yield run.events[position]
-                position += 1
+            if position < len(run.events):
+                yield run.events[position:]
+                position = len(run.events)
             if run.task is None or run.task.done():
                 return
             run.changed.clear()

@@ -92,14 +92,18 @@ async def _chunks(stream: RequestStream, model: str, created: int, include_usage
     calls = 0
     try:
         yield sse_data(chunk({"role": "assistant", "content": ""}))
-        async for delta in stream:
-            if delta.reasoning:
-                yield sse_data(chunk({"reasoning_content": delta.reasoning}))
-            if delta.text:
-                yield sse_data(chunk({"content": delta.text}))
-            for call in delta.tool_calls:
-                yield sse_data(chunk({"tool_calls": [{"index": calls, **_tool_call(call)}]}))
-                calls += 1
+        async for batch in stream.batches():  # what arrived together goes out in one write
+            out = []
+            for delta in batch:
+                if delta.reasoning:
+                    out.append(sse_data(chunk({"reasoning_content": delta.reasoning})))
+                if delta.text:
+                    out.append(sse_data(chunk({"content": delta.text})))
+                for call in delta.tool_calls:
+                    out.append(sse_data(chunk({"tool_calls": [{"index": calls, **_tool_call(call)}]})))
+                    calls += 1
+            if out:
+                yield b"".join(out)
         yield sse_data(chunk({}, finish_reason(stream.finished, calls > 0)))
         if include_usage:
             yield sse_data({**chunk({}), "choices": [], "usage": usage(stream.finished)})

@@ -97,9 +97,10 @@ async def _chunks(
     try:
         if prefix:
             yield sse_data(chunk(prefix))
-        async for delta in stream:
-            if delta.text:
-                yield sse_data(chunk(delta.text))
+        async for batch in stream.batches():  # what arrived together goes out in one write
+            out = [sse_data(chunk(delta.text)) for delta in batch if delta.text]
+            if out:
+                yield b"".join(out)
         yield sse_data(chunk("", finish_reason(stream.finished)))
         if include_usage:
             yield sse_data({**chunk(""), "choices": [], "usage": usage(stream.finished)})

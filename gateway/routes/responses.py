@@ -52,12 +52,12 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     return JSONResponse(state.to_dict())
 
 
-async def _sse(events: AsyncIterator[Event]) -> AsyncGenerator[bytes, None]:
+async def _sse(batches: AsyncIterator[list[Event]]) -> AsyncGenerator[bytes, None]:
     try:
-        async for event in events:
-            yield sse_event(event)
+        async for batch in batches:
+            yield b"".join(sse_event(event) for event in batch)
     finally:
-        await events.aclose()  # runs the generator's cleanup: stops the generation
+        await batches.aclose()  # runs the generator's cleanup: stops the generation
 
 
 @router.get("/v1/responses/{response_id}")
