@@ -129,6 +129,9 @@ class ResponsesService:
         except RequestFailed as exc:
             code = "server_error" if exc.error.code == ERROR_INTERNAL else exc.error.code
             closing = builder.fail(code, exc.error.message)
+        except Exception:  # a bug of ours: the client still gets a terminal event, not a cut stream
+            log.exception("response %s failed", run.state.id)
+            closing = builder.fail("server_error", "the gateway had an internal error")
         finally:
             if run.stream is not None:
                 run.stream.close()
