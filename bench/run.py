@@ -171,6 +171,7 @@ class GatewayAndWorker:
     name = "gateway"
 
     def __init__(self, workdir: Path, worker_args: tuple[str, ...] = ()):
+        workdir.mkdir(parents=True, exist_ok=True)
         self.stack = Stack(workdir)
         self.stack.start_gateway("--store", "memory", "--log-level", "warning")
         self.stack.start_worker(MODEL, MODEL, "--log-level", "warning", *worker_args)
@@ -250,7 +251,8 @@ def throughput(out: Path, rounds: int, concurrencies: list[int]) -> dict:
             for concurrency in concurrencies:
                 for system in systems:
                     before = {k: process_usage(pid) for k, pid in system.pids().items()}
-                    samples, wall = system.run(concurrency, max(1, 16 // concurrency) if concurrency < 16 else 1)
+                    # 4 requests per client at concurrency 1 and 4, one each at 16 (256 tokens per client).
+                    samples, wall = system.run(concurrency, 4 if concurrency < 16 else 1)
                     after = {k: process_usage(pid) for k, pid in system.pids().items()}
                     row = summarize(samples, wall)
                     for k in after:
@@ -407,8 +409,13 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--only", default="throughput,agent,framing")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
+    parser.add_argument("--report", action="store_true", help="only redo results.md/.png from results.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        report(json.loads((args.out / "results.json").read_text()), args.out)
+        print((args.out / "results.md").read_text())
+        return
     import platform
 
     results: dict = {"machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores", "blas": BLAS}
