@@ -87,13 +87,23 @@ def process_usage(pid: int) -> tuple[float, int]:
 # --- clients ---------------------------------------------------------------------------
 
 
+_request_numbers = iter(range(1 << 62))
+
+
+def prompt() -> list[dict]:
+    """A distinct prompt per request, so no system's prefix cache turns this into a cache test."""
+    return [{"role": "user", "content": f"Request {next(_request_numbers)}. {PROMPT[0]['content']}"}]
+
+
 def stream_chat(base_url: str, model: str) -> Sample:
     sample = Sample(time.perf_counter())
-    body = {"model": model, "messages": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+    body = {"model": model, "messages": prompt(), "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=600) as r:
         for line in r.iter_lines():
-            if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
-                sample.token_times.append(time.perf_counter())
+            if line.startswith("data: {"):
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if (choices[0].get("delta") or {}).get("content"):
+                    sample.token_times.append(time.perf_counter())
     return sample
 
 
@@ -128,9 +138,8 @@ class InProcessEngine:
         from worker.models import load
 
         self.loaded = load(model_dir)
-        tokenizer = self.loaded.tokenizer
-        self.prompt = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True)
-        self.eos = [[t] for t in tokenizer.eos_token_ids]
+        self.tokenizer = self.loaded.tokenizer
+        self.eos = [[t] for t in self.tokenizer.eos_token_ids]
 
     def run(self, concurrency: int, requests_each: int) -> tuple[list[Sample], float]:
         from mlx_lm.generate import BatchGenerator
@@ -143,7 +152,8 @@ class InProcessEngine:
         start = time.perf_counter()
 
         def submit(client: int) -> None:
-            (uid,) = generator.insert([self.prompt], max_tokens=[MAX_TOKENS])
+            tokens = self.tokenizer.apply_chat_template(prompt(), add_generation_prompt=True)
+            (uid,) = generator.insert([tokens], max_tokens=[MAX_TOKENS])
             samples[uid] = Sample(time.perf_counter())
             owner[uid] = client
             remaining[client] -= 1
