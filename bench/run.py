@@ -1,14 +1,16 @@
 """Benchmark: the gateway + worker against the raw engine and mlx_lm.server, on one model.
 
-    .venv/bin/python bench/run.py [--rounds 2] [--only throughput,agent,framing] [--out bench-results]
+    .venv/bin/python bench/run.py [--rounds 2] [--only throughput,two_models,agent,framing] [--out bench-results]
 
 1. throughput: the same streamed chat requests, at concurrency 1, 4 and 16, on (a) mlx-lm's
    BatchGenerator driven in this process (the limit), (b) gateway + worker, (c) mlx_lm.server;
    in alternating rounds (a b c a b c), since these machines are noisy. Output tokens/s, time
    to first token and inter-token latency p50/p95, and the processes' CPU seconds and RSS.
-2. agent: a long system prompt plus tools, five turns that each resend the history, through
+2. two models, requests alternating between them at concurrency 4: a worker per model against
+   mlx_lm.server, which keeps one model loaded and swaps on each switch.
+3. agent: a long system prompt plus tools, five turns that each resend the history, through
    /v1/responses: time to first token per turn with the worker's prefix cache and without.
-3. framing: a synthetic worker that emits tokens as fast as the protocol allows, to find how
+4. framing: a synthetic worker that emits tokens as fast as the protocol allows, to find how
    many SSE events per second the gateway frames on one core, and a profile of where it spends.
 
 Writes results.json, results.md and results.png (if matplotlib is installed) to --out.
@@ -277,6 +279,46 @@ def throughput(out: Path, rounds: int, concurrencies: list[int]) -> dict:
     return results
 
 
+def two_models(out: Path, concurrency: int = 4, requests_each: int = 4) -> dict:
+    """Two models, requests alternating between them: one worker per model against one
+    mlx_lm.server that keeps a single model loaded and swaps on each switch."""
+    import shutil
+
+    from worker.models import resolve
+
+    model_dir, _ = resolve(MODEL)
+    first = float32_copy(model_dir, out / "smollm2-f32")
+    second = out / "smollm2-f32-b"  # the same weights under another path: a second model to mlx_lm
+    if not second.exists():
+        shutil.copytree(first, second)
+    results = {}
+    workdir = out / "two-models"
+    workdir.mkdir(parents=True, exist_ok=True)
+    stack = Stack(workdir)
+    counter = iter(range(1 << 62))
+    try:
+        stack.start_gateway("--store", "memory", "--log-level", "warning")
+        for name in ("model-a", "model-b"):
+            stack.start_worker(MODEL, name, "--log-level", "warning")
+        stack.wait_for_models("model-a", "model-b", timeout=900)
+        samples, wall = run_clients(concurrency, requests_each, lambda: stream_chat(
+            stack.base_url, ("model-a", "model-b")[next(counter) % 2]))
+        results["gateway"] = summarize(samples, wall)
+    finally:
+        stack.stop()
+    server = MlxLmServer(first, out / "mlx_lm-two.log")
+    try:
+        samples, wall = run_clients(concurrency, requests_each, lambda: stream_chat(
+            f"http://127.0.0.1:{server.port}", (first, str(second))[next(counter) % 2]))
+        results["mlx_lm.server"] = summarize(samples, wall)
+    finally:
+        server.stop()
+    results["gateway_over_mlx_lm"] = round(results["gateway"]["tokens_per_s"] /
+                                           max(results["mlx_lm.server"]["tokens_per_s"], 1e-9), 2)
+    print(f"two models: {results}", flush=True)
+    return results
+
+
 def agent(out: Path) -> dict:
     system_prompt = ("You are a coding agent. Follow the repository's conventions. " * 60).strip()
     tools = [{"type": "function", "name": f"tool_{i}", "description": "A tool for the agent. " * 5,
@@ -380,6 +422,11 @@ def report(results: dict, out: Path) -> None:
                 lines.append(f"| {system} | {c} | {m['tokens_per_s']} | {m['ttft_p50_ms']} | {m['ttft_p95_ms']} | "
                              f"{m['itl_p50_ms']} | {m['itl_p95_ms']} | {cpu} | {rss} |")
         lines.append("")
+    if "two_models" in results:
+        t = results["two_models"]
+        lines += [f"Two models, requests alternating, concurrency 4: gateway {t['gateway']['tokens_per_s']} tokens/s, "
+                  f"mlx_lm.server {t['mlx_lm.server']['tokens_per_s']} tokens/s "
+                  f"({t['gateway_over_mlx_lm']}×).", ""]
     if "agent" in results:
         a = results["agent"]
         lines += ["Agent scenario, TTFT per turn (ms):", "",
@@ -417,7 +464,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", default="1,4,16")
-    parser.add_argument("--only", default="throughput,agent,framing")
+    parser.add_argument("--only", default="throughput,two_models,agent,framing")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
     parser.add_argument("--report", action="store_true", help="only redo results.md/.png from results.json")
     args = parser.parse_args()
@@ -432,6 +479,8 @@ def main() -> None:
     only = set(args.only.split(","))
     if "throughput" in only:
         results["throughput"] = throughput(args.out, args.rounds, [int(c) for c in args.concurrency.split(",")])
+    if "two_models" in only:
+        results["two_models"] = two_models(args.out)
     if "agent" in only:
         results["agent"] = agent(args.out)
     if "framing" in only:
