@@ -45,8 +45,10 @@ from protocol.transport import HEARTBEAT_INTERVAL_S, HEARTBEAT_MISSES_ALLOWED
 
 log = logging.getLogger(__name__)
 
+# Error codes the gateway itself gives (beside the workers' in protocol.messages).
 ERROR_NO_WORKER = "no_worker"  # a known model has no live worker, and none came in time
 ERROR_GATEWAY_SHUTTING_DOWN = "gateway_shutting_down"
+ERROR_QUEUE_FULL = "rate_limit_exceeded"  # OpenAI's code, which clients retry on
 
 
 class NoWorker(LookupError):
@@ -156,11 +158,6 @@ class RequestStream:
             if deltas:
                 yield deltas
 
-    async def __aiter__(self) -> AsyncIterator[Delta]:
-        async for batch in self.batches():
-            for delta in batch:
-                yield delta
-
     def close(self) -> None:
         """Stop the request if it is still running (client gone, or the route failed)."""
         if not self._closed:
@@ -229,10 +226,6 @@ class EngineClient:
             self._authenticator.stop()
         self._context.term()
 
-    def context_length(self, model: str) -> int | None:
-        worker = self.registry.pick(model)
-        return worker.context_length if worker else None
-
     def load(self, model: str) -> int:
         """Requests of ``model`` running, queued in workers, or waiting for a worker."""
         return sum(1 for s in self._streams.values() if s.model == model)
@@ -243,17 +236,21 @@ class EngineClient:
     def models_with_requests(self) -> set[str]:
         return {s.model for s in self._streams.values()}
 
+    def admit(self, model: str) -> None:
+        """Raise NoWorker for a model never served here, Overloaded when its queue is full."""
+        if not self.registry.is_known(model):
+            raise NoWorker(model)
+        limit = self.registry.capacity(model) + self.max_queue
+        if self.load(model) >= limit:
+            raise Overloaded(model, limit)
+
     async def open(self, model: str, request: Generate) -> RequestStream:
         """Send ``request`` to the least-loaded worker of ``model``.
 
         Waits up to ``queue_timeout`` for a worker when the model is known but has none live
         (a restart); raises NoWorker for a model never served here, Overloaded past the queue.
         """
-        if not self.registry.is_known(model):
-            raise NoWorker(model)
-        limit = self.registry.capacity(model) + self.max_queue
-        if self.load(model) >= limit:
-            raise Overloaded(model, limit)
+        self.admit(model)
         stream = RequestStream(self, request, model)
         self._streams[request.request_id] = stream
         try:

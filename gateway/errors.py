@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.engine_client import ERROR_GATEWAY_SHUTTING_DOWN, ERROR_NO_WORKER, ERROR_QUEUE_FULL
 from protocol import messages as proto
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,8 @@ _WORKER_ERRORS = {
     proto.ERROR_OVERLOADED: (503, "server_error"),
     proto.ERROR_SHUTTING_DOWN: (503, "server_error"),
     proto.ERROR_WORKER_CRASHED: (503, "server_error"),
-    "no_worker": (503, "server_error"),
-    "gateway_shutting_down": (503, "server_error"),
+    ERROR_NO_WORKER: (503, "server_error"),
+    ERROR_GATEWAY_SHUTTING_DOWN: (503, "server_error"),
 }
 
 
@@ -63,7 +64,7 @@ def overloaded(message: str) -> APIError:
 
 
 def from_worker_error(error: proto.Error) -> APIError:
-    if error.code == "rate_limit_exceeded":  # the queue filled between admission and dispatch
+    if error.code == ERROR_QUEUE_FULL:  # the queue filled between admission and dispatch
         return overloaded(error.message)
     status, type = _WORKER_ERRORS.get(error.code, (500, "server_error"))
     param = "messages" if error.code == proto.ERROR_CONTEXT_LENGTH else None

@@ -264,26 +264,11 @@ def test_replicas_share_load_and_a_dead_replicas_waiting_work_moves_over(fresh_s
 
     # Least-loaded routing: two long streams land on different replicas.
     stop_streaming = threading.Event()
-
-    def long_stream() -> None:
-        body = {"model": TINY_LONG, "messages": HELLO, "max_tokens": 50_000, "temperature": 0, "stream": True}
-        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
-            for _ in r.iter_lines():
-                if stop_streaming.is_set():
-                    return
-
-    streams = [threading.Thread(target=long_stream) for _ in range(2)]
-    for thread in streams:
-        thread.start()
+    streams = [hold_long_stream(base, stop_streaming) for _ in range(2)]
     fresh_stack_wait(fresh_stack, lambda ws: sorted(w["active"] for w in ws) == [1, 1])
 
     # A background request and a blocking one wait behind the streams (no output yet) ...
-    background = httpx.post(f"{base}/v1/responses", json={"model": TINY_LONG, "input": "hi", "background": True,
-                                                          "max_output_tokens": 5, "temperature": 0}).json()
-    results: list[httpx.Response] = []
-    blocking = threading.Thread(target=lambda: results.append(post(fresh_stack, "/v1/chat/completions", {
-        "model": TINY_LONG, "messages": HELLO, "max_tokens": 5, "temperature": 0}, timeout=60)))
-    blocking.start()
+    background, blocking, results = start_background_and_blocking(fresh_stack, tokens=5)
     fresh_stack_wait(fresh_stack, lambda ws: sum(w["in_flight"] for w in ws) == 4)
     # ... then the first replica dies: whatever waited there moves to the other, which frees up
     # when the streams stop.
@@ -307,12 +292,7 @@ def test_crash_fails_blocking_and_background_requests_that_had_output(fresh_stac
     worker = fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000")
     fresh_stack.wait_for_models(TINY_LONG)
     base = fresh_stack.base_url
-    background = httpx.post(f"{base}/v1/responses", json={"model": TINY_LONG, "input": "hi", "background": True,
-                                                          "max_output_tokens": 50_000, "temperature": 0}).json()
-    results: list[httpx.Response] = []
-    blocking = threading.Thread(target=lambda: results.append(post(fresh_stack, "/v1/chat/completions", {
-        "model": TINY_LONG, "messages": HELLO, "max_tokens": 50_000, "temperature": 0}, timeout=60)))
-    blocking.start()
+    background, blocking, results = start_background_and_blocking(fresh_stack, tokens=50_000)
     fresh_stack_wait(fresh_stack, lambda ws: ws and ws[0]["active"] == 2)
     time.sleep(0.5)  # both have produced output by now
     worker.kill()
@@ -320,6 +300,33 @@ def test_crash_fails_blocking_and_background_requests_that_had_output(fresh_stac
     assert results[0].status_code == 503 and results[0].json()["error"]["code"] == "worker_crashed"
     stored = httpx.get(f"{base}/v1/responses/{background['id']}").json()
     assert stored["status"] == "failed" and stored["error"]["code"] == "worker_crashed"
+
+
+def hold_long_stream(base: str, stop: threading.Event) -> threading.Thread:
+    """A streamed chat request of 50,000 tokens, read on a thread until ``stop`` is set."""
+
+    def read() -> None:
+        body = {"model": TINY_LONG, "messages": HELLO, "max_tokens": 50_000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    return
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    return thread
+
+
+def start_background_and_blocking(stack, tokens: int) -> tuple[dict, threading.Thread, list[httpx.Response]]:
+    """A background /v1/responses request, and a blocking chat request on a thread (its reply
+    lands in the returned list), both for ``tokens`` tokens of TINY_LONG."""
+    background = httpx.post(f"{stack.base_url}/v1/responses", json={
+        "model": TINY_LONG, "input": "hi", "background": True, "max_output_tokens": tokens, "temperature": 0}).json()
+    results: list[httpx.Response] = []
+    blocking = threading.Thread(target=lambda: results.append(post(stack, "/v1/chat/completions", {
+        "model": TINY_LONG, "messages": HELLO, "max_tokens": tokens, "temperature": 0}, timeout=60)))
+    blocking.start()
+    return background, blocking, results
 
 
 def fresh_stack_workers(stack) -> list[dict]:
@@ -346,16 +353,7 @@ def test_prompt_cache_key_routes_a_conversation_back_to_its_cache(fresh_stack, t
             "temperature": 0, "prompt_cache_key": "thread-7"}
     assert httpx.post(f"{base}/v1/responses", json=turn).status_code == 200  # lands on the first worker
     stop = threading.Event()
-
-    def busy_stream() -> None:  # makes the first worker the more loaded one
-        body = {"model": TINY_LONG, "messages": HELLO, "max_tokens": 50_000, "temperature": 0, "stream": True}
-        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
-            for _ in r.iter_lines():
-                if stop.is_set():
-                    return
-
-    thread = threading.Thread(target=busy_stream)
-    thread.start()
+    thread = hold_long_stream(base, stop)  # makes the first worker the more loaded one
     try:
         fresh_stack_wait(fresh_stack, lambda ws: sorted(w["in_flight"] for w in ws) == [0, 1])
         again = httpx.post(f"{base}/v1/responses", json=turn).json()

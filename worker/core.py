@@ -15,8 +15,8 @@ import uuid
 
 from protocol import PROTOCOL_VERSION, Accepted, Cancel, Error, Finished, Generate, Output, Ready
 from protocol.messages import ERROR_SHUTTING_DOWN
-from worker.engine import Engine, LogitsProcessorsFactory
 from protocol.security import CurveClient
+from worker.engine import Engine, LogitsProcessorsFactory
 from worker.link import GatewayLink
 from worker.models import LoadedModel
 
@@ -96,7 +96,7 @@ class Worker:
                     self.stats.generated_tokens += sum(d.token_count for d in result.deltas)
                     self.link.send(Output(result.deltas))
                 for message in (*result.finished, *result.errors):
-                    self._log_end(message)
+                    self._record_end(message)
                     self.link.send(message)
         finally:
             for error in engine.cancel_all(ERROR_SHUTTING_DOWN, "the worker is shutting down"):
@@ -134,17 +134,18 @@ class Worker:
                 log.info("accepted%s: %d prompt tokens, %d running, %d waiting", note, reply.prompt_tokens,
                          engine.active, engine.queued, extra={"request_id": log_id})
             else:
-                self._log_end(reply)
+                self._record_end(reply)
             link.send(reply)
         elif isinstance(message, Cancel):
             finished = engine.cancel(message.request_id)
             if finished is not None:
-                self._log_end(finished)
+                self._record_end(finished)
                 link.send(finished)
         else:
             log.debug("ignoring %s from the gateway", type(message).__name__)
 
-    def _log_end(self, message: Finished | Error) -> None:
+    def _record_end(self, message: Finished | Error) -> None:
+        """A request ended (finished, cancelled or failed): count it and log one line."""
         log_id, started = self._requests.pop(message.request_id, (message.request_id, time.monotonic()))
         seconds = time.monotonic() - started
         if isinstance(message, Finished):
@@ -155,7 +156,6 @@ class Worker:
                      seconds, rate, extra={"request_id": log_id})
         else:
             log.warning("failed (%s): %s", message.code, message.message, extra={"request_id": log_id})
-
 
 
 def _apply_memory_limits(args: argparse.Namespace) -> None:

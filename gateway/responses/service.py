@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.engine_client import EngineClient, NoWorker, Overloaded, RequestFailed, RequestStream
+from gateway.engine_client import ERROR_QUEUE_FULL, EngineClient, NoWorker, Overloaded, RequestFailed, RequestStream
 from gateway.errors import APIError, model_not_found, overloaded
 from gateway.responses.conversation import chat_messages, format_instructions, item_type, normalize_input
 from gateway.responses.events import Event, ResponseEvents
@@ -53,11 +53,12 @@ class ResponsesService:
 
     async def prepare(self, body: ResponsesRequest, bind_id: Callable[[str], str] = lambda rid: rid) -> Run:
         """``bind_id(response_id)`` -> the id to log under (the middleware's ``bind_request_id``)."""
-        if not self.engine.registry.is_known(body.model):
-            raise model_not_found(body.model)
-        limit = self.engine.registry.capacity(body.model) + self.engine.max_queue
-        if self.engine.load(body.model) >= limit:
-            raise overloaded(str(Overloaded(body.model, limit)))
+        try:
+            self.engine.admit(body.model)  # again when it opens; checked here to answer with a 4xx
+        except NoWorker:
+            raise model_not_found(body.model) from None
+        except Overloaded as exc:
+            raise overloaded(str(exc)) from None
         if body.background and body.store is False:
             raise APIError(400, "background responses must be stored (store: true)", param="background")
         for unsupported in ("conversation", "prompt"):
@@ -125,7 +126,7 @@ class ResponsesService:
         except NoWorker:
             closing = builder.fail("model_not_found", f"no live worker serves '{run.state.request.model}'")
         except Overloaded as exc:
-            closing = builder.fail("rate_limit_exceeded", str(exc))
+            closing = builder.fail(ERROR_QUEUE_FULL, str(exc))
         except RequestFailed as exc:
             code = "server_error" if exc.error.code == ERROR_INTERNAL else exc.error.code
             closing = builder.fail(code, exc.error.message)
