@@ -209,3 +209,23 @@ def test_prefix_cache_with_a_batch_and_stop_strings(tiny_model):
     assert done["c"].cached_tokens > 0 and done["b"].cached_tokens > 0
     fresh, _ = run(Engine(tiny_model, prompt_cache_bytes=0), chat("d", "Other prompt", max_tokens=20))
     assert batch["d"] == fresh["d"]
+
+
+def test_prefix_cache_memory_is_what_it_accounts_for(tiny_model):
+    """A finished sequence's cache is a slice of the batch's KV arrays: kept unevaluated, it
+    would pin those whole arrays, and the cache's byte budget would bound a fraction of it."""
+    import mlx.core as mx
+
+    engine = Engine(tiny_model, max_sequences=8)
+
+    def batch(round_: int) -> None:
+        run(engine, *(chat(f"{round_}-{i}", f"Prompt {round_} {i}: " + "many words " * 40, max_tokens=24)
+                      for i in range(8)))
+
+    batch(0)
+    memory, accounted = mx.get_active_memory(), engine.prompt_cache_bytes
+    for round_ in range(1, 4):
+        batch(round_)
+    grown, accounted_growth = mx.get_active_memory() - memory, engine.prompt_cache_bytes - accounted
+    assert accounted_growth > 0
+    assert grown <= 1.2 * accounted_growth, (grown, accounted_growth)  # unevaluated slices: ~1.8x here

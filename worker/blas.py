@@ -23,8 +23,13 @@ _CANDIDATES = (
 )
 
 
-def enable_fast_blas() -> str:
-    """Preload OpenBLAS when on Linux; return a line saying which BLAS MLX will use."""
+def enable_fast_blas(threads: int | None = None) -> str:
+    """Preload OpenBLAS when on Linux; return a line saying which BLAS MLX will use.
+
+    ``threads`` caps OpenBLAS's threads (default: one per core). Workers that share a CPU
+    should split its cores: two workers each spinning a thread per core oversubscribe it, and
+    OpenBLAS threads that wait on a preempted sibling waste most of a step.
+    """
     if platform.system() != "Linux":
         return "Metal/Accelerate (macOS): nothing to change"
     if "mlx.core" in sys.modules:
@@ -34,7 +39,7 @@ def enable_fast_blas() -> str:
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
-        return f"OpenBLAS ({path}; {_openblas_config(lib)})"
+        return f"OpenBLAS ({path}; {_openblas_config(lib)}; {_set_threads(lib, threads)} threads)"
     return (
         "reference BLAS bundled with mlx (slow: ~30x slower float32 matmul); "
         "install OpenBLAS, e.g. apt-get install libopenblas0-pthread"
@@ -46,6 +51,15 @@ def _openblas_paths() -> list[str]:
     paths = [found] if found else []
     paths += [p for p in _CANDIDATES if glob.glob(p)]
     return paths
+
+
+def _set_threads(lib: ctypes.CDLL, threads: int | None) -> str:
+    try:
+        if threads is not None:
+            lib.openblas_set_num_threads(ctypes.c_int(threads))
+        return str(lib.openblas_get_num_threads())
+    except AttributeError:
+        return "unknown"
 
 
 def _openblas_config(lib: ctypes.CDLL) -> str:

@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="default temperature when a request sets none (default: the model's, else 1.0)")
     parser.add_argument("--top-p", type=float, default=None,
                         help="default top_p when a request sets none (default: the model's, else 1.0)")
+    parser.add_argument("--cpu-threads", type=int, default=None, metavar="N",
+                        help="Linux CPU only: OpenBLAS threads (default: one per core); when several workers "
+                             "share a CPU, split its cores between them")
     parser.add_argument("--memory-limit", type=float, default=None, metavar="GB",
                         help="MLX memory limit: past it this worker's allocations fail, not the machine's")
     parser.add_argument("--cache-limit", type=float, default=None, metavar="GB",
@@ -59,7 +62,10 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
     """Run a worker. ``make_logits_processors(loaded_model)`` is a hook for tests that script output."""
     args = parse_args(argv)
     configure_logging("worker", args.log_level, args.log_format)
-    log.info("BLAS: %s", enable_fast_blas())
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        log.error("--cpu-threads must be at least 1")
+        return 2
+    log.info("BLAS: %s", enable_fast_blas(args.cpu_threads))
     from worker.gguf import ModelLoadError
     from worker.models import load
 
