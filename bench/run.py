@@ -1,16 +1,21 @@
 """Benchmark: the gateway + worker against the raw engine and mlx_lm.server, on one model.
 
-    .venv/bin/python bench/run.py [--rounds 2] [--only throughput,two_models,agent,framing] [--out bench-results]
+    .venv/bin/python bench/run.py [--rounds 3] [--only throughput,two_models,agent,added_latency,framing]
+                                  [--out bench-results]
 
 1. throughput: the same streamed chat requests, at concurrency 1, 4 and 16, on (a) mlx-lm's
    BatchGenerator driven in this process (the limit), (b) gateway + worker, (c) mlx_lm.server;
-   in alternating rounds (a b c a b c), since these machines are noisy. Output tokens/s, time
-   to first token and inter-token latency p50/p95, and the processes' CPU seconds and RSS.
+   in alternating rounds (a b c a b c), since these machines are noisy; each figure is the
+   median over the rounds. Output tokens/s, time to first token and inter-token latency
+   p50/p95, and the processes' CPU seconds and RSS.
 2. two models, requests alternating between them at concurrency 4: a worker per model against
-   mlx_lm.server, which keeps one model loaded and swaps on each switch.
+   mlx_lm.server, which keeps one model loaded and swaps on each switch (and the in-process
+   engine's one-model figure at 4 streams, the most any server could do on this machine).
 3. agent: a long system prompt plus tools, five turns that each resend the history, through
    /v1/responses: time to first token per turn with the worker's prefix cache and without.
-4. framing: a synthetic worker that emits tokens as fast as the protocol allows, to find how
+4. added latency: the time to first token the gateway adds, against a synthetic worker that
+   answers at once.
+5. framing: a synthetic worker that emits tokens as fast as the protocol allows, to find how
    many SSE events per second the gateway frames on one core, and a profile of where it spends.
 
 Writes results.json, results.md and results.png (if matplotlib is installed) to --out.
@@ -20,6 +25,7 @@ On Linux every system uses float32 weights with OpenBLAS preloaded, so they are 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile  # noqa: F401 (the gateway is profiled with `python -m cProfile`)
 import json
 import os
@@ -30,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -275,8 +281,9 @@ def throughput(out: Path, rounds: int, concurrencies: list[int]) -> dict:
             for concurrency in concurrencies:
                 for system in systems:
                     before = {k: process_usage(pid) for k, pid in system.pids().items()}
-                    # 4 requests per client at concurrency 1 and 4, one each at 16 (256 tokens per client).
-                    samples, wall = system.run(concurrency, 4 if concurrency < 16 else 1)
+                    # 4 requests per client at concurrency 1 and 4, 2 each at 16: a second burst
+                    # arrives as the first finishes, so prefill overlaps decoding as in service.
+                    samples, wall = system.run(concurrency, 4 if concurrency < 16 else 2)
                     after = {k: process_usage(pid) for k, pid in system.pids().items()}
                     row = summarize(samples, wall)
                     for k in after:
@@ -365,13 +372,14 @@ def agent(out: Path) -> dict:
     return results
 
 
-def framing(out: Path, streams: int = 8, tokens: int = 2000) -> dict:
-    workdir = out / "framing"
+@contextlib.contextmanager
+def synthetic_stack(workdir: Path, tokens: int, profile: Path | None = None) -> Iterator[tuple[str, int]]:
+    """A gateway (optionally under cProfile) and the synthetic worker: yields (base URL, gateway pid)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port, zmq_address = free_port(), f"ipc://{workdir / 'gateway.sock'}"
-    profile = workdir / "gateway.prof"
+    profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
     gateway = subprocess.Popen(
-        [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "gateway", "--port", str(port), "--zmq", zmq_address,
+        [sys.executable, *profiler, "-m", "gateway", "--port", str(port), "--zmq", zmq_address,
          "--store", "memory", "--log-level", "warning"], cwd=REPO)
     worker = subprocess.Popen([sys.executable, "bench/synthetic_worker.py", "--gateway", zmq_address,
                                "--tokens", str(tokens)], cwd=REPO)
@@ -386,7 +394,43 @@ def framing(out: Path, streams: int = 8, tokens: int = 2000) -> dict:
                 pass
             assert time.monotonic() < deadline, "the synthetic stack did not start"
             time.sleep(0.2)
-        cpu_before, _ = process_usage(gateway.pid)
+        yield base, gateway.pid
+    finally:
+        worker.terminate()
+        # uvicorn re-raises SIGTERM after shutting down, which would skip cProfile's write;
+        # SIGINT ends in KeyboardInterrupt, and cProfile writes its file on the way out.
+        gateway.send_signal(signal.SIGINT)
+        worker.wait(10)
+        gateway.wait(30)
+
+
+def added_latency(out: Path, requests: int = 300) -> dict:
+    """What the gateway adds to time to first token: the synthetic worker answers at once, so
+    a streamed request's first token is all HTTP, validation, routing, two ZeroMQ hops and SSE
+    framing (and the Python client's own share: an upper bound)."""
+    with synthetic_stack(out / "latency", tokens=1) as (base, _):
+        body = {"model": "synthetic", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "stream": True}
+        ttft = []
+        with httpx.Client(timeout=30) as http:
+            for i in range(requests + 20):
+                start = time.perf_counter()
+                with http.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
+                    for line in r.iter_lines():
+                        if '"content":" tok"' in line:
+                            if i >= 20:  # the first requests warm up imports and connections
+                                ttft.append(time.perf_counter() - start)
+                            break
+    result = {"requests": len(ttft), "ttft_p50_ms": round(statistics.median(ttft) * 1000, 2),
+              "ttft_p95_ms": round(statistics.quantiles(ttft, n=100)[94] * 1000, 2)}
+    print(f"added latency: {result}", flush=True)
+    return result
+
+
+def framing(out: Path, streams: int = 8, tokens: int = 2000) -> dict:
+    workdir = out / "framing"
+    profile = workdir / "gateway.prof"
+    with synthetic_stack(workdir, tokens, profile) as (base, gateway_pid):
+        cpu_before, _ = process_usage(gateway_pid)
         # curl as the client: a Python client would be the bottleneck, not the gateway.
         body = json.dumps({"model": "synthetic", "messages": [{"role": "user", "content": "x"}],
                            "max_tokens": tokens, "stream": True})
@@ -396,14 +440,7 @@ def framing(out: Path, streams: int = 8, tokens: int = 2000) -> dict:
                    for _ in range(streams)]
         outputs = [c.communicate()[0] for c in clients]
         wall = time.perf_counter() - start
-        cpu_after, rss = process_usage(gateway.pid)
-    finally:
-        worker.terminate()
-        # uvicorn re-raises SIGTERM after shutting down, which would skip cProfile's write;
-        # SIGINT ends in KeyboardInterrupt, and cProfile writes its file on the way out.
-        gateway.send_signal(signal.SIGINT)
-        worker.wait(10)
-        gateway.wait(30)
+        cpu_after, rss = process_usage(gateway_pid)
     events = sum(out.count(b'"content":" tok"') for out in outputs)
     stats = pstats.Stats(str(profile))
     stats.sort_stats("tottime")
@@ -420,8 +457,25 @@ def framing(out: Path, streams: int = 8, tokens: int = 2000) -> dict:
 # --- report ---------------------------------------------------------------------------
 
 
-def mean_rows(rows: list[dict]) -> dict:
-    return {k: round(statistics.mean(r[k] for r in rows), 2) for k in rows[0] if isinstance(rows[0][k], (int, float))}
+def median_rows(rows: list[dict]) -> dict:
+    """Each figure's median over the rounds: one slow round on a shared machine moves it least."""
+    return {k: round(statistics.median(r[k] for r in rows), 2) for k in rows[0]
+            if isinstance(rows[0][k], (int, float))}
+
+
+def ratios(throughput: dict) -> list[str]:
+    """Gateway against the other two, per concurrency: the targets of issue 6."""
+    lines = []
+    gateway = throughput.get("gateway", {})
+    for c, rows in gateway.items():
+        ours = median_rows(rows)
+        parts = []
+        for other in ("engine", "mlx_lm.server"):
+            if c in throughput.get(other, {}):
+                theirs = median_rows(throughput[other][c])
+                parts.append(f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}× {other}")
+        lines.append(f"- concurrency {c}: gateway tokens/s = " + ", ".join(parts))
+    return lines
 
 
 def report(results: dict, out: Path) -> None:
@@ -431,22 +485,33 @@ def report(results: dict, out: Path) -> None:
                   "|---|---|---|---|---|---|---|---|---|"]
         for system, by_c in results["throughput"].items():
             for c, rows in by_c.items():
-                m = mean_rows(rows)
+                m = median_rows(rows)
                 cpu = " + ".join(f"{k[:-6]} {m[k]}" for k in m if k.endswith("_cpu_s"))
                 rss = " + ".join(f"{k[:-7]} {m[k]}" for k in m if k.endswith("_rss_mb"))
                 lines.append(f"| {system} | {c} | {m['tokens_per_s']} | {m['ttft_p50_ms']} | {m['ttft_p95_ms']} | "
                              f"{m['itl_p50_ms']} | {m['itl_p95_ms']} | {cpu} | {rss} |")
-        lines.append("")
+        lines += ["", "Medians over the rounds. Ratios of the medians:", ""] + ratios(results["throughput"]) + [""]
     if "two_models" in results:
         t = results["two_models"]
         lines += [f"Two models, requests alternating, concurrency 4: gateway {t['gateway']['tokens_per_s']} tokens/s, "
                   f"mlx_lm.server {t['mlx_lm.server']['tokens_per_s']} tokens/s "
                   f"({t['gateway_over_mlx_lm']}×).", ""]
+        engine_c4 = results.get("throughput", {}).get("engine", {}).get("4") or results.get("throughput", {}).get(
+            "engine", {}).get(4)
+        if engine_c4:
+            ceiling = median_rows(engine_c4)["tokens_per_s"]
+            lines += [f"The machine's ceiling for 4 streams (one model, in-process engine): {ceiling} tokens/s, "
+                      f"{ceiling / t['mlx_lm.server']['tokens_per_s']:.2f}× mlx_lm.server; the gateway reached "
+                      f"{t['gateway']['tokens_per_s'] / ceiling:.0%} of it.", ""]
     if "agent" in results:
         a = results["agent"]
         lines += ["Agent scenario, TTFT per turn (ms):", "",
                   f"- with the prefix cache: {a['with_cache']}", f"- without: {a['without_cache']}",
                   f"- turn 5 / turn 1 with the cache: {a['turn5_over_turn1_with_cache']}", ""]
+    if "added_latency" in results:
+        a = results["added_latency"]
+        lines += [f"Time to first token the gateway adds (synthetic worker that answers at once, {a['requests']} "
+                  f"sequential requests): p50 {a['ttft_p50_ms']} ms, p95 {a['ttft_p95_ms']} ms.", ""]
     if "framing" in results:
         f = results["framing"]
         lines += [f"Gateway framing (synthetic worker, {f['streams']} streams): {f['events_per_s']} SSE events/s, "
@@ -466,7 +531,7 @@ def report(results: dict, out: Path) -> None:
         fig, ax = plt.subplots(figsize=(6, 4))
         for system, by_c in results["throughput"].items():
             cs = sorted(by_c, key=int)
-            ax.plot(cs, [mean_rows(by_c[c])["tokens_per_s"] for c in cs], marker="o", label=system)
+            ax.plot(cs, [median_rows(by_c[c])["tokens_per_s"] for c in cs], marker="o", label=system)
         ax.set_xlabel("concurrent streams")
         ax.set_ylabel("output tokens/s")
         ax.set_title(f"{MODEL}, {results['machine']}")
@@ -477,9 +542,9 @@ def report(results: dict, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", default="1,4,16")
-    parser.add_argument("--only", default="throughput,two_models,agent,framing")
+    parser.add_argument("--only", default="throughput,two_models,agent,added_latency,framing")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
     parser.add_argument("--report", action="store_true", help="only redo results.md/.png from results.json")
     args = parser.parse_args()
@@ -498,6 +563,8 @@ def main() -> None:
         results["two_models"] = two_models(args.out)
     if "agent" in only:
         results["agent"] = agent(args.out)
+    if "added_latency" in only:
+        results["added_latency"] = added_latency(args.out)
     if "framing" in only:
         results["framing"] = framing(args.out)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
