@@ -242,7 +242,8 @@ class MlxLmServer:
         self.model = model_dir
 
     def run(self, concurrency: int, requests_each: int) -> tuple[list[Sample], float]:
-        return run_clients(concurrency, requests_each, lambda http: stream_chat(http, f"http://127.0.0.1:{self.port}", self.model))
+        base_url = f"http://127.0.0.1:{self.port}"
+        return run_clients(concurrency, requests_each, lambda http: stream_chat(http, base_url, self.model))
 
     def pids(self) -> dict[str, int]:
         return {"server": self.process.pid}
@@ -496,8 +497,8 @@ def report(results: dict, out: Path) -> None:
         lines += [f"Two models, requests alternating, concurrency 4: gateway {t['gateway']['tokens_per_s']} tokens/s, "
                   f"mlx_lm.server {t['mlx_lm.server']['tokens_per_s']} tokens/s "
                   f"({t['gateway_over_mlx_lm']}×).", ""]
-        engine_c4 = results.get("throughput", {}).get("engine", {}).get("4") or results.get("throughput", {}).get(
-            "engine", {}).get(4)
+        engine = results.get("throughput", {}).get("engine", {})
+        engine_c4 = engine.get(4) or engine.get("4")  # keys are strings after a JSON round trip
         if engine_c4:
             ceiling = median_rows(engine_c4)["tokens_per_s"]
             lines += [f"The machine's ceiling for 4 streams (one model, in-process engine): {ceiling} tokens/s, "
