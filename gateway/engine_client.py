@@ -102,7 +102,6 @@ class RequestStream:
         self.worker: WorkerInfo | None = None
         self.prompt_tokens = 0
         self.finished: Finished | None = None
-        self.produced_output = False  # once true, a worker death can no longer be hidden
         self._client = client
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
         self._closed = False
@@ -111,9 +110,13 @@ class RequestStream:
     def request_id(self) -> str:
         return self.request.request_id
 
+    @property
+    def produced_output(self) -> bool:
+        """Once true, a worker death can no longer be hidden by a retry."""
+        return self._last_output_at is not None
+
     def deliver(self, message: Message) -> None:
         if isinstance(message, Delta):
-            self.produced_output = True
             now = time.monotonic()
             observer = self._client.observer
             if self._last_output_at is None:
@@ -174,11 +177,10 @@ class EngineClient:
         queue_timeout: float = 30.0,
         max_queue: int = 64,
         curve: CurveServer | None = None,
-        observer: Observer | None = None,
     ):
         self.address = address
         self.curve = curve
-        self.observer: Observer = observer or _NoObserver()
+        self.observer: Observer = _NoObserver()  # the app puts its metrics here
         self.registry = WorkerRegistry()
         self.queue_timeout = queue_timeout
         self.max_queue = max_queue  # per model, beyond what its workers decode at once
@@ -395,7 +397,7 @@ class EngineClient:
         while True:
             await asyncio.sleep(self._heartbeat_interval)
             for worker in self.registry.stale(self._dead_after):
-                self._declare_dead(worker, f"sent no heartbeat for {self._dead_after:.1f}s")
+                self._declare_dead(worker, f"sent no heartbeat for {self._dead_after:.1f}s", kind="hang")
             for worker in self.registry.all():
                 self._send(worker.identity, Heartbeat("gateway"))
 
@@ -411,16 +413,16 @@ class EngineClient:
                     continue
                 fd = int(event["value"])
                 for worker in self.registry.with_fd(fd):
-                    self._declare_dead(worker, "its connection closed")
+                    self._declare_dead(worker, "its connection closed", kind="exit")
         finally:
             monitor.close(linger=0)
 
-    def _declare_dead(self, worker: WorkerInfo, reason: str) -> None:
+    def _declare_dead(self, worker: WorkerInfo, reason: str, kind: str) -> None:
         if self.registry.remove(worker.identity) is None:
             return
         log.warning("worker %s (model %s, pid %d) is gone: %s; %d requests in flight",
                     worker.worker_id, worker.model, worker.pid, reason, len(worker.in_flight))
-        self.observer.worker_lost(worker.model, "hang" if "heartbeat" in reason else "exit")
+        self.observer.worker_lost(worker.model, kind)
         for request_id in list(worker.in_flight):
             stream = self._streams.get(request_id)
             if stream is None:

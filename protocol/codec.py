@@ -55,17 +55,23 @@ def _to_wire(value: Any) -> Any:
         # Fields left at their default are not sent (decode restores them): most deltas
         # carry only text, and this keeps the per-token frames small.
         wire = {}
-        for f in dataclasses.fields(value):
-            item = getattr(value, f.name)
-            if f.default is not dataclasses.MISSING and item == f.default:
+        for name, default, default_factory in _wire_fields(type(value)):
+            item = getattr(value, name)
+            if default is not dataclasses.MISSING and item == default:
                 continue
-            if f.default_factory is not dataclasses.MISSING and not item and item == f.default_factory():
+            if default_factory is not dataclasses.MISSING and not item and item == default_factory():
                 continue
-            wire[f.name] = _to_wire(item)
+            wire[name] = _to_wire(item)
         return wire
     if isinstance(value, list):
         return [_to_wire(v) for v in value]
     return value
+
+
+@functools.cache
+def _wire_fields(cls: type) -> tuple[tuple[str, Any, Any], ...]:
+    """(name, default, default_factory) per field: encode runs for every token frame."""
+    return tuple((f.name, f.default, f.default_factory) for f in dataclasses.fields(cls))
 
 
 @functools.cache

@@ -118,8 +118,7 @@ def _model_sampling(spec: str, location: str) -> dict[str, float]:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-    keys = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p"}
-    return {ours: config[theirs] for ours, theirs in keys.items() if isinstance(config.get(theirs), (int, float))}
+    return {name: config[name] for name in FALLBACK_SAMPLING if isinstance(config.get(name), (int, float))}
 
 
 def _builtin_model_dir(name: str, builtin: BuiltinModel) -> Path:

@@ -43,7 +43,6 @@ class ResponseEvents:
         self._sequence = 0
         self._open: _OpenItem | None = None
         self._calls = 0
-        self.terminal = False
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -185,7 +184,6 @@ class ResponseEvents:
     # --- plumbing ---------------------------------------------------------------------
 
     def _terminal(self, kind: str) -> Event:
-        self.terminal = True
         return self._event(kind, response=self.state.to_dict())
 
     def _event(self, kind: str, **payload: Any) -> Event:

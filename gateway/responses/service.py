@@ -40,7 +40,6 @@ class Run:
     context: list[dict[str, Any]]  # everything the model sees before its output
     builder: ResponseEvents
     task: asyncio.Task | None = None  # background runs only
-    stream: RequestStream | None = None
     events: list[Event] = field(default_factory=list)  # background runs keep theirs for streaming GETs
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -115,16 +114,15 @@ class ResponsesService:
         can write them at once); store the result when it ends (not if abandoned)."""
         builder = run.builder
         yield builder.start()
+        stream: RequestStream | None = None
         try:
-            run.stream = await self.engine.open(run.state.request.model, run.generate)
-            await run.stream.wait_accepted()
-            async for batch in run.stream.batches():
+            # prepare() admitted the model, and a model once served stays known: no NoWorker here.
+            stream = await self.engine.submit(run.state.request.model, run.generate)
+            async for batch in stream.batches():
                 events = [event for delta in batch for event in builder.add(delta)]
                 if events:
                     yield events
-            closing = builder.finish(run.stream.finished)
-        except NoWorker:
-            closing = builder.fail("model_not_found", f"no live worker serves '{run.state.request.model}'")
+            closing = builder.finish(stream.finished)
         except Overloaded as exc:
             closing = builder.fail(ERROR_QUEUE_FULL, str(exc))
         except RequestFailed as exc:
@@ -134,8 +132,8 @@ class ResponsesService:
             log.exception("response %s failed", run.state.id)
             closing = builder.fail("server_error", "the gateway had an internal error")
         finally:
-            if run.stream is not None:
-                run.stream.close()
+            if stream is not None:
+                stream.close()
         yield closing
         await self._save(run)
 

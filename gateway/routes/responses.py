@@ -46,8 +46,6 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
         return Response(status_code=499)
     state = run.state
     if state.status == "failed":
-        if state.error["code"] == "model_not_found":
-            raise APIError(404, state.error["message"], param="model", code="model_not_found")
         raise from_worker_error(Error(state.error["code"], state.error["message"], state.id))
     return JSONResponse(state.to_dict())
 
