@@ -58,7 +58,6 @@ from systems import (  # noqa: E402
     synthetic_stack,
 )
 
-
 # --- scenarios ---------------------------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ def main() -> None:
     dealer.connect(args.gateway)
     dealer.send(encode(Ready(worker_id, args.served_name, PROTOCOL_VERSION, 64, 1 << 20, os.getpid())))
     running: dict[str, int] = {}  # request id -> tokens left
+    asked: dict[str, int] = {}  # request id -> tokens it gets in all
     next_heartbeat = 0.0
     while True:
         timeout = 0 if running else 100
@@ -35,17 +36,18 @@ def main() -> None:
                 except zmq.Again:
                     break
                 if isinstance(message, Generate):
-                    running[message.request_id] = message.max_tokens or args.tokens
+                    asked[message.request_id] = running[message.request_id] = message.max_tokens or args.tokens
                     dealer.send(encode(Accepted(message.request_id, 10)))
                 elif not isinstance(message, Heartbeat):  # a Cancel
                     running.pop(getattr(message, "request_id", ""), None)
+                    asked.pop(getattr(message, "request_id", ""), None)
         if running:  # one "engine step": a token for every running request, in one frame
             dealer.send(encode(Output([Delta(rid, " tok", token_count=1) for rid in running])))
             for rid in list(running):
                 running[rid] -= 1
                 if running[rid] <= 0:
                     del running[rid]
-                    dealer.send(encode(Finished(rid, "length", 10, args.tokens)))
+                    dealer.send(encode(Finished(rid, "length", 10, asked.pop(rid))))
         now = time.monotonic()
         if now >= next_heartbeat:
             dealer.send(encode(Heartbeat(worker_id, len(running), 0)))

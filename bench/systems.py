@@ -38,7 +38,7 @@ class Sample:
 
 def summarize(samples: list[Sample], wall: float) -> dict:
     ttft = [s.token_times[0] - s.start for s in samples if s.token_times]
-    itl = [b - a for s in samples for a, b in zip(s.token_times, s.token_times[1:])]
+    itl = [b - a for s in samples for a, b in zip(s.token_times, s.token_times[1:], strict=False)]
     tokens = sum(len(s.token_times) for s in samples)
 
     def pct(values: list[float], q: float) -> float:

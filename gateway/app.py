@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from gateway.engine_client import EngineClient
-from gateway.errors import install_handlers
+from gateway.error_handlers import install_handlers
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestMiddleware
 from gateway.responses.service import ResponsesService

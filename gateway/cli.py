@@ -12,7 +12,8 @@ from pathlib import Path
 import uvicorn
 
 from gateway.app import create_app
-from gateway.engine_client import ERROR_GATEWAY_SHUTTING_DOWN, EngineClient
+from gateway.engine_client import EngineClient
+from gateway.errors import GATEWAY_SHUTTING_DOWN
 from gateway.responses.store import MemoryStore, ResponseStore, SQLiteStore
 from protocol.logs import configure as configure_logging
 from protocol.security import CurveServer
@@ -96,7 +97,7 @@ class GatewayServer(uvicorn.Server):
         if self._loop is not None and not self.should_exit:
             log.info("stopping: ending every open request with an error event")
             self._loop.call_soon_threadsafe(
-                self._engine.fail_all, ERROR_GATEWAY_SHUTTING_DOWN, "the gateway is shutting down")
+                self._engine.fail_all, GATEWAY_SHUTTING_DOWN, "the gateway is shutting down")
         super().handle_exit(sig, frame)
 
 

@@ -1,22 +1,46 @@
-"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+"""Every way a request can fail, and the one place that turns a failure into an API's error.
+
+Two kinds of exception reach a route:
+
+- ``EngineError``: the request could not run or stopped. Its ``code`` is a worker's (the
+  ``ERROR_*`` codes in ``protocol.messages``) or one the gateway makes (below). The engine
+  client raises nothing else, whether the failure comes before the request was accepted
+  (``submit``) or while it streams (``RequestStream.batches``).
+- ``APIError``: a bad request the gateway found itself, already with status and ``param``.
+
+``api_error`` maps an ``EngineError`` to an ``APIError`` (status, error type, public code, and
+the API's own name for its prompt in ``param``). ``openai_body`` and ``anthropic_body`` render
+an ``APIError`` in each API's shape; the exception handlers (``error_handlers.py``) and the
+in-stream error events of each API family use them, so every family fails the same way.
+"""
 
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from gateway.engine_client import ERROR_GATEWAY_SHUTTING_DOWN, ERROR_NO_WORKER, ERROR_QUEUE_FULL
 from protocol import messages as proto
 
-log = logging.getLogger(__name__)
+# Failure codes the gateway itself gives (a worker's are in protocol.messages).
+MODEL_NOT_FOUND = "model_not_found"  # no worker has ever served this model here
+NO_WORKER = "no_worker"  # a known model has no live worker, and none came in time
+QUEUE_FULL = "rate_limit_exceeded"  # OpenAI's code, which clients retry on
+WORKER_CRASHED = "worker_crashed"  # its worker died or hung after output had reached the client
+GATEWAY_SHUTTING_DOWN = "gateway_shutting_down"
+
+
+class EngineError(Exception):
+    """A request failed in the engine, or could not be given to one; ``code`` says why."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 class APIError(Exception):
+    """An error reply: HTTP status, message, OpenAI error ``type``, ``param`` and ``code``."""
+
     def __init__(
         self,
         status: int,
@@ -34,65 +58,74 @@ class APIError(Exception):
         self.code = code
         self.headers = headers
 
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
+
+@dataclass(frozen=True)
+class _Mapping:
+    status: int
+    type: str  # OpenAI's error type
+    code: str | None = None  # the public code, when not the failure's own
+    param: str | None = None  # "prompt": the API's name for its prompt field
+    retry_after: bool = False
 
 
-def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model '{model}' does not exist or has no live worker.", param="model", code="model_not_found")
-
-
-# A worker's error code -> (HTTP status, OpenAI error type).
-_WORKER_ERRORS = {
-    proto.ERROR_INVALID_REQUEST: (400, "invalid_request_error"),
-    proto.ERROR_CONTEXT_LENGTH: (400, "invalid_request_error"),
-    proto.ERROR_TEMPLATE: (400, "invalid_request_error"),
-    proto.ERROR_OVERLOADED: (503, "server_error"),
-    proto.ERROR_SHUTTING_DOWN: (503, "server_error"),
-    proto.ERROR_WORKER_CRASHED: (503, "server_error"),
-    ERROR_NO_WORKER: (503, "server_error"),
-    ERROR_GATEWAY_SHUTTING_DOWN: (503, "server_error"),
+_PROMPT = "prompt"
+_FAILURES: dict[str, _Mapping] = {
+    proto.ERROR_INVALID_REQUEST: _Mapping(400, "invalid_request_error"),
+    proto.ERROR_CONTEXT_LENGTH: _Mapping(400, "invalid_request_error", param=_PROMPT),
+    proto.ERROR_TEMPLATE: _Mapping(400, "invalid_request_error", param=_PROMPT),
+    proto.ERROR_INTERNAL: _Mapping(500, "server_error", code="server_error"),
+    proto.ERROR_SHUTTING_DOWN: _Mapping(503, "server_error"),
+    MODEL_NOT_FOUND: _Mapping(404, "invalid_request_error", param="model"),
+    NO_WORKER: _Mapping(503, "server_error"),
+    QUEUE_FULL: _Mapping(429, "rate_limit_error", retry_after=True),
+    WORKER_CRASHED: _Mapping(503, "server_error"),
+    GATEWAY_SHUTTING_DOWN: _Mapping(503, "server_error"),
 }
+_UNKNOWN = _Mapping(500, "server_error")
 
 
-def overloaded(message: str) -> APIError:
-    return APIError(429, message, "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+def api_error(failure: EngineError, prompt_param: str | None) -> APIError:
+    """The error an API answers for ``failure``; ``prompt_param`` is that API's prompt field
+    (``input`` for Responses, ``messages`` for chat and Messages, ``prompt`` for completions)."""
+    mapping = _FAILURES.get(failure.code, _UNKNOWN)
+    param = prompt_param if mapping.param == _PROMPT else mapping.param
+    headers = {"Retry-After": "1"} if mapping.retry_after else None
+    return APIError(mapping.status, failure.message, mapping.type, param, mapping.code or failure.code, headers)
 
 
-def from_worker_error(error: proto.Error) -> APIError:
-    if error.code == ERROR_QUEUE_FULL:  # the queue filled between admission and dispatch
-        return overloaded(error.message)
-    status, type = _WORKER_ERRORS.get(error.code, (500, "server_error"))
-    param = "messages" if error.code == proto.ERROR_CONTEXT_LENGTH else None
-    return APIError(status, error.message, type, param, error.code)
+def model_not_found(model: str) -> EngineError:
+    return EngineError(MODEL_NOT_FOUND, f"The model '{model}' does not exist or has no live worker.")
 
 
-def install_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+def openai_body(error: APIError) -> dict[str, Any]:
+    """``{"error": {"message", "type", "param", "code"}}``"""
+    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
-        if first.get("type") == "json_invalid":
-            message, param = "The request body is not valid JSON.", None
-        else:
-            param = ".".join(location) or None
-            message = f"{first.get('msg', 'invalid request')}" + (f" (at '{param}')" if param else "")
-        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code, headers=exc.headers)
+# HTTP status -> Anthropic's error type (and the status Anthropic uses for it).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+}
+_ANTHROPIC_STATUS = {503: 529}  # Anthropic says "overloaded" with 529, which its clients retry
 
-    @app.exception_handler(Exception)
-    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return JSONResponse(error_body("The server had an error while processing your request.", "server_error"), 500)
+
+def anthropic_status(error: APIError) -> int:
+    return _ANTHROPIC_STATUS.get(error.status, error.status)
+
+
+def anthropic_type(error: APIError) -> str:
+    if error.status in _ANTHROPIC_TYPES:
+        return _ANTHROPIC_TYPES[error.status]
+    return "invalid_request_error" if error.status < 500 else "api_error"
+
+
+def anthropic_body(error: APIError) -> dict[str, Any]:
+    """``{"type": "error", "error": {"type", "message"}}``"""
+    return {"type": "error", "error": {"type": anthropic_type(error), "message": error.message}}

@@ -85,7 +85,7 @@ class _LiveState(Collector):
         queued = GaugeMetricFamily("mlxgw_queue_depth", "Requests waiting for a slot or a worker", labels=["model"])
         for model in models:
             mine = [w for w in workers if w.model == model]
-            live.add_metric([model], sum(1 for w in mine if w.state == "ready"))
+            live.add_metric([model], sum(1 for w in mine if w.serving))
             in_flight.add_metric([model], engine.load(model))
             queued.add_metric([model], sum(w.queued for w in mine) + engine.waiting_for_worker(model))
         yield from (live, in_flight, queued)

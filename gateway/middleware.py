@@ -5,8 +5,9 @@ A pure ASGI middleware (no buffering, streams pass straight through):
 - the request id is the client's ``x-request-id`` if it sent one, else the id of what the
   route creates (``resp_…``, ``chatcmpl-…``; see ``bind_request_id``); it is returned in the
   ``x-request-id`` header and set for the log lines of this request;
-- with API keys configured, ``/v1/*`` needs ``Authorization: Bearer <key>`` (compared in
-  constant time); ``/health`` and ``/metrics`` stay open unless ``protect_metrics``;
+- with API keys configured, ``/v1/*`` needs ``Authorization: Bearer <key>`` or Anthropic's
+  ``x-api-key: <key>`` (compared in constant time); ``/health`` and ``/metrics`` stay open
+  unless ``protect_metrics``;
 - every request is counted by route, model and status.
 """
 
@@ -15,13 +16,13 @@ from __future__ import annotations
 import hmac
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import error_body
+from gateway.error_handlers import error_response
+from gateway.errors import APIError
 from gateway.metrics import GatewayMetrics
 from protocol.logs import current_request_id
 
@@ -41,8 +42,8 @@ def bind_request_id(request: Request, resource_id: str, model: str | None = None
 
 
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, is_known_model, api_keys: Sequence[str] = (),
-                 protect_metrics: bool = False):
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, is_known_model: Callable[[str], bool],
+                 api_keys: Sequence[str] = (), protect_metrics: bool = False):
         self.app = app
         self.metrics = metrics
         self.is_known_model = is_known_model
@@ -70,12 +71,11 @@ class RequestMiddleware:
             await send(message)
 
         try:
-            if self._needs_key(scope["path"]) and not self._authorized(headers.get(b"authorization")):
-                response = JSONResponse(
-                    error_body("Incorrect or missing API key. Send 'Authorization: Bearer <key>'.",
-                               "invalid_request_error", code="invalid_api_key"),
-                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
-                await response(scope, receive, send_with_id)
+            if self._needs_key(scope["path"]) and not self._authorized(headers):
+                error = APIError(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>' "
+                                 "or 'x-api-key: <key>'.", "invalid_request_error", code="invalid_api_key",
+                                 headers={"WWW-Authenticate": "Bearer"})
+                await error_response(scope["path"], error)(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
         finally:
@@ -93,10 +93,14 @@ class RequestMiddleware:
             return False
         return path.startswith("/v1/") or (self.protect_metrics and path in ("/metrics", "/health"))
 
-    def _authorized(self, header: bytes | None) -> bool:
-        if not header or not header[:7].lower() == b"bearer ":
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        bearer = headers.get(b"authorization", b"")
+        if bearer[:7].lower() == b"bearer ":
+            given = bearer[7:].strip()
+        else:
+            given = headers.get(b"x-api-key", b"").strip()
+        if not given:
             return False
-        given = header[7:].strip()
         # Compare with every key, always, so timing says nothing about which (if any) matched.
         matches = [hmac.compare_digest(given, key) for key in self.api_keys]
         return any(matches)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from protocol import Ready
 
-READY, DRAINING = "ready", "draining"
+
+class WorkerState(str, enum.Enum):
+    """What /v1/workers, /health and /metrics report, and what routing obeys."""
+
+    READY = "ready"  # takes new requests
+    DRAINING = "draining"  # finishing its work after SIGTERM: takes nothing new, is not serving
 
 
 @dataclass
@@ -20,13 +26,17 @@ class WorkerInfo:
     max_sequences: int
     context_length: int
     fd: int | None = None  # the gateway-side connection, to match a disconnect to this worker
-    state: str = READY  # "draining": finishing its work, takes no new requests
+    state: WorkerState = WorkerState.READY
     registered_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
     active: int = 0  # as the worker last reported
     queued: int = 0
     stats: dict[str, float] = field(default_factory=dict)  # engine figures from its last heartbeat
     in_flight: set[str] = field(default_factory=set)  # request ids the gateway sent it
+
+    @property
+    def serving(self) -> bool:
+        return self.state is WorkerState.READY
 
     @property
     def worker_id(self) -> str:
@@ -70,8 +80,8 @@ class WorkerRegistry:
         return [w for w in self._workers.values() if w.fd == fd]
 
     def models(self) -> list[str]:
-        """Models with a live worker."""
-        return sorted({w.model for w in self._workers.values()})
+        """Models with a worker taking requests."""
+        return sorted({w.model for w in self._workers.values() if w.serving})
 
     def is_known(self, model: str) -> bool:
         return model in self._known_models
@@ -79,7 +89,7 @@ class WorkerRegistry:
     def pick(self, model: str, affinity_key: str | None = None) -> WorkerInfo | None:
         """A worker serving ``model`` that takes new requests: the one that last served
         ``affinity_key`` (a client's prompt_cache_key) while it has a free slot, else the least loaded."""
-        candidates = [w for w in self._workers.values() if w.model == model and w.state == READY]
+        candidates = [w for w in self._workers.values() if w.model == model and w.serving]
         chosen = min(candidates, key=lambda w: len(w.in_flight), default=None)
         if affinity_key is not None and chosen is not None:
             preferred = self._workers.get(self._affinity.get(affinity_key, b""))
@@ -106,7 +116,7 @@ class WorkerRegistry:
 
     def capacity(self, model: str) -> int:
         """Sequences the model's ready workers decode at once."""
-        return sum(w.max_sequences for w in self._workers.values() if w.model == model and w.state == READY)
+        return sum(w.max_sequences for w in self._workers.values() if w.model == model and w.serving)
 
     def stale(self, timeout: float) -> list[WorkerInfo]:
         cutoff = time.monotonic() - timeout

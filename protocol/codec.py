@@ -30,7 +30,7 @@ def encode(message: Message) -> bytes:
     return msgpack.packb(wire, use_bin_type=True)
 
 
-def decode(frame: bytes) -> Message:
+def decode(frame: bytes | memoryview) -> Message:
     try:
         wire = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated exception types
@@ -41,7 +41,7 @@ def decode(frame: bytes) -> Message:
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
     kind = wire.pop("t", None)
-    cls = MESSAGE_TYPES.get(kind)  # type: ignore[arg-type]
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {kind!r}")
     try:
@@ -51,7 +51,7 @@ def decode(frame: bytes) -> Message:
 
 
 def _to_wire(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
         # Fields left at their default are not sent (decode restores them): most deltas
         # carry only text, and this keeps the per-token frames small.
         wire = {}
@@ -123,7 +123,7 @@ def _checker(tp: Any) -> Callable[[Any], Any]:
     """A function returning a value converted to ``tp`` (nested dataclasses built), or raising."""
     if tp is Any:
         return _identity
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _builder(tp)
     origin = typing.get_origin(tp)
     if origin is Union or origin is types.UnionType:

@@ -28,7 +28,8 @@ class _HumanFormatter(logging.Formatter):
         super().__init__(f"%(asctime)s {process}[%(process)d] %(levelname)s %(name)s%(rid)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        record.rid = f" [{record.request_id}]" if getattr(record, "request_id", None) else ""
+        request_id = getattr(record, "request_id", None)
+        record.rid = f" [{request_id}]" if request_id else ""
         return super().format(record)
 
 
@@ -46,8 +47,9 @@ class _JSONFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if getattr(record, "request_id", None):
-            line["request_id"] = record.request_id
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            line["request_id"] = request_id
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)

@@ -7,7 +7,7 @@ Every message is one ZeroMQ frame holding a msgpack map: ``{"v": PROTOCOL_VERSIO
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 PROTOCOL_VERSION = 1
 
@@ -85,7 +85,7 @@ class Error:
     TYPE: ClassVar[str] = "error"
     code: str
     message: str
-    request_id: Optional[str] = None
+    request_id: str | None = None
 
 
 # --- both ways ---------------------------------------------------------------------
@@ -109,10 +109,10 @@ class Heartbeat:
 class SamplingParams:
     """What the client asked for; None means the worker's default for its model."""
 
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
 
 
 @dataclass
@@ -121,16 +121,16 @@ class Generate:
 
     TYPE: ClassVar[str] = "generate"
     request_id: str
-    max_tokens: Optional[int] = None  # None: as many as fit in the context window
-    messages: Optional[list[dict[str, Any]]] = None
-    prompt: Optional[str] = None
-    tools: Optional[list[dict[str, Any]]] = None  # chat-template tool definitions
+    max_tokens: int | None = None  # None: as many as fit in the context window
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    tools: list[dict[str, Any]] | None = None  # chat-template tool definitions
     tool_choice: str = "auto"  # "auto" | "required" (the gateway resolves "none" and named tools)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
-    prompt_cache_key: Optional[str] = None  # the client's conversation id: a prefix-cache hint
-    trace_id: Optional[str] = None  # the id the gateway logs this request under (x-request-id)
+    prompt_cache_key: str | None = None  # the client's conversation id: a prefix-cache hint
+    trace_id: str | None = None  # the id the gateway logs this request under (x-request-id)
 
 
 @dataclass
@@ -147,12 +147,10 @@ MESSAGE_TYPES: dict[str, type] = {
     cls.TYPE: cls for cls in (Ready, Accepted, Output, Finished, Error, Heartbeat, Generate, Cancel)
 }
 
-# Error codes the worker sends (the gateway maps them to HTTP statuses).
+# The codes a worker sends in Error; gateway/errors.py maps each to every API's error (and
+# holds the codes the gateway itself gives, such as worker_crashed).
 ERROR_INVALID_REQUEST = "invalid_request"
 ERROR_CONTEXT_LENGTH = "context_length_exceeded"
 ERROR_TEMPLATE = "template_error"
 ERROR_INTERNAL = "internal_error"
-ERROR_OVERLOADED = "overloaded"
-ERROR_SHUTTING_DOWN = "worker_shutting_down"
-# Set by the gateway itself when a worker stops responding mid-request.
-ERROR_WORKER_CRASHED = "worker_crashed"
+ERROR_SHUTTING_DOWN = "worker_shutting_down"  # request_id None: the whole worker is draining

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install (into .venv) and run the whole test suite. Arguments go to pytest, e.g.
+# Install (into .venv), lint (ruff), type-check (mypy) and run the whole test suite.
+# Arguments go to pytest, e.g.
 #   bash tests/run.sh -m "not slow"     # the fast set only (no model download)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,4 +10,7 @@ if command -v npm >/dev/null && [ ! -x .tools/node_modules/.bin/codex ]; then
     npm install --silent --no-audit --no-fund --prefix .tools @openai/codex@0.169.0 >/dev/null \
         || echo "warning: could not install the Codex CLI; its tests will be skipped" >&2
 fi
+# The linter and the type checker first: a few seconds, and they catch what tests miss.
+.venv/bin/ruff check protocol gateway worker tests bench
+.venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

@@ -7,6 +7,7 @@ Python function, sends its result back, and the model answers with it.
 from __future__ import annotations
 
 import asyncio
+
 import pytest
 from conftest import SCRIPTED
 from processes import Stack

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from processes import REPO_ROOT
 
 linux_only = pytest.mark.skipif(platform.system() != "Linux", reason="Metal on macOS: no CPU BLAS to tune")

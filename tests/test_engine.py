@@ -73,7 +73,7 @@ def test_cancel_frees_the_slot_for_a_waiting_request(tiny_model):
     finished = engine.cancel("first")
     assert finished is not None and finished.finish_reason == "cancelled"
     assert (engine.active, engine.queued) == (0, 1)
-    texts, done = {}, {}
+    done = {}
     while engine.busy:
         result = engine.step()
         done.update({f.request_id: f for f in result.finished})
@@ -105,7 +105,7 @@ def test_bad_requests_fail_alone_and_the_engine_keeps_serving(tiny_model, reques
     engine.submit(chat("good", "Hello", max_tokens=4))
     result = engine.submit(request_)
     assert isinstance(result, Error) and result.code == code and result.request_id == request_.request_id
-    texts, finished = {"good": ""}, {}
+    finished = {}
     while engine.busy:
         step = engine.step()
         finished.update({f.request_id: f for f in step.finished})

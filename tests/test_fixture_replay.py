@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -101,6 +100,6 @@ def test_every_captured_request_is_served(stack):
         mock_response = (capture["mock_reply"] or {}).get("response") or {}
         if mock_response.get("id"):
             ids[mock_response["id"]] = response["id"]
-        for mock_item, our_item in zip(expected, response["output"]):
+        for mock_item, our_item in zip(expected, response["output"], strict=False):
             ids[mock_item["id"]] = our_item["id"]
     assert seen_clients >= {"openai", "agents", "aisdk", "litellm", "llm", "codex"}, seen_clients

@@ -103,12 +103,13 @@ def test_stop_strings_end_the_output(tiny_stack):
         ("/v1/chat/completions", {"model": TINY, "messages": [{"role": "user", "content": "word " * 400}]},
          400, "messages", "context_length_exceeded"),
         ("/v1/chat/completions", {"model": TINY, "messages": [{"role": "function", "content": "x"}]},
-         400, None, "template_error"),
+         400, "messages", "template_error"),
+        ("/v1/completions", {"model": TINY, "prompt": "word " * 400}, 400, "prompt", "context_length_exceeded"),
         ("/v1/completions", {"model": TINY, "prompt": ["a", "b"]}, 400, "prompt", None),
         ("/v1/completions", {"model": TINY, "prompt": "a", "suffix": "b"}, 400, "suffix", None),
     ],
     ids=["unknown-model", "no-messages", "no-model", "temperature", "max-tokens", "n", "image",
-         "context-length", "template", "many-prompts", "suffix"],
+         "context-length", "template", "completions-context-length", "many-prompts", "suffix"],
 )
 def test_bad_requests_get_openai_errors(tiny_stack, path, body, status, param, code):
     for stream in (False, True):

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from conftest import TINY
-from prometheus_client.parser import text_string_to_metric_families
 from processes import Stack, free_port
+from prometheus_client.parser import text_string_to_metric_families
 
 from protocol.security import generate_keys
 

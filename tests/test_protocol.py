@@ -72,7 +72,8 @@ def frame(**fields) -> bytes:
         (frame(v=PROTOCOL_VERSION, t="output", deltas="nope"), "expected a list"),
         (frame(v=PROTOCOL_VERSION, t="generate", request_id="r", messages=["not a map"]), "expected a map"),
         (frame(v=PROTOCOL_VERSION, t="cancel", request_id=None), "expected str"),
-        (frame(v=PROTOCOL_VERSION, t="finished", request_id="r", finish_reason="stop", prompt_tokens=1, completion_tokens=None), "expected an integer"),
+        (frame(v=PROTOCOL_VERSION, t="finished", request_id="r", finish_reason="stop", prompt_tokens=1,
+               completion_tokens=None), "expected an integer"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )

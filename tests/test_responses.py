@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+
 import httpx
 import openai
 import pytest
@@ -291,7 +292,8 @@ def test_context_overflow(stack, tiny_model_dir):
         stack.wait_for_models("tiny-small")
         long_input = "word " * 400
         r = httpx.post(f"{stack.base_url}/v1/responses", json={"model": "tiny-small", "input": long_input}, timeout=30)
-        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        error = r.json()["error"]
+        assert r.status_code == 400 and (error["code"], error["param"]) == ("context_length_exceeded", "input")
         # Streaming: Codex recognises overflow only inside the stream, as response.failed.
         events = post_stream(stack.base_url, {"model": "tiny-small", "input": long_input})
         final = check_stream(events, sdk_strict=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import threading
+
 import pytest
 
 openai = pytest.importorskip("openai")

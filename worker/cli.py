@@ -81,10 +81,11 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
     except (ModelLoadError, ValueError, PermissionError) as exc:
         log.error("%s", exc)
         return 2
+    from worker.config import WorkerConfig
     from worker.core import Worker
 
     processors = make_logits_processors(loaded) if make_logits_processors else None
-    return Worker(loaded, address, args, processors, curve).run()
+    return Worker(loaded, address, WorkerConfig.from_args(args), processors, curve).run()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ Everything MLX happens on the thread that runs ``Worker.run`` (the one that load
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import queue
@@ -16,6 +15,7 @@ import uuid
 from protocol import PROTOCOL_VERSION, Accepted, Cancel, Error, Finished, Generate, Output, Ready
 from protocol.messages import ERROR_SHUTTING_DOWN
 from protocol.security import CurveClient
+from worker.config import WorkerConfig
 from worker.engine import Engine, LogitsProcessorsFactory
 from worker.link import GatewayLink
 from worker.models import LoadedModel
@@ -34,28 +34,29 @@ class Worker:
         self,
         loaded: LoadedModel,
         address: str,
-        args: argparse.Namespace,
+        config: WorkerConfig,
         logits_processors: LogitsProcessorsFactory | None = None,
         curve: CurveClient | None = None,
     ):
-        self.engine = Engine(loaded, args.max_sequences, args.prefill_step_size, logits_processors,
-                             prompt_cache_bytes=args.prompt_cache_mb << 20)
-        _apply_memory_limits(args)  # after the engine: its BatchGenerator sets mlx-lm's wired limit
+        self.engine = Engine(loaded, config.max_sequences, config.prefill_step_size, logits_processors,
+                             prompt_cache_bytes=config.prompt_cache_mb << 20)
+        _apply_memory_limits(config)  # after the engine: its BatchGenerator sets mlx-lm's wired limit
         worker_id = f"{loaded.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        ready = Ready(worker_id, loaded.name, PROTOCOL_VERSION, args.max_sequences, loaded.context_length, os.getpid())
-        self.link = GatewayLink(address, ready, load=self._load, heartbeat_interval=args.heartbeat_interval,
-                                stalled_for=self._stalled_for, stall_timeout=args.stall_timeout, curve=curve)
-        self.loaded = loaded
+        ready = Ready(worker_id, loaded.name, PROTOCOL_VERSION, config.max_sequences, loaded.context_length,
+                      os.getpid())
         self.stats = EngineStats()
+        self.link = GatewayLink(address, ready, load=self._load, heartbeat_interval=config.heartbeat_interval,
+                                stalled_for=self._stalled_for, stall_timeout=config.stall_timeout, curve=curve)
+        self.loaded = loaded
         self._requests: dict[str, tuple[str, float]] = {}  # request id -> (log id, start time)
-        self.drain_timeout = args.drain_timeout
+        self.drain_timeout = config.drain_timeout
         self.drain_deadline: float | None = None  # set once draining
         self.stop_now = False
         self._tick = time.monotonic()
 
-    def _load(self) -> tuple[int, int, dict]:
+    def _load(self) -> tuple[int, int, dict[str, float]]:
         """For heartbeats (read from the link's thread: plain numbers only)."""
-        return self.engine.active, self.engine.queued, self.stats.snapshot()
+        return self.engine.active, self.engine.queued, self.stats.snapshot(time.monotonic())
 
     def _stalled_for(self) -> float:
         return time.monotonic() - self._tick
@@ -95,7 +96,8 @@ class Worker:
                 if result.deltas:
                     self.stats.generated_tokens += sum(d.token_count for d in result.deltas)
                     self.link.send(Output(result.deltas))
-                for message in (*result.finished, *result.errors):
+                ended: list[Finished | Error] = [*result.finished, *result.errors]
+                for message in ended:
                     self._record_end(message)
                     self.link.send(message)
         finally:
@@ -124,6 +126,7 @@ class Worker:
         if isinstance(message, Generate):
             log_id = message.trace_id or message.request_id
             self._requests[message.request_id] = (log_id, time.monotonic())
+            reply: Accepted | Error
             if self.drain_deadline is not None:
                 reply = Error(ERROR_SHUTTING_DOWN, "this worker is shutting down", message.request_id)
             else:
@@ -146,7 +149,8 @@ class Worker:
 
     def _record_end(self, message: Finished | Error) -> None:
         """A request ended (finished, cancelled or failed): count it and log one line."""
-        log_id, started = self._requests.pop(message.request_id, (message.request_id, time.monotonic()))
+        request_id = message.request_id or ""
+        log_id, started = self._requests.pop(request_id, (request_id, time.monotonic()))
         seconds = time.monotonic() - started
         if isinstance(message, Finished):
             self.stats.cached_tokens += message.cached_tokens
@@ -158,23 +162,23 @@ class Worker:
             log.warning("failed (%s): %s", message.code, message.message, extra={"request_id": log_id})
 
 
-def _apply_memory_limits(args: argparse.Namespace) -> None:
+def _apply_memory_limits(config: WorkerConfig) -> None:
     import mlx.core as mx
 
-    gib = 1 << 30
-    if args.memory_limit is not None:
-        mx.set_memory_limit(int(args.memory_limit * gib))
-    if args.cache_limit is not None:
-        mx.set_cache_limit(int(args.cache_limit * gib))
-    if args.wired_limit is not None:
-        mx.set_wired_limit(int(args.wired_limit * gib))
-    limits = {name: getattr(args, name) for name in ("memory_limit", "cache_limit", "wired_limit")}
-    if any(v is not None for v in limits.values()):
-        log.info("memory limits (GB): %s", {k: v for k, v in limits.items() if v is not None})
+    limits = {"memory": (config.memory_limit_gb, mx.set_memory_limit),
+              "cache": (config.cache_limit_gb, mx.set_cache_limit),
+              "wired": (config.wired_limit_gb, mx.set_wired_limit)}
+    for gigabytes, setter in limits.values():
+        if gigabytes is not None:
+            setter(int(gigabytes * (1 << 30)))
+    chosen = {name: gigabytes for name, (gigabytes, _) in limits.items() if gigabytes is not None}
+    if chosen:
+        log.info("memory limits (GB): %s", chosen)
 
 
 class EngineStats:
-    """Running totals the heartbeat reports; memory is sampled on the engine thread (MLX's)."""
+    """Every engine figure the heartbeat reports, kept here alone. The engine thread counts and
+    samples memory (MLX's thread); the link's thread reads a ``snapshot`` once a heartbeat."""
 
     def __init__(self) -> None:
         self.generated_tokens = 0
@@ -183,6 +187,7 @@ class EngineStats:
         self.active_memory_bytes = 0
         self.peak_memory_bytes = 0
         self._next_sample = 0.0
+        self._rate_sample: tuple[float, int] | None = None  # (when, generated_tokens) at the last snapshot
 
     def sample_memory(self, now: float) -> None:
         if now < self._next_sample:
@@ -193,11 +198,18 @@ class EngineStats:
         self.peak_memory_bytes = mx.get_peak_memory()
         self._next_sample = now + 0.5
 
-    def snapshot(self) -> dict[str, int]:
-        return {
-            "generated_tokens": self.generated_tokens,
+    def snapshot(self, now: float) -> dict[str, float]:
+        """The figures, with tokens/s since the previous snapshot."""
+        generated = self.generated_tokens
+        stats: dict[str, float] = {
+            "generated_tokens": generated,
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
             "active_memory_bytes": self.active_memory_bytes,
             "peak_memory_bytes": self.peak_memory_bytes,
         }
+        if self._rate_sample is not None:
+            then, before = self._rate_sample
+            stats["tokens_per_second"] = (generated - before) / max(now - then, 1e-6)
+        self._rate_sample = (now, generated)
+        return stats

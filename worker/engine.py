@@ -184,48 +184,51 @@ class Engine:
 
         stopped_early: list[int] = []
         for response in responses:
-            sequence = self._running.get(response.uid)
-            if sequence is None:
+            running = self._running.get(response.uid)
+            if running is None:
                 continue
-            sequence.completion_tokens += 1
-            detokenizer = sequence.detokenizer
-            if response.finish_reason != "stop":  # never decode the end-of-sequence token
-                detokenizer.add_token(response.token)
-            if response.finish_reason is not None:
-                detokenizer.finalize()
-            text, hit_stop = sequence.stops.push(detokenizer.last_segment)
-            finish_reason = "stop" if hit_stop else response.finish_reason
-            if finish_reason is not None and not hit_stop:
-                text += sequence.stops.flush()
-            parsed = sequence.parser.feed(text)
-            if sequence.parser.state == "reasoning" or parsed.reasoning:
-                sequence.reasoning_tokens += 1
-            if finish_reason is not None:
-                rest = sequence.parser.finish()
-                parsed.content += rest.content
-                parsed.reasoning += rest.reasoning
-                parsed.tool_calls += rest.tool_calls
-            result.deltas.append(Delta(
-                sequence.request.request_id,
-                text=parsed.content,
-                reasoning=parsed.reasoning,
-                tool_calls=parsed.tool_calls,
-                token_count=1,
-            ))
+            delta, finish_reason, hit_stop = self._advance(running, response)
+            result.deltas.append(delta)
             if finish_reason is None:
                 continue
             if hit_stop and response.finish_reason is None:
-                stopped_early.append(response.uid)
+                stopped_early.append(response.uid)  # still in the batch: removed below
             else:
                 self._remember(response.all_tokens, response.prompt_cache)
             del self._running[response.uid]
-            del self._by_request[sequence.request.request_id]
-            result.finished.append(self._finished(sequence, finish_reason))
+            del self._by_request[running.request.request_id]
+            result.finished.append(self._finished(running, finish_reason))
         if stopped_early:
             caches = self._generator.remove(stopped_early, return_prompt_caches=self._prompt_cache is not None)
             for cache, tokens in caches.values():
                 self._remember(tokens, cache)
         return result
+
+    def _advance(self, sequence: Sequence, response: Any) -> tuple[Delta, str | None, bool]:
+        """One new token of one sequence -> (its delta, its finish reason if it ended, whether a
+        stop string ended it). Detokenizes, holds back a possible stop string, parses thinking
+        and tool calls."""
+        sequence.completion_tokens += 1
+        detokenizer = sequence.detokenizer
+        if response.finish_reason != "stop":  # never decode the end-of-sequence token
+            detokenizer.add_token(response.token)
+        if response.finish_reason is not None:
+            detokenizer.finalize()
+        text, hit_stop = sequence.stops.push(detokenizer.last_segment)
+        finish_reason = "stop" if hit_stop else response.finish_reason
+        if finish_reason is not None and not hit_stop:
+            text += sequence.stops.flush()
+        parsed = sequence.parser.feed(text)
+        if sequence.parser.state == "reasoning" or parsed.reasoning:
+            sequence.reasoning_tokens += 1
+        if finish_reason is not None:
+            rest = sequence.parser.finish()
+            parsed.content += rest.content
+            parsed.reasoning += rest.reasoning
+            parsed.tool_calls += rest.tool_calls
+        delta = Delta(sequence.request.request_id, text=parsed.content, reasoning=parsed.reasoning,
+                      tool_calls=parsed.tool_calls, token_count=1)
+        return delta, finish_reason, hit_stop
 
     def _remember(self, tokens: list[int] | None, cache: list[Any] | None) -> None:
         """Keep a finished sequence's KV cache for later prompts that share its prefix."""
@@ -249,7 +252,8 @@ class Engine:
             batch.append(self._waiting.popleft())
         if not batch:
             return
-        caches, rests = [], []
+        caches: list[Any] = []  # a sequence's cached prefix, or None
+        rests: list[list[int]] = []
         for sequence in batch:
             cache, rest = self._cached_prefix(sequence.prompt)
             sequence.cached_tokens = len(sequence.prompt) - len(rest)
@@ -264,7 +268,7 @@ class Engine:
             logits_processors=[self._logits_processors(s.request) if self._logits_processors else [] for s in batch],
             stop_sequences=[self._eos] * len(batch),
         )
-        for uid, sequence in zip(uids, batch):
+        for uid, sequence in zip(uids, batch, strict=True):
             sequence.uid = uid
             self._running[uid] = sequence
 
@@ -292,7 +296,7 @@ class Engine:
             tokenize=False,
             **request.chat_template_kwargs,
         )
-        if forced_tool_call:
+        if forced_tool_call and self._tool_format is not None:
             # tool_choice "required": the reply starts inside a tool call.
             text += self._tool_format.forced_prefix
         # The template writes any BOS itself.

@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 
@@ -56,7 +56,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     if not gguf_path.is_file():
         raise ModelLoadError(f"GGUF file not found: {gguf_path}")
     try:
-        weights, metadata = mx.load(str(gguf_path), return_metadata=True)
+        weights, metadata = cast(tuple[dict[str, mx.array], dict[str, Any]],
+                                 mx.load(str(gguf_path), return_metadata=True))
     except Exception as exc:
         raise ModelLoadError(
             f"MLX cannot read {gguf_path.name}: {exc}. MLX reads GGUF files in F32, F16, BF16, "

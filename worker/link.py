@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -32,7 +32,7 @@ class GatewayLink:
         self,
         address: str,
         ready: Ready,
-        load: Callable[[], tuple[int, int, dict]],
+        load: Callable[[], tuple[int, int, dict[str, float]]],
         heartbeat_interval: float = HEARTBEAT_INTERVAL_S,
         stalled_for: Callable[[], float] | None = None,
         stall_timeout: float = 300.0,
@@ -41,9 +41,8 @@ class GatewayLink:
         self.address = address
         self.inbox: queue.Queue[Message] = queue.Queue()
         self._ready = ready
-        self._load = load  # () -> (active, queued, stats), read from the engine's counters
+        self._load = load  # () -> (active, queued, engine figures), for each heartbeat
         self._curve = curve
-        self._last_rate_sample: tuple[float, int] | None = None
         self._interval = heartbeat_interval
         # A watchdog: heartbeats come from this thread, so an engine stuck in one step would
         # still look alive. Past stall_timeout we exit, and the supervisor restarts us.
@@ -124,7 +123,8 @@ class GatewayLink:
                                  self._stalled_for())
                     os._exit(3)
                 if now >= next_heartbeat:
-                    self._forward(dealer, encode(self._heartbeat(now)))
+                    active, queued, stats = self._load()
+                    self._forward(dealer, encode(Heartbeat(self._ready.worker_id, active, queued, stats)))
                     next_heartbeat = now + self._interval
                 silent = now - last_heard > HEARTBEAT_MISSES_ALLOWED * self._interval
                 if silent and now >= next_register:
@@ -144,15 +144,6 @@ class GatewayLink:
             monitor.close(linger=0)
             dealer.close()
             self._pull.close(linger=0)
-
-    def _heartbeat(self, now: float) -> Heartbeat:
-        active, queued, stats = self._load()
-        generated = stats.get("generated_tokens", 0)
-        if self._last_rate_sample is not None:
-            then, before = self._last_rate_sample
-            stats["tokens_per_second"] = (generated - before) / max(now - then, 1e-6)
-        self._last_rate_sample = (now, generated)
-        return Heartbeat(self._ready.worker_id, active, queued, stats)
 
     def _on_monitor_event(self, monitor: zmq.Socket) -> None:
         event = parse_monitor_message(monitor.recv_multipart())["event"]

@@ -17,13 +17,11 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from worker.gguf import ModelLoadError, convert_gguf
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "smollm2-135m"
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,7 @@ def load(
     location, default_name = resolve(spec)
     log.info("loading %s", location)
     try:
-        model, tokenizer, config = mlx_lm_load(location, return_config=True)
+        model, tokenizer, config = cast(tuple[Any, Any, dict[str, Any]], mlx_lm_load(location, return_config=True))
     except ModelLoadError:
         raise
     except Exception as exc:

@@ -107,13 +107,15 @@ class OutputParser:
         """Parse the finished block into ``calls``; return it as text if it is no call."""
         text, self._tool_text = self._tool_text, ""
         self._in_bare_json = False
+        fmt = self._format
+        assert fmt is not None  # a tool block opens only when there is a format
         try:
-            result = self._format.parse(text, self._tools)
+            result = fmt.parse(text, self._tools)
             parsed = result if isinstance(result, list) else [result]
             new_calls = [_tool_call(call) for call in parsed]
         except Exception as exc:  # parsers raise ValueError, JSONDecodeError, KeyError, ...
             log.info("model output is not a valid tool call (%s: %s); passing it on as text", type(exc).__name__, exc)
-            return text if self._format.bare_json else self._format.start + text
+            return text if fmt.bare_json else fmt.start + text
         calls.extend(new_calls)
         return ""
 

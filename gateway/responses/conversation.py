@@ -101,7 +101,7 @@ def _normalize_message(item: dict[str, Any], index: int) -> dict[str, Any]:
             text = part.get("text")
             if not isinstance(text, str):
                 raise APIError(400, "a text part needs text", param=f"input[{index}].content[{j}].text")
-            normalized = {"type": part_type, "text": text}
+            normalized: dict[str, Any] = {"type": part_type, "text": text}
             if role == "assistant":
                 normalized["annotations"] = part.get("annotations") or []
             parts.append(normalized)

@@ -49,7 +49,8 @@ class ResponseEvents:
     def start(self) -> list[Event]:
         self.state.status = "in_progress"
         snapshot = self.state.to_dict()
-        return [self._event("response.created", response=snapshot), self._event("response.in_progress", response=snapshot)]
+        return [self._event("response.created", response=snapshot),
+                self._event("response.in_progress", response=snapshot)]
 
     def add(self, delta: Delta) -> list[Event]:
         events: list[Event] = []
@@ -99,9 +100,10 @@ class ResponseEvents:
             if kind == "message":
                 text = text.lstrip()
         item = self._open
+        assert item is not None  # opened above
         item.text += text
         delta_type = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
-        extra = {"logprobs": []} if kind == "message" else {}
+        extra: dict[str, Any] = {"logprobs": []} if kind == "message" else {}
         events.append(self._event(delta_type, item_id=item.id, output_index=item.output_index,
                                   content_index=0, delta=text, **extra))
         return events
@@ -127,6 +129,7 @@ class ResponseEvents:
         if item is None:
             return []
         where = {"item_id": item.id, "output_index": item.output_index, "content_index": 0}
+        done: dict[str, Any]
         if item.kind == "message":
             part = {"type": "output_text", "annotations": [], "logprobs": [], "text": item.text}
             done = {"id": item.id, "type": "message", "status": "incomplete" if incomplete else "completed",

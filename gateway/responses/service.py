@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.engine_client import ERROR_QUEUE_FULL, EngineClient, NoWorker, Overloaded, RequestFailed, RequestStream
-from gateway.errors import APIError, model_not_found, overloaded
+from gateway.engine_client import EngineClient, RequestStream
+from gateway.errors import APIError, EngineError, api_error
 from gateway.responses.conversation import chat_messages, format_instructions, item_type, normalize_input
 from gateway.responses.events import Event, ResponseEvents
-from gateway.responses.objects import ResponseState, new_id
+from gateway.responses.objects import ResponseState
 from gateway.responses.request import ResponsesRequest
 from gateway.responses.store import ResponseStore, StoredResponse
 from gateway.responses.tools import resolve_tools
 from protocol import Generate, SamplingParams
-from protocol.messages import ERROR_INTERNAL
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +38,7 @@ class Run:
     input_items: list[dict[str, Any]]
     context: list[dict[str, Any]]  # everything the model sees before its output
     builder: ResponseEvents
+    failure: EngineError | None = None  # why it failed, if it did
     task: asyncio.Task | None = None  # background runs only
     events: list[Event] = field(default_factory=list)  # background runs keep theirs for streaming GETs
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -50,14 +50,9 @@ class ResponsesService:
         self.store = store
         self._background: dict[str, Run] = {}
 
-    async def prepare(self, body: ResponsesRequest, bind_id: Callable[[str], str] = lambda rid: rid) -> Run:
-        """``bind_id(response_id)`` -> the id to log under (the middleware's ``bind_request_id``)."""
-        try:
-            self.engine.admit(body.model)  # again when it opens; checked here to answer with a 4xx
-        except NoWorker:
-            raise model_not_found(body.model) from None
-        except Overloaded as exc:
-            raise overloaded(str(exc)) from None
+    async def prepare(self, body: ResponsesRequest, response_id: str, trace_id: str | None = None) -> Run:
+        """``trace_id``: the id this request is logged under (the client's x-request-id, if any)."""
+        self.engine.admit(body.model)  # again when it runs; checked here to answer with a 4xx
         if body.background and body.store is False:
             raise APIError(400, "background responses must be stored (store: true)", param="background")
         for unsupported in ("conversation", "prompt"):
@@ -82,8 +77,7 @@ class ResponsesService:
             template_kwargs["enable_thinking"] = effort not in _THINKING_OFF
         template_kwargs.update(body.chat_template_kwargs or {})
 
-        state = ResponseState(new_id("resp"), body, status="queued")
-        trace_id = bind_id(state.id)
+        state = ResponseState(response_id, body, status="queued")
         generate = Generate(
             request_id=state.id,
             messages=chat_messages(body.instructions, context, format_instructions(body.text)),
@@ -109,25 +103,24 @@ class ResponsesService:
             resolved.append(item)
         return resolved
 
-    async def events(self, run: Run) -> AsyncIterator[list[Event]]:
+    async def events(self, run: Run) -> AsyncGenerator[list[Event], None]:
         """Generate, yielding the events in batches (what one wake-up produced, so a transport
         can write them at once); store the result when it ends (not if abandoned)."""
         builder = run.builder
         yield builder.start()
         stream: RequestStream | None = None
         try:
-            # prepare() admitted the model, and a model once served stays known: no NoWorker here.
             stream = await self.engine.submit(run.state.request.model, run.generate)
             async for batch in stream.batches():
                 events = [event for delta in batch for event in builder.add(delta)]
                 if events:
                     yield events
+            assert stream.finished is not None  # batches() ends only at Finished
             closing = builder.finish(stream.finished)
-        except Overloaded as exc:
-            closing = builder.fail(ERROR_QUEUE_FULL, str(exc))
-        except RequestFailed as exc:
-            code = "server_error" if exc.error.code == ERROR_INTERNAL else exc.error.code
-            closing = builder.fail(code, exc.error.message)
+        except EngineError as exc:
+            run.failure = exc
+            error = api_error(exc, "input")
+            closing = builder.fail(error.code or "server_error", error.message)
         except Exception:  # a bug of ours: the client still gets a terminal event, not a cut stream
             log.exception("response %s failed", run.state.id)
             closing = builder.fail("server_error", "the gateway had an internal error")
@@ -163,7 +156,7 @@ class ResponsesService:
             run.changed.set()
             self._background.pop(run.state.id, None)
 
-    async def follow(self, run: Run, after: int = -1) -> AsyncIterator[list[Event]]:
+    async def follow(self, run: Run, after: int = -1) -> AsyncGenerator[list[Event], None]:
         """A background run's events with ``sequence_number > after``, live until it ends."""
         position = after + 1
         while True:
@@ -182,7 +175,7 @@ class ResponsesService:
 
     async def cancel(self, response_id: str) -> dict[str, Any]:
         run = self._background.get(response_id)
-        if run is not None:
+        if run is not None and run.task is not None:
             run.task.cancel()
             await asyncio.gather(run.task, return_exceptions=True)
             return run.state.to_dict()
@@ -203,9 +196,10 @@ class ResponsesService:
         return stored.response
 
     async def close(self) -> None:
-        for run in list(self._background.values()):
-            run.task.cancel()
-        await asyncio.gather(*(r.task for r in self._background.values()), return_exceptions=True)
+        tasks = [run.task for run in self._background.values() if run.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def response_not_found(response_id: str) -> APIError:

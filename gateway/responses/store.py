@@ -102,7 +102,7 @@ class SQLiteStore:
         self.max_responses = max_responses
         self.max_bytes = max_bytes
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="response-store")
-        self._db: sqlite3.Connection | None = None
+        self._db: sqlite3.Connection  # opened by _open, on the store's thread
         self.size = 0  # responses stored, kept current by the store's thread (for /metrics)
         self._executor.submit(self._open).result()
 

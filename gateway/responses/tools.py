@@ -91,7 +91,7 @@ def _read_tool_choice(tool_choice: Any) -> tuple[str, set[str] | None]:
         if kind in ("function", "custom") and isinstance(tool_choice.get("name"), str):
             return "required", {tool_choice["name"]}
         if kind == "allowed_tools":
-            names = {t.get("name") for t in tool_choice.get("tools") or [] if isinstance(t, dict) and t.get("name")}
+            names = {str(t["name"]) for t in tool_choice.get("tools") or [] if isinstance(t, dict) and t.get("name")}
             mode = "required" if tool_choice.get("mode") == "required" else "auto"
             return mode, names or None
         log.info("tool_choice %r names a hosted tool; treated as auto", kind)

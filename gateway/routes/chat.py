@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from gateway.engine_client import RequestFailed, RequestStream
-from gateway.errors import APIError, from_worker_error
+from gateway.chunks import Chunk, ChunkFormat, finish_reason, sse_chunks, usage
+from gateway.errors import APIError
+from gateway.generation import ClientDisconnected, collect, submit
 from gateway.middleware import bind_request_id
 from gateway.schemas import ChatCompletionRequest, ChatMessage
-from gateway.streaming import (
-    SSE_DONE,
-    ClientDisconnected,
-    EventStreamResponse,
-    collect,
-    finish_reason,
-    sse_data,
-    start,
-    usage,
-)
-from protocol import Generate, ToolCall
+from gateway.sse import EventStreamResponse
+from protocol import Delta, Finished, Generate, ToolCall
 
 router = APIRouter()
 
@@ -45,11 +36,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         chat_template_kwargs=body.chat_template_kwargs or {},
         trace_id=trace_id,
     )
-    stream = await start(request.app.state.engine, body.model, generate)
+    stream = await submit(request, body.model, generate)
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStreamResponse(_chunks(stream, body.model, created, include_usage))
+        return EventStreamResponse(sse_chunks(stream, ChatChunks(request_id, body.model, created, include_usage)))
     try:
         out = await collect(stream, request)
     except ClientDisconnected:
@@ -75,43 +66,28 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     })
 
 
-async def _chunks(stream: RequestStream, model: str, created: int, include_usage: bool) -> AsyncGenerator[bytes, None]:
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        payload = {
-            "id": stream.request_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-        if include_usage:
-            payload["usage"] = None
-        return payload
+class ChatChunks(ChunkFormat):
+    object_name = "chat.completion.chunk"
+    prompt_param = "messages"
+    _calls = 0
 
-    calls = 0
-    try:
-        yield sse_data(chunk({"role": "assistant", "content": ""}))
-        async for batch in stream.batches():  # what arrived together goes out in one write
-            out = []
-            for delta in batch:
-                if delta.reasoning:
-                    out.append(sse_data(chunk({"reasoning_content": delta.reasoning})))
-                if delta.text:
-                    out.append(sse_data(chunk({"content": delta.text})))
-                for call in delta.tool_calls:
-                    out.append(sse_data(chunk({"tool_calls": [{"index": calls, **_tool_call(call)}]})))
-                    calls += 1
-            if out:
-                yield b"".join(out)
-        yield sse_data(chunk({}, finish_reason(stream.finished, calls > 0)))
-        if include_usage:
-            yield sse_data({**chunk({}), "choices": [], "usage": usage(stream.finished)})
-    except RequestFailed as exc:
-        yield sse_data(from_worker_error(exc.error).body())
-    finally:
-        stream.close()  # stops the generation if the client went away mid-stream
-    yield SSE_DONE
+    def opening(self) -> list[Chunk]:
+        return [self.chunk({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})]
+
+    def delta(self, delta: Delta) -> list[Chunk]:
+        out = []
+        if delta.reasoning:
+            out.append(self.chunk({"delta": {"reasoning_content": delta.reasoning}, "finish_reason": None}))
+        if delta.text:
+            out.append(self.chunk({"delta": {"content": delta.text}, "finish_reason": None}))
+        for call in delta.tool_calls:
+            out.append(self.chunk({"delta": {"tool_calls": [{"index": self._calls, **_tool_call(call)}]},
+                                   "finish_reason": None}))
+            self._calls += 1
+        return out
+
+    def closing(self, finished: Finished | None) -> Chunk:
+        return self.chunk({"delta": {}, "finish_reason": finish_reason(finished, self._calls > 0)})
 
 
 def _tools(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, str]:

@@ -4,27 +4,17 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncGenerator
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from gateway.engine_client import RequestFailed, RequestStream
-from gateway.errors import APIError, from_worker_error
+from gateway.chunks import Chunk, ChunkFormat, finish_reason, sse_chunks, usage
+from gateway.errors import APIError
+from gateway.generation import ClientDisconnected, collect, submit
 from gateway.middleware import bind_request_id
 from gateway.schemas import CompletionRequest
-from gateway.streaming import (
-    SSE_DONE,
-    ClientDisconnected,
-    EventStreamResponse,
-    collect,
-    finish_reason,
-    sse_data,
-    start,
-    usage,
-)
-from protocol import Generate
+from gateway.sse import EventStreamResponse
+from protocol import Delta, Finished, Generate
 
 router = APIRouter()
 
@@ -47,13 +37,13 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         stop=body.stop_list(),
         trace_id=trace_id,
     )
-    stream = await start(request.app.state.engine, body.model, generate)
+    stream = await submit(request, body.model, generate)
     created = int(time.time())
     prefix = prompt if body.echo else ""
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _chunks(stream, body.model, created, prefix, include_usage)
-        return EventStreamResponse(chunks)
+        return EventStreamResponse(sse_chunks(stream, CompletionChunks(request_id, body.model, created,
+                                                                       include_usage, prefix)))
     try:
         text = (await collect(stream, request)).text
     except ClientDisconnected:
@@ -70,42 +60,27 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     })
 
 
+class CompletionChunks(ChunkFormat):
+    object_name = "text_completion"
+    prompt_param = "prompt"
+
+    def __init__(self, request_id: str, model: str, created: int, include_usage: bool, echo: str):
+        super().__init__(request_id, model, created, include_usage)
+        self.echo = echo  # the prompt, sent first when the client asked for it back
+
+    def opening(self) -> list[Chunk]:
+        return [self.chunk({"text": self.echo, "finish_reason": None})] if self.echo else []
+
+    def delta(self, delta: Delta) -> list[Chunk]:
+        return [self.chunk({"text": delta.text, "finish_reason": None})] if delta.text else []
+
+    def closing(self, finished: Finished | None) -> Chunk:
+        return self.chunk({"text": "", "finish_reason": finish_reason(finished)})
+
+
 def _single_prompt(prompt: str | list[str]) -> str:
     if isinstance(prompt, str):
         return prompt
     if len(prompt) == 1:
         return prompt[0]
     raise APIError(400, "send one prompt per request (concurrent requests are batched)", param="prompt")
-
-
-async def _chunks(
-    stream: RequestStream, model: str, created: int, prefix: str, include_usage: bool
-) -> AsyncGenerator[bytes, None]:
-    def chunk(text: str, finish: str | None = None) -> dict[str, Any]:
-        payload = {
-            "id": stream.request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-        }
-        if include_usage:
-            payload["usage"] = None
-        return payload
-
-    try:
-        if prefix:
-            yield sse_data(chunk(prefix))
-        async for batch in stream.batches():  # what arrived together goes out in one write
-            out = [sse_data(chunk(delta.text)) for delta in batch if delta.text]
-            if out:
-                yield b"".join(out)
-        yield sse_data(chunk("", finish_reason(stream.finished)))
-        if include_usage:
-            yield sse_data({**chunk(""), "choices": [], "usage": usage(stream.finished)})
-    except RequestFailed as exc:
-        yield sse_data(from_worker_error(exc.error).body())
-    finally:
-        stream.close()  # stops the generation if the client went away mid-stream
-    yield SSE_DONE

@@ -16,7 +16,8 @@ router = APIRouter()
 
 
 def _engine(request: Request) -> EngineClient:
-    return request.app.state.engine
+    engine: EngineClient = request.app.state.engine
+    return engine
 
 
 def _model_card(model: str, created: int) -> dict[str, Any]:
@@ -26,15 +27,17 @@ def _model_card(model: str, created: int) -> dict[str, Any]:
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     engine = _engine(request)
-    created = {}
+    created: dict[str, int] = {}
     for worker in engine.registry.all():
+        if not worker.serving:
+            continue
         created[worker.model] = min(created.get(worker.model, 1 << 62), int(worker.registered_at))
     return {"object": "list", "data": [_model_card(m, created[m]) for m in sorted(created)]}
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request) -> dict[str, Any]:
-    workers = [w for w in _engine(request).registry.all() if w.model == model]
+    workers = [w for w in _engine(request).registry.all() if w.model == model and w.serving]
     if not workers:
         raise model_not_found(model)
     return _model_card(model, int(min(w.registered_at for w in workers)))
@@ -50,7 +53,7 @@ async def list_workers(request: Request) -> dict[str, Any]:
                 "id": w.worker_id,
                 "model": w.model,
                 "pid": w.pid,
-                "state": "ready",
+                "state": w.state.value,
                 "context_length": w.context_length,
                 "max_sequences": w.max_sequences,
                 "in_flight": len(w.in_flight),
@@ -65,8 +68,13 @@ async def list_workers(request: Request) -> dict[str, Any]:
 
 @router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
-    engine = _engine(request)
-    return {"status": "ok", "workers": len(engine.registry.all()), "models": engine.registry.models()}
+    workers = _engine(request).registry.all()
+    return {
+        "status": "ok",
+        "workers": sum(1 for w in workers if w.serving),
+        "draining": sum(1 for w in workers if not w.serving),
+        "models": _engine(request).registry.models(),
+    }
 
 
 @router.get("/metrics")

@@ -2,32 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from gateway.errors import APIError, from_worker_error
+from gateway.errors import APIError
+from gateway.generation import ClientDisconnected, unless_disconnected
 from gateway.middleware import bind_request_id
 from gateway.responses.events import Event
+from gateway.responses.objects import new_id
 from gateway.responses.request import ResponsesRequest
 from gateway.responses.service import ResponsesService, response_not_found
-from gateway.streaming import ClientDisconnected, EventStreamResponse, sse_event, unless_disconnected
-from protocol import Error
+from gateway.sse import EventStreamResponse, sse_event
 
 router = APIRouter()
 
 
 def _service(request: Request) -> ResponsesService:
-    return request.app.state.responses
+    service: ResponsesService = request.app.state.responses
+    return service
 
 
 @router.post("/v1/responses")
 async def create_response(body: ResponsesRequest, request: Request) -> Response:
     service = _service(request)
-    request.scope.setdefault("state", {})["model"] = body.model
-    run = await service.prepare(body, lambda response_id: bind_request_id(request, response_id))
+    response_id = new_id("resp")
+    trace_id = bind_request_id(request, response_id, body.model)
+    run = await service.prepare(body, response_id, trace_id)
     if body.background:
         service.start_background(run)
         if body.stream:
@@ -44,13 +47,12 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
         await unless_disconnected(request, drain())
     except ClientDisconnected:
         return Response(status_code=499)
-    state = run.state
-    if state.status == "failed":
-        raise from_worker_error(Error(state.error["code"], state.error["message"], state.id))
-    return JSONResponse(state.to_dict())
+    if run.failure is not None:
+        raise run.failure
+    return JSONResponse(run.state.to_dict())
 
 
-async def _sse(batches: AsyncIterator[list[Event]]) -> AsyncGenerator[bytes, None]:
+async def _sse(batches: AsyncGenerator[list[Event], None]) -> AsyncGenerator[bytes, None]:
     try:
         async for batch in batches:
             yield b"".join(sse_event(event) for event in batch)

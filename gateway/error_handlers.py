@@ -1,0 +1,73 @@
+"""The app's exception handlers: every error reply, in the shape of the API that was called.
+
+``/v1/messages…`` answers in Anthropic's shape, everything else in OpenAI's. An
+``EngineError`` gets the called API's name for its prompt in ``param``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.errors import APIError, EngineError, anthropic_body, anthropic_status, api_error, openai_body
+
+log = logging.getLogger(__name__)
+
+# Each generation route's name for the prompt it was given.
+PROMPT_PARAMS = {
+    "/v1/responses": "input",
+    "/v1/chat/completions": "messages",
+    "/v1/completions": "prompt",
+    "/v1/messages": "messages",
+    "/v1/messages/count_tokens": "messages",
+}
+
+
+def is_anthropic(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def error_response(path: str, error: APIError) -> JSONResponse:
+    """``error`` as the reply of the API at ``path``."""
+    if is_anthropic(path):
+        return JSONResponse(anthropic_body(error), status_code=anthropic_status(error), headers=error.headers)
+    return JSONResponse(openai_body(error), status_code=error.status, headers=error.headers)
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(request.url.path, exc)
+
+    @app.exception_handler(EngineError)
+    async def on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        path = request.url.path
+        return error_response(path, api_error(exc, PROMPT_PARAMS.get(path)))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        if first.get("type") == "json_invalid":
+            message, param = "The request body is not valid JSON.", None
+        else:
+            param = ".".join(location) or None
+            message = f"{first.get('msg', 'invalid request')}" + (f" (at '{param}')" if param else "")
+        return error_response(request.url.path, APIError(400, message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        headers = dict(exc.headers) if exc.headers else None
+        error = APIError(exc.status_code, str(exc.detail), kind, headers=headers)
+        return error_response(request.url.path, error)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        error = APIError(500, "The server had an error while processing your request.", "server_error")
+        return error_response(request.url.path, error)

@@ -1,0 +1,33 @@
+"""What a worker is told to do, as one typed object (built from the command line in cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    max_sequences: int = 16  # sequences decoded together
+    prefill_step_size: int = 512  # prompt tokens per prefill step
+    prompt_cache_mb: int = 1024  # KV cache kept for later prompts with the same prefix (0: off)
+    memory_limit_gb: float | None = None  # MLX memory limit
+    cache_limit_gb: float | None = None  # MLX buffer cache limit
+    wired_limit_gb: float | None = None  # Metal wired-memory limit
+    heartbeat_interval: float = 1.0  # seconds between heartbeats
+    drain_timeout: float = 30.0  # on SIGTERM, seconds to finish running requests
+    stall_timeout: float = 300.0  # exit if one engine step hangs this long
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> WorkerConfig:
+        return cls(
+            max_sequences=args.max_sequences,
+            prefill_step_size=args.prefill_step_size,
+            prompt_cache_mb=args.prompt_cache_mb,
+            memory_limit_gb=args.memory_limit,
+            cache_limit_gb=args.cache_limit,
+            wired_limit_gb=args.wired_limit,
+            heartbeat_interval=args.heartbeat_interval,
+            drain_timeout=args.drain_timeout,
+            stall_timeout=args.stall_timeout,
+        )
