@@ -13,7 +13,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestMiddleware
 from gateway.responses.service import ResponsesService
 from gateway.responses.store import ResponseStore
-from gateway.routes import chat, completions, models, responses
+from gateway.routes import chat, completions, messages, models, responses
 
 
 def create_app(
@@ -44,6 +44,6 @@ def create_app(
     app.add_middleware(RequestMiddleware, metrics=metrics, is_known_model=engine.registry.is_known,
                        api_keys=api_keys, protect_metrics=protect_metrics)
     install_handlers(app)
-    for module in (models, chat, completions, responses):
+    for module in (models, chat, completions, responses, messages):
         app.include_router(module.router)
     return app

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import uvicorn
 
+from gateway.aliases import ModelAliases
 from gateway.app import create_app
 from gateway.engine_client import EngineClient
 from gateway.errors import GATEWAY_SHUTTING_DOWN
@@ -34,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds a request waits for a worker of its model to (re)appear (default: 30)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests per model beyond what its workers decode at once; more get 429 (default: 64)")
+    parser.add_argument("--model-alias", action="append", default=[], metavar="PATTERN=MODEL",
+                        help="answer requests for model names matching PATTERN (shell-style, e.g. 'claude-*') with "
+                             "MODEL (repeatable; first match wins)")
     parser.add_argument("--store", choices=["sqlite", "memory"], default="sqlite",
                         help="where stored Responses live (default: sqlite in --data-dir)")
     parser.add_argument("--data-dir", type=Path, default=None,
@@ -61,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         address = check_address(args.zmq or default_address())
         api_keys = _api_keys(args)
         curve = _curve(args, address)
+        aliases = ModelAliases.parse(args.model_alias)
     except (ValueError, PermissionError, OSError) as exc:
         log.error("%s", exc)
         return 2
@@ -69,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(set --api-key)", args.host)
     store = _open_store(args)
     engine = EngineClient(address, heartbeat_interval=args.heartbeat_interval, misses_allowed=args.heartbeat_misses,
-                          queue_timeout=args.queue_timeout, max_queue=args.max_queue, curve=curve)
+                          queue_timeout=args.queue_timeout, max_queue=args.max_queue, curve=curve,
+                          aliases=aliases)
     app = create_app(engine, store, api_keys, args.protect_metrics)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
                             timeout_graceful_shutdown=10)

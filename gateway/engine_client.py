@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from gateway.aliases import ModelAliases
 from gateway.errors import (
     GATEWAY_SHUTTING_DOWN,
     NO_WORKER,
@@ -168,7 +169,9 @@ class EngineClient:
         queue_timeout: float = 30.0,
         max_queue: int = 64,
         curve: CurveServer | None = None,
+        aliases: ModelAliases | None = None,
     ):
+        self.aliases = aliases or ModelAliases()
         self.observer: Observer = _NoObserver()  # the app puts its metrics here
         self.registry = WorkerRegistry()
         self.queue_timeout = queue_timeout
@@ -206,12 +209,18 @@ class EngineClient:
     def models_with_requests(self) -> set[str]:
         return {s.model for s in self._streams.values()}
 
+    def resolve(self, model: str) -> str:
+        """The served model a requested name means: itself if a worker ever served it, else
+        what the operator's aliases make of it."""
+        return model if self.registry.is_known(model) else self.aliases.resolve(model)
+
     def admit(self, model: str) -> None:
         """Raise EngineError for a model never served here, or when its queue is full."""
-        if not self.registry.is_known(model):
+        served = self.resolve(model)
+        if not self.registry.is_known(served):
             raise model_not_found(model)
-        limit = self.registry.capacity(model) + self.max_queue
-        if self.load(model) >= limit:
+        limit = self.registry.capacity(served) + self.max_queue
+        if self.load(served) >= limit:
             raise EngineError(QUEUE_FULL, f"model '{model}' has {limit} requests queued or running; "
                                           "try again shortly")
 
@@ -222,6 +231,7 @@ class EngineClient:
         (a restart). Raises EngineError: unknown model, queue full, or the worker's refusal.
         """
         self.admit(model)
+        model = self.resolve(model)
         stream = RequestStream(self, request, model)
         self._streams[request.request_id] = stream
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 # --- worker -> gateway -------------------------------------------------------------
@@ -76,6 +76,7 @@ class Finished:
     completion_tokens: int
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    stop_sequence: str | None = None  # the client's stop string that ended it, if one did
 
 
 @dataclass
@@ -131,6 +132,7 @@ class Generate:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     prompt_cache_key: str | None = None  # the client's conversation id: a prefix-cache hint
     trace_id: str | None = None  # the id the gateway logs this request under (x-request-id)
+    count_only: bool = False  # only count the prompt's tokens: Accepted, then Finished; nothing runs
 
 
 @dataclass

@@ -199,21 +199,23 @@ def scripted_logits_processors(loaded):
     """For a worker under test: the model writes a script, when the request carries one.
 
     The script is ``chat_template_kwargs["test_script"]``, or the text after "SCRIPT:" in the
-    last user message. A script may have steps separated by "|||" for agent loops: step k is
+    last user message that has one. A script may have steps separated by "|||" for agent loops: step k is
     written when k tool results follow that user message. Other requests run normally.
     """
 
     def factory(request):
         script = (request.chat_template_kwargs or {}).get("test_script")
         messages = request.messages or []
-        users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+        # The last user message with a script (clients such as Claude Code put reminders before
+        # the user's text, and after tool results).
+        users = [i for i, m in enumerate(messages)
+                 if m.get("role") == "user" and SCRIPT_PREFIX in str(m.get("content") or "")]
         if script is None and users:
-            content = messages[users[-1]].get("content") or ""
+            content = str(messages[users[-1]].get("content"))
             tool_results = sum(1 for m in messages[users[-1]:] if m.get("role") == "tool")
-            if isinstance(content, str) and content.startswith(SCRIPT_PREFIX):
-                steps = content[len(SCRIPT_PREFIX):].split(STEP_SEPARATOR)
-                if tool_results < len(steps):
-                    script = steps[tool_results]
+            steps = content.split(SCRIPT_PREFIX, 1)[1].split(STEP_SEPARATOR)
+            if tool_results < len(steps):
+                script = steps[tool_results]
         return [forced_output(loaded.tokenizer, script)] if script is not None else []
 
     return factory

@@ -129,6 +129,9 @@ class Worker:
             reply: Accepted | Error
             if self.drain_deadline is not None:
                 reply = Error(ERROR_SHUTTING_DOWN, "this worker is shutting down", message.request_id)
+            elif message.count_only:
+                self._count(message)
+                return
             else:
                 reply = engine.submit(message)
             if isinstance(reply, Accepted):
@@ -146,6 +149,15 @@ class Worker:
                 link.send(finished)
         else:
             log.debug("ignoring %s from the gateway", type(message).__name__)
+
+    def _count(self, request: Generate) -> None:
+        """A token count: the prompt is built and measured, and the request ends at once."""
+        counted = self.engine.count(request)
+        self.link.send(counted)
+        end = Finished(request.request_id, "stop", counted.prompt_tokens, 0) if isinstance(counted, Accepted) else counted
+        if isinstance(end, Finished):
+            self.link.send(end)
+        self._record_end(end)
 
     def _record_end(self, message: Finished | Error) -> None:
         """A request ended (finished, cancelled or failed): count it and log one line."""

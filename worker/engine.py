@@ -113,12 +113,10 @@ class Engine:
             self._warned_no_tools = True
             log.warning("%s has no tool-call format mlx-lm knows; tools go to its template, calls stay text",
                         self.loaded.name)
-        forced = request.tool_choice == "required" and bool(request.tools) and self._tool_format is not None
-        try:
-            prompt = self._tokenize(request, forced)
-        except Exception as exc:  # jinja and tokenizer errors come in many types
-            code = ERROR_TEMPLATE if request.messages is not None else ERROR_INVALID_REQUEST
-            return Error(code, f"could not build the prompt: {exc}", request.request_id)
+        forced = self._forces_tool_call(request)
+        prompt = self._prompt(request, forced)
+        if isinstance(prompt, Error):
+            return prompt
         if not prompt:
             return Error(ERROR_INVALID_REQUEST, "the prompt is empty", request.request_id)
         context = self.loaded.context_length
@@ -145,6 +143,21 @@ class Engine:
         self._waiting.append(sequence)
         self._by_request[request.request_id] = sequence
         return Accepted(request.request_id, len(prompt))
+
+    def count(self, request: Generate) -> Accepted | Error:
+        """The prompt's length in tokens, exactly as ``submit`` would build it; nothing runs."""
+        prompt = self._prompt(request, self._forces_tool_call(request))
+        return prompt if isinstance(prompt, Error) else Accepted(request.request_id, len(prompt))
+
+    def _forces_tool_call(self, request: Generate) -> bool:
+        return request.tool_choice == "required" and bool(request.tools) and self._tool_format is not None
+
+    def _prompt(self, request: Generate, forced_tool_call: bool) -> list[int] | Error:
+        try:
+            return self._tokenize(request, forced_tool_call)
+        except Exception as exc:  # jinja and tokenizer errors come in many types
+            code = ERROR_TEMPLATE if request.messages is not None else ERROR_INVALID_REQUEST
+            return Error(code, f"could not build the prompt: {exc}", request.request_id)
 
     def cancel(self, request_id: str) -> Finished | None:
         """Drop a request wherever it is; its slot is free for the next step."""
@@ -334,6 +347,7 @@ class Engine:
             completion_tokens=sequence.completion_tokens,
             cached_tokens=sequence.cached_tokens,
             reasoning_tokens=sequence.reasoning_tokens,
+            stop_sequence=sequence.stops.matched,
         )
 
     def _new_generator(self) -> BatchGenerator:

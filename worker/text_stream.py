@@ -12,16 +12,18 @@ class StopStrings:
     def __init__(self, stops: list[str]):
         self._stops = [s for s in stops if s]
         self._held = ""
+        self.matched: str | None = None  # the stop string that ended the text, once one did
 
     def push(self, text: str) -> tuple[str, bool]:
         """Feed new text; return (text safe to emit, whether a stop string was hit)."""
         if not self._stops:
             return text, False
         buffer = self._held + text
-        hits = [i for i in (buffer.find(s) for s in self._stops) if i >= 0]
+        hits = [(position, stop) for stop in self._stops if (position := buffer.find(stop)) >= 0]
         if hits:
             self._held = ""
-            return buffer[: min(hits)], True
+            position, self.matched = min(hits, key=lambda hit: hit[0])
+            return buffer[:position], True
         keep = self._partial_match_length(buffer)
         self._held = buffer[len(buffer) - keep :]
         return buffer[: len(buffer) - keep], False

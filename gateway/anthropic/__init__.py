@@ -1,0 +1,1 @@
+"""Anthropic's Messages API (what Claude Code speaks): body, conversion, events; no transport."""

@@ -1,0 +1,264 @@
+"""An Anthropic Messages body -> the chat messages, tools and switches a chat template renders.
+
+``to_chat`` reads a ``MessagesRequest`` or a ``CountTokensRequest`` leniently:
+
+- ``system`` (a string or text blocks; ``cache_control`` ignored) becomes ONE leading system
+  message. Claude Code's ``x-anthropic-billing-header: cc_version=...`` block is left out: it
+  is billing metadata that differs between conversations, and at the very front of the prompt
+  it would keep every session from sharing the cached system prompt and tools (~10k tokens).
+- ``system`` messages at the head of ``messages`` join it. A ``system`` message after a turn
+  (Claude Code sends its environment block after the first user message) stays where it is,
+  as user text in ``<system-reminder>`` tags (how Claude Code itself marks harness text in
+  user turns), merged with the user turn around it. Moved into the leading system message it
+  would be prefix-stable only until a later turn adds another one: then the first message
+  changes and the whole cached prompt is lost. In place, a conversation that only grows
+  renders a prompt that only grows. It is user text, not a system message, because many
+  templates (Mistral, Gemma) refuse a system message anywhere but first.
+- ``tool_use`` blocks become the assistant's ``tool_calls`` (ids kept); each ``tool_result``
+  becomes a ``tool`` message right after the assistant turn that made the call, and the text
+  of the same user message follows as a user message. ``is_error: true`` prefixes the result
+  with "Error: " (templates have no field for it) unless it already says so, as Claude Code's
+  ``<tool_use_error>`` results do.
+- ``thinking`` blocks become the turn's ``reasoning_content``; with ``display: "omitted"`` the
+  text is empty and read back from our signature (``events.py``). ``redacted_thinking`` (and a
+  signature that is not ours) carries nothing we can read: dropped.
+- Images, and documents that are not text, are a 400: the model reads text only. Every other
+  block a local model cannot use (``server_tool_use``, ``web_search_tool_result``, ...) is
+  skipped and logged. Consecutive messages of one role merge: templates want alternation.
+
+Tools and ``tool_choice`` are read in ``tools.py``; ``thinking`` turns ``enable_thinking`` on
+(``enabled``, ``adaptive``) or off (``disabled``) and, absent, leaves the template's default.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.anthropic.events import thinking_from_signature
+from gateway.anthropic.request import MessagesBody
+from gateway.anthropic.tools import resolve_tools
+from gateway.errors import APIError
+
+log = logging.getLogger(__name__)
+
+_BILLING_PREFIX = "x-anthropic-billing-header:"
+_ERROR_MARKS = ("error", "<tool_use_error>")
+
+
+@dataclass
+class Prompt:
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None  # template tools; None: offer none
+    tool_choice: str = "auto"  # for the worker: "auto" | "required"
+    parallel: bool = True  # False: disable_parallel_tool_use, keep the first call only
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The name each tool has in the template -> its name for the client. The same today;
+    # the one place a rename (a name some template cannot take) would go.
+    tool_names: dict[str, str] = field(default_factory=dict)
+    omit_thinking: bool = False  # thinking.display == "omitted": thinking only in the signature
+
+
+def to_chat(body: MessagesBody) -> Prompt:
+    messages: list[dict[str, Any]] = []
+    system = [_system_text(body.system, "system")]
+    call_names: dict[str, str] = {}
+    for index, message in enumerate(body.messages):
+        if message.get("role") == "system" and not messages:  # before any turn: part of the system prompt
+            system.append(_system_text(message.get("content"), f"messages.{index}.content"))
+        else:
+            _add_message(messages, message, f"messages.{index}", call_names)
+    if any(system):
+        messages.insert(0, {"role": "system", "content": "\n\n".join(s for s in system if s)})
+
+    tools = resolve_tools(body.tools, body.tool_choice, body.messages)
+    kwargs, omit = _read_thinking(body.thinking)
+    kwargs.update(body.chat_template_kwargs or {})
+    return Prompt(messages=messages, tools=tools.template_tools, tool_choice=tools.tool_choice, parallel=tools.parallel,
+                  chat_template_kwargs=kwargs, tool_names=tools.names, omit_thinking=omit)
+
+
+# --- messages ---------------------------------------------------------------------
+
+
+def _add_message(out: list[dict[str, Any]], message: dict[str, Any], where: str, call_names: dict[str, str]) -> None:
+    role = message.get("role")
+    if role not in ("user", "assistant", "system"):
+        raise APIError(400, f"unknown message role {role!r}", param=f"{where}.role")
+    content = message.get("content")
+    if isinstance(content, str):
+        content = [{"type": "text", "text": content}]
+    elif content is None:
+        content = []
+    elif not isinstance(content, list):
+        raise APIError(400, "message content must be a string or a list of blocks", param=f"{where}.content")
+
+    texts: list[str] = []
+    reasoning: list[str] = []
+    calls: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    for j, block in enumerate(content):
+        at = f"{where}.content.{j}"
+        if not isinstance(block, dict):
+            raise APIError(400, "each content block must be an object", param=at)
+        kind = block.get("type")
+        if kind == "tool_use" and role == "assistant":
+            calls.append(_tool_call(block, at, call_names))
+        elif kind == "tool_result" and role == "user":
+            results.append(_tool_result(block, at, call_names))
+        elif kind == "thinking" and role == "assistant":
+            text = block.get("thinking") or thinking_from_signature(block.get("signature"))
+            if isinstance(text, str) and text:
+                reasoning.append(text)
+        elif kind == "redacted_thinking":
+            log.debug("redacted_thinking block carries nothing a local model can read; dropped")
+        else:
+            text = _block_text(block, at)
+            if text:
+                texts.append(text)
+
+    if role == "assistant":
+        turn: dict[str, Any] = {"role": "assistant", "content": "\n\n".join(texts)}
+        if reasoning:
+            turn["reasoning_content"] = "\n\n".join(reasoning)
+        if calls:
+            turn["tool_calls"] = calls
+        _append(out, turn)
+        return
+    for result in results:
+        _append_tool(out, result)
+    if texts:
+        text = "\n\n".join(texts)
+        if role == "system":
+            text = f"<system-reminder>\n{text}\n</system-reminder>"
+        _append(out, {"role": "user", "content": text})
+
+
+def _block_text(block: dict[str, Any], at: str) -> str:
+    """The text of a block that reads as text; "" (and a log line) for one a model cannot use."""
+    kind = block.get("type")
+    if kind == "text":
+        text = block.get("text")
+        if not isinstance(text, str):
+            raise APIError(400, "a text block needs text", param=f"{at}.text")
+        return text
+    if kind == "image":
+        raise APIError(400, "image content is not supported: this model reads text only", param=at)
+    if kind == "document":
+        return _document_text(block, at)
+    if kind == "tool_reference":  # a ToolSearch result: the tool is now offered (see _referenced_tools)
+        return f"Tool loaded: {block.get('tool_name')}"
+    log.info("content block type %r has no meaning for a local model; skipped", kind)
+    return ""
+
+
+def _document_text(block: dict[str, Any], at: str) -> str:
+    source = block.get("source")
+    if not isinstance(source, dict):
+        source = {}
+    if source.get("type") == "text" and isinstance(source.get("data"), str):
+        body = source["data"]
+    elif source.get("type") == "content":
+        inner = source.get("content")
+        body = inner if isinstance(inner, str) else "\n\n".join(
+            _block_text(b, f"{at}.source.content.{k}") for k, b in enumerate(inner or []) if isinstance(b, dict))
+    else:
+        raise APIError(400, f"document source {source.get('type')!r} is not supported: this model reads text only",
+                       param=at)
+    title = block.get("title")
+    return f"{title}\n\n{body}" if isinstance(title, str) and title else body
+
+
+def _tool_call(block: dict[str, Any], at: str, call_names: dict[str, str]) -> dict[str, Any]:
+    call_id, name = block.get("id"), block.get("name")
+    if not isinstance(call_id, str) or not call_id:
+        raise APIError(400, "a tool_use block needs an id", param=f"{at}.id")
+    if not isinstance(name, str) or not name:
+        raise APIError(400, "a tool_use block needs a name", param=f"{at}.name")
+    call_names[call_id] = name
+    arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _tool_result(block: dict[str, Any], at: str, call_names: dict[str, str]) -> dict[str, Any]:
+    call_id = block.get("tool_use_id")
+    if not isinstance(call_id, str) or not call_id:
+        raise APIError(400, "a tool_result block needs a tool_use_id", param=f"{at}.tool_use_id")
+    content = block.get("content")
+    if isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        parts = []
+        for k, inner in enumerate(content):
+            if not isinstance(inner, dict):
+                raise APIError(400, "each content block must be an object", param=f"{at}.content.{k}")
+            parts.append(_block_text(inner, f"{at}.content.{k}"))
+        text = "\n\n".join(p for p in parts if p)
+    else:
+        text = "" if content is None else json.dumps(content, ensure_ascii=False)
+    if block.get("is_error") and not text.lstrip().lower().startswith(_ERROR_MARKS):
+        text = f"Error: {text}" if text else "Error"
+    message = {"role": "tool", "tool_call_id": call_id, "content": text}
+    if call_id in call_names:
+        message["name"] = call_names[call_id]
+    return message
+
+
+def _append(out: list[dict[str, Any]], message: dict[str, Any]) -> None:
+    """Add a user or assistant message, merged into the last one if it has the same role."""
+    last = out[-1] if out else None
+    if last is None or last["role"] != message["role"]:
+        out.append(message)
+        return
+    for key in ("content", "reasoning_content"):
+        joined = [p for p in (last.get(key), message.get(key)) if p]
+        if joined or key == "content":
+            last[key] = "\n\n".join(joined)
+    if message.get("tool_calls"):
+        last.setdefault("tool_calls", []).extend(message["tool_calls"])
+
+
+def _append_tool(out: list[dict[str, Any]], message: dict[str, Any]) -> None:
+    """A tool result goes right after the assistant turn (and results) it answers, before any
+    user text in between (a system message placed between a call and its result)."""
+    at = len(out)
+    while at > 0 and out[at - 1]["role"] == "user":
+        at -= 1
+    if at > 0 and out[at - 1]["role"] in ("assistant", "tool"):
+        out.insert(at, message)
+    else:
+        out.append(message)
+
+
+def _system_text(system: Any, where: str) -> str:
+    if isinstance(system, str) or system is None:
+        return system or ""
+    if not isinstance(system, list):
+        raise APIError(400, "system must be a string or a list of text blocks", param=where)
+    texts = []
+    for j, block in enumerate(system):
+        if not isinstance(block, dict):
+            raise APIError(400, "each content block must be an object", param=f"{where}.{j}")
+        text = _block_text(block, f"{where}.{j}")
+        if text and not text.startswith(_BILLING_PREFIX):
+            texts.append(text)
+    return "\n\n".join(texts)
+
+
+# --- thinking -----------------------------------------------------------------------
+
+
+def _read_thinking(thinking: dict[str, Any] | None) -> tuple[dict[str, Any], bool]:
+    """(chat_template_kwargs, omit_thinking). ``budget_tokens`` is not enforced: the worker
+    has no thinking budget; ``max_tokens`` still bounds thinking and answer together."""
+    if not isinstance(thinking, dict):
+        return {}, False
+    kind = thinking.get("type")
+    if kind in ("enabled", "adaptive"):
+        return {"enable_thinking": True}, thinking.get("display") == "omitted"
+    if kind == "disabled":
+        return {"enable_thinking": False}, False
+    log.info("thinking type %r is unknown; the template's default applies", kind)
+    return {}, False

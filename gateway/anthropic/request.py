@@ -1,0 +1,48 @@
+"""The bodies of ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``.
+
+Lenient on purpose: Claude Code sends fields a local model has no use for (``metadata``,
+``context_management``, ``output_config``, ``thinking.display``, ``defer_loading`` on tools,
+new beta fields every few releases) and must never get a 400 for them. Content blocks, tools
+and ``tool_choice`` stay plain dicts here; ``conversation.py`` reads them leniently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MessagesBody(BaseModel):
+    """What both bodies hold; ``to_chat`` reads this."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | str | None = None
+    stop_sequences: list[str] | None = None
+    temperature: float | None = Field(default=None, ge=0, le=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    metadata: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+    stream: bool | None = False
+    output_config: dict[str, Any] | None = None
+    context_management: dict[str, Any] | None = None
+    service_tier: str | None = None
+    container: Any = None
+    mcp_servers: list[Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # ours: passed to the template as is
+
+
+class MessagesRequest(MessagesBody):
+    max_tokens: int = Field(ge=1)
+
+
+class CountTokensRequest(MessagesBody):
+    """The same body, where ``max_tokens`` may be left out (nothing is generated)."""
+
+    max_tokens: int | None = Field(default=None, ge=1)
