@@ -10,6 +10,11 @@ if command -v npm >/dev/null && [ ! -x .tools/node_modules/.bin/codex ]; then
     npm install --silent --no-audit --no-fund --prefix .tools @openai/codex@0.169.0 >/dev/null \
         || echo "warning: could not install the Codex CLI; its tests will be skipped" >&2
 fi
+# Claude Code, likewise (tests/test_claude_code.py skips without it).
+if command -v npm >/dev/null && [ ! -x .tools/node_modules/.bin/claude ]; then
+    npm install --silent --no-audit --no-fund --prefix .tools @anthropic-ai/claude-code@2.1.328 >/dev/null \
+        || echo "warning: could not install Claude Code; its tests will be skipped" >&2
+fi
 # The linter and the type checker first: a few seconds, and they catch what tests miss.
 .venv/bin/ruff check protocol gateway worker tests bench
 .venv/bin/mypy

@@ -193,6 +193,7 @@ SCRIPT_PREFIX = "SCRIPT:"
 
 
 STEP_SEPARATOR = "|||"
+HARNESS_TEXT = "\n\n<system-reminder>"  # Claude Code's reminders, merged after the user's text
 
 
 def scripted_logits_processors(loaded):
@@ -213,7 +214,8 @@ def scripted_logits_processors(loaded):
         if script is None and users:
             content = str(messages[users[-1]].get("content"))
             tool_results = sum(1 for m in messages[users[-1]:] if m.get("role") == "tool")
-            steps = content.split(SCRIPT_PREFIX, 1)[1].split(STEP_SEPARATOR)
+            # The script ends where harness text merged into the same message begins.
+            steps = content.split(SCRIPT_PREFIX, 1)[1].split(HARNESS_TEXT)[0].split(STEP_SEPARATOR)
             if tool_results < len(steps):
                 script = steps[tool_results]
         return [forced_output(loaded.tokenizer, script)] if script is not None else []

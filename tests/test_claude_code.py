@@ -1,0 +1,98 @@
+"""Claude Code (the real CLI, from npm) against the gateway, set up by ``mlx-gateway-claude``.
+
+Claude Code speaks only the Messages API. The scripted model ("SCRIPT:step|||step") makes it
+call its real Bash tool, which writes a file, and then finish; SmolLM2 answers a plain
+question. Claude Code's own prompt, tools, permission checks and agent loop are real.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SCRIPTED
+from processes import REPO_ROOT, Stack
+
+pytestmark = pytest.mark.slow
+
+
+def claude_binary() -> str | None:
+    for candidate in (os.environ.get("CLAUDE_BIN"), str(REPO_ROOT / ".tools/node_modules/.bin/claude")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return shutil.which("claude")
+
+
+CLAUDE = claude_binary()
+
+
+def claude_env(stack: Stack, home: Path) -> dict[str, str]:
+    """The environment ``mlx-gateway-claude --print`` gives, in a fresh HOME."""
+    printed = subprocess.run([sys.executable, "-m", "gateway.claude_code", "--url", stack.base_url, "--print"],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=True).stdout
+    env = {**os.environ, "HOME": str(home)}
+    for line in printed.splitlines():
+        name, _, value = line.removeprefix("export ").partition("=")
+        env[name] = value.strip("'")
+    return env
+
+
+def run_claude(stack: Stack, workdir: Path, prompt: str, *args: str) -> subprocess.CompletedProcess:
+    if CLAUDE is None:
+        pytest.skip("Claude Code not installed (tests/run.sh installs it with npm into .tools/)")
+    home = workdir.parent / f"{workdir.name}-home"
+    home.mkdir(exist_ok=True)
+    # As root Claude Code refuses --dangerously-skip-permissions: allow the one tool instead.
+    return subprocess.run([CLAUDE, "-p", prompt, *args], cwd=workdir, env=claude_env(stack, home),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+
+
+def test_the_launcher_sets_the_served_model_and_its_window(scripted_stack, tmp_path):
+    env = claude_env(scripted_stack, tmp_path)
+    assert env["ANTHROPIC_BASE_URL"] == scripted_stack.base_url
+    assert env["ANTHROPIC_MODEL"] == env["ANTHROPIC_DEFAULT_HAIKU_MODEL"] == SCRIPTED
+    assert env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == "200000"  # the scripted worker's --context-length
+
+
+def test_claude_code_runs_a_bash_tool_call_then_finishes(scripted_stack, tmp_path):
+    call = ('<tool_call>{"name": "Bash", "arguments": {"command": "echo made by claude > proof.txt", '
+            '"description": "Write the proof file"}}</tool_call>')
+    # Claude Code asks for thinking, which opens the template's thinking block: close it first.
+    result = run_claude(scripted_stack, tmp_path, f"SCRIPT:Write it.</think>{call}|||</think>The file is written.",
+                        "--allowedTools", "Bash")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "proof.txt").read_text() == "made by claude\n"
+    assert "The file is written." in result.stdout
+
+
+def test_claude_code_on_the_default_model(smol_stack, tmp_path):
+    """SmolLM2 answers Claude Code. Its 8k window cannot hold Claude Code's tools (~13k tokens),
+    so it runs without them, as the launcher advises."""
+    result = run_claude(smol_stack, tmp_path, "What is the capital of France? Answer in one word.", "--tools", "")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip()
+    assert "assumes a context window" not in result.stderr  # the launcher told it the real window
+
+
+def test_a_five_turn_session_is_served_from_the_prefix_cache(scripted_stack, tmp_path):
+    """Claude Code resends the whole conversation each turn; every later turn's prompt must be
+    a prefix-cache hit but for its new tail (peers re-prefill most of it)."""
+    worker_log = next(p for p in scripted_stack.processes if p.name.startswith("worker")).log_path
+    seen = len(worker_log.read_text())
+    calls = [f'<tool_call>{{"name": "Bash", "arguments": {{"command": "echo {n} >> turns.txt", '
+             f'"description": "Append {n}"}}}}</tool_call>' for n in range(1, 5)]
+    script = "|||".join(["Go.</think>" + calls[0], *("</think>" + call for call in calls[1:]), "</think>Done."])
+    result = run_claude(scripted_stack, tmp_path, f"SCRIPT:{script}", "--allowedTools", "Bash")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "turns.txt").read_text() == "1\n2\n3\n4\n"
+    turns = [(int(m[1]), int(m[2])) for m in re.finditer(r"finished \(\w+\): (\d+) prompt \((\d+) cached\)",
+                                                          worker_log.read_text()[seen:])]
+    assert len(turns) >= 5, turns
+    shares = [cached / prompt for prompt, cached in turns[-4:]]
+    print("cached share of turns 2-5:", [f"{share:.3f}" for share in shares], "prompts:", turns)
+    assert min(shares) > 0.95, turns
