@@ -66,6 +66,18 @@ def test_every_v1_route_needs_a_key(keyed, method, path, body):
         assert r.status_code == (404 if path.endswith("resp_nope") else 200), r.text
 
 
+def test_the_messages_api_takes_its_own_key_header_and_answers_in_its_shape(keyed):
+    url = f"{keyed.base_url}/v1/messages?beta=true"
+    body = {"model": TINY, "max_tokens": 2, "messages": HELLO}
+    for headers in ({}, {"x-api-key": "wrong"}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(url, json=body, headers=headers)
+        assert r.status_code == 401 and r.json()["type"] == "error", r.text
+        assert r.json()["error"]["type"] == "authentication_error"
+    for headers in ({"x-api-key": KEY}, {"Authorization": f"Bearer {KEY}"}):
+        r = httpx.post(url, json=body, headers=headers, timeout=30)
+        assert r.status_code == 200 and r.json()["type"] == "message", r.text
+
+
 def test_health_and_metrics_stay_open(keyed):
     assert httpx.get(f"{keyed.base_url}/health").status_code == 200
     assert httpx.get(f"{keyed.base_url}/metrics").status_code == 200
