@@ -11,9 +11,11 @@ from gateway.engine_client import EngineClient
 from gateway.error_handlers import install_handlers
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestMiddleware
+from gateway.openapi import describe_errors
 from gateway.responses.service import ResponsesService
 from gateway.responses.store import ResponseStore
-from gateway.routes import chat, completions, messages, models, responses
+from gateway.routes import chat, completions, messages, models, responses, responses_ws
+from gateway.routes.responses_ws import ConnectionLimit
 
 
 def create_app(
@@ -21,6 +23,8 @@ def create_app(
     store: ResponseStore,
     api_keys: Sequence[str] = (),
     protect_metrics: bool = False,
+    websockets: ConnectionLimit | None = None,
+    max_body_bytes: int = 4 << 20,
 ) -> FastAPI:
     service = ResponsesService(engine, store)
     metrics = GatewayMetrics()
@@ -30,6 +34,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
+        await service.start()
         try:
             yield
         finally:
@@ -41,9 +46,11 @@ def create_app(
     app.state.engine = engine
     app.state.responses = service
     app.state.metrics = metrics
+    app.state.websockets = websockets or ConnectionLimit()
     app.add_middleware(RequestMiddleware, metrics=metrics, is_known_model=engine.registry.is_known,
-                       api_keys=api_keys, protect_metrics=protect_metrics)
+                       api_keys=api_keys, protect_metrics=protect_metrics, max_body_bytes=max_body_bytes)
     install_handlers(app)
-    for module in (models, chat, completions, responses, messages):
+    describe_errors(app)
+    for module in (models, chat, completions, responses, responses_ws, messages):
         app.include_router(module.router)
     return app

@@ -15,7 +15,9 @@ from gateway.aliases import ModelAliases
 from gateway.app import create_app
 from gateway.engine_client import EngineClient
 from gateway.errors import GATEWAY_SHUTTING_DOWN
+from gateway.http_protocol import IdleTimeoutH11Protocol
 from gateway.responses.store import MemoryStore, ResponseStore, SQLiteStore
+from gateway.routes.responses_ws import ConnectionLimit
 from protocol.logs import configure as configure_logging
 from protocol.security import CurveServer
 from protocol.transport import check_address, default_address
@@ -38,6 +40,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-alias", action="append", default=[], metavar="PATTERN=MODEL",
                         help="answer requests for model names matching PATTERN (shell-style, e.g. 'claude-*') with "
                              "MODEL (repeatable; first match wins)")
+    parser.add_argument("--max-websockets", type=int, default=64,
+                        help="open WebSocket connections (Responses over WebSocket) at once; more are closed with "
+                             "1013 (default: 64)")
+    parser.add_argument("--max-request-mb", type=int, default=4,
+                        help="largest request body (413 beyond) and WebSocket frame (closed with 1009); 4 MB "
+                             "holds ~1M tokens of text (default: 4)")
+    parser.add_argument("--max-connections", type=int, default=256,
+                        help="open HTTP connections at once; beyond it new requests get 503 (default: 256)")
+    parser.add_argument("--idle-timeout", type=int, default=15,
+                        help="seconds a connection may stay open with no request in progress (default: 15)")
     parser.add_argument("--store", choices=["sqlite", "memory"], default="sqlite",
                         help="where stored Responses live (default: sqlite in --data-dir)")
     parser.add_argument("--data-dir", type=Path, default=None,
@@ -76,9 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     engine = EngineClient(address, heartbeat_interval=args.heartbeat_interval, misses_allowed=args.heartbeat_misses,
                           queue_timeout=args.queue_timeout, max_queue=args.max_queue, curve=curve,
                           aliases=aliases)
-    app = create_app(engine, store, api_keys, args.protect_metrics)
+    websockets = ConnectionLimit(args.max_websockets, args.max_request_mb << 20)
+    app = create_app(engine, store, api_keys, args.protect_metrics, websockets, args.max_request_mb << 20)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
-                            timeout_graceful_shutdown=10)
+                            timeout_graceful_shutdown=10, ws_max_size=websockets.max_frame_bytes + 1024,
+                            http=IdleTimeoutH11Protocol, timeout_keep_alive=args.idle_timeout,
+                            limit_concurrency=args.max_connections)
     GatewayServer(config, engine).run()
     return 0
 

@@ -11,6 +11,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.errors import APIError, EngineError, anthropic_body, anthropic_status, api_error, openai_body
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 # Each generation route's name for the prompt it was given.
 PROMPT_PARAMS = {
     "/v1/responses": "input",
+    "/v1/responses/compact": "input",
     "/v1/chat/completions": "messages",
     "/v1/completions": "prompt",
     "/v1/messages": "messages",
@@ -38,6 +40,17 @@ def error_response(path: str, error: APIError) -> JSONResponse:
     return JSONResponse(openai_body(error), status_code=error.status, headers=error.headers)
 
 
+def validation_error(exc: RequestValidationError | ValidationError) -> APIError:
+    """A 400 naming the first field that failed (``param``), as OpenAI's API does."""
+    errors = exc.errors()
+    first: dict = dict(errors[0]) if errors else {}
+    if first.get("type") == "json_invalid":
+        return APIError(400, "The request body is not valid JSON.")
+    param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
+    message = f"{first.get('msg', 'invalid request')}" + (f" (at '{param}')" if param else "")
+    return APIError(400, message, param=param)
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -50,14 +63,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
-        if first.get("type") == "json_invalid":
-            message, param = "The request body is not valid JSON.", None
-        else:
-            param = ".".join(location) or None
-            message = f"{first.get('msg', 'invalid request')}" + (f" (at '{param}')" if param else "")
-        return error_response(request.url.path, APIError(400, message, param=param))
+        return error_response(request.url.path, validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -127,5 +127,9 @@ def anthropic_type(error: APIError) -> str:
 
 
 def anthropic_body(error: APIError) -> dict[str, Any]:
-    """``{"type": "error", "error": {"type", "message"}}``"""
-    return {"type": "error", "error": {"type": anthropic_type(error), "message": error.message}}
+    """``{"type": "error", "error": {"type", "message"}}``; with no ``param`` field in this shape,
+    the message names the field."""
+    message = error.message
+    if error.param and error.param not in message:
+        message = f"{error.param}: {message}"
+    return {"type": "error", "error": {"type": anthropic_type(error), "message": message}}

@@ -13,7 +13,9 @@ A pure ASGI middleware (no buffering, streams pass straight through):
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import json
 import re
 import uuid
 from collections.abc import Callable, Sequence
@@ -22,11 +24,13 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.error_handlers import error_response
-from gateway.errors import APIError
+from gateway.errors import APIError, openai_body
 from gateway.metrics import GatewayMetrics
 from protocol.logs import current_request_id
 
 _CLIENT_ID = re.compile(r"^[\w.:/+=@-]{1,128}$")
+_MISSING_KEY = APIError(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
+                        "invalid_request_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
 def bind_request_id(request: Request, resource_id: str, model: str | None = None) -> str:
@@ -43,14 +47,22 @@ def bind_request_id(request: Request, resource_id: str, model: str | None = None
 
 class RequestMiddleware:
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics, is_known_model: Callable[[str], bool],
-                 api_keys: Sequence[str] = (), protect_metrics: bool = False):
+                 api_keys: Sequence[str] = (), protect_metrics: bool = False, max_body_bytes: int = 4 << 20):
         self.app = app
         self.metrics = metrics
         self.is_known_model = is_known_model
         self.api_keys = [key.encode() for key in api_keys]
         self.protect_metrics = protect_metrics
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            headers = {name: value for name, value in scope["headers"]}
+            owner = self._caller(headers)
+            if self._needs_key(scope["path"]) and owner is None:
+                await _refuse_websocket(scope, receive, send)
+                return
+            scope.setdefault("state", {})["owner"] = owner or ""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -71,13 +83,18 @@ class RequestMiddleware:
             await send(message)
 
         try:
-            if self._needs_key(scope["path"]) and not self._authorized(headers):
-                error = APIError(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>' "
-                                 "or 'x-api-key: <key>'.", "invalid_request_error", code="invalid_api_key",
-                                 headers={"WWW-Authenticate": "Bearer"})
-                await error_response(scope["path"], error)(scope, receive, send_with_id)
-            else:
-                await self.app(scope, receive, send_with_id)
+            owner = self._caller(headers)
+            if self._needs_key(scope["path"]) and owner is None:
+                await error_response(scope["path"], _MISSING_KEY)(scope, receive, send_with_id)
+                return
+            state["owner"] = owner or ""
+            body = await self._read_body(headers, receive)
+            if body is None:
+                too_large = APIError(413, f"The request body is larger than {self.max_body_bytes} bytes.",
+                                     code="request_too_large")
+                await error_response(scope["path"], too_large)(scope, receive, send_with_id)
+                return
+            await self.app(scope, _replay(body, receive), send_with_id)
         finally:
             current_request_id.reset(token)
             route = scope.get("route")
@@ -88,19 +105,76 @@ class RequestMiddleware:
                 str(status),
             ).inc()
 
+    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes | None:
+        """The whole body, or None past ``max_body_bytes`` (refused before the JSON is parsed,
+        let alone tokenized by a worker). Bodies here are JSON of at most a few MB: reading them
+        before the route costs nothing the route would not spend anyway."""
+        declared = headers.get(b"content-length", b"").strip()
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
     def _needs_key(self, path: str) -> bool:
         if not self.api_keys:
             return False
         return path.startswith("/v1/") or (self.protect_metrics and path in ("/metrics", "/health"))
 
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+    def _caller(self, headers: dict[bytes, bytes]) -> str | None:
+        """Who is calling, as the owner of what they store: a hash of the API key they gave
+        ("" when no keys are configured), or None without a valid key."""
+        if not self.api_keys:
+            return ""
         bearer = headers.get(b"authorization", b"")
         if bearer[:7].lower() == b"bearer ":
             given = bearer[7:].strip()
         else:
             given = headers.get(b"x-api-key", b"").strip()
         if not given:
-            return False
+            return None
         # Compare with every key, always, so timing says nothing about which (if any) matched.
         matches = [hmac.compare_digest(given, key) for key in self.api_keys]
-        return any(matches)
+        return owner_of(given) if any(matches) else None
+
+
+async def _refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
+    """No upgrade without a key: a 401 with the error body where the server can send one
+    (ASGI's denial-response extension), else a close with 1008 (policy violation)."""
+    await receive()  # websocket.connect
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008, "reason": "Incorrect or missing API key."})
+        return
+    body = json.dumps(openai_body(_MISSING_KEY)).encode()
+    await send({"type": "websocket.http.response.start", "status": 401,
+                "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
+def owner_of(key: bytes) -> str:
+    """What stored responses keep of the key that made them: a hash, never the key."""
+    return hashlib.sha256(b"mlx-gateway owner:" + key).hexdigest()[:32]
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """``receive`` for the app: the body read already, then whatever comes next (a disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

@@ -26,6 +26,8 @@ class WorkerInfo:
     max_sequences: int
     context_length: int
     fd: int | None = None  # the gateway-side connection, to match a disconnect to this worker
+    tool_calls: bool = False  # the worker parses the model's tool calls (from its Ready)
+    thinking: bool = False  # the model's chat template has a thinking switch
     state: WorkerState = WorkerState.READY
     registered_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
@@ -60,7 +62,8 @@ class WorkerRegistry:
             existing.last_seen = time.monotonic()
             existing.fd = fd if fd is not None else existing.fd
             return existing, False
-        worker = WorkerInfo(identity, ready.model, ready.pid, ready.max_sequences, ready.context_length, fd)
+        worker = WorkerInfo(identity, ready.model, ready.pid, ready.max_sequences, ready.context_length, fd,
+                            tool_calls=ready.tool_calls, thinking=ready.thinking)
         self._workers[identity] = worker
         self._known_models.add(ready.model)
         self._registered.set()

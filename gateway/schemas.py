@@ -13,9 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from protocol import SamplingParams
 
+# Token counts beyond any context window are mistakes, and larger integers do not fit the
+# worker protocol's: refused at the edge with a 400 naming the field.
+TOKEN_LIMIT = (1 << 31) - 1
+
 
 class Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)  # "4" is no number, "yes" no boolean
 
 
 class TextPart(Lenient):
@@ -41,16 +45,19 @@ class SamplingFields(Lenient):
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=TOKEN_LIMIT)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=TOKEN_LIMIT)
     min_p: float | None = Field(default=None, ge=0, le=1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1)  # one choice per request: batch with concurrent requests instead
 
     def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p, self.top_k, self.min_p)
+        return SamplingParams(self.temperature, self.top_p, self.top_k, self.min_p,
+                              self.presence_penalty, self.frequency_penalty)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -60,7 +67,7 @@ class SamplingFields(Lenient):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=TOKEN_LIMIT)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     chat_template_kwargs: dict[str, Any] | None = None

@@ -26,6 +26,9 @@ class Ready:
     max_sequences: int
     context_length: int
     pid: int
+    # What the gateway tells clients about the model (Codex's model catalog, /v1/workers):
+    tool_calls: bool = False  # the worker knows the model's tool-call format (calls come out parsed)
+    thinking: bool = False  # the chat template has a thinking switch (enable_thinking)
 
 
 @dataclass
@@ -114,6 +117,9 @@ class SamplingParams:
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
+    # OpenAI's additive penalties (-2..2) on tokens already seen; None or 0: off
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
 
 
 @dataclass
@@ -122,7 +128,7 @@ class Generate:
 
     TYPE: ClassVar[str] = "generate"
     request_id: str
-    max_tokens: int | None = None  # None: as many as fit in the context window
+    max_tokens: int | None = None  # None: the worker's --max-output-tokens cap, within the context window
     messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
     tools: list[dict[str, Any]] | None = None  # chat-template tool definitions

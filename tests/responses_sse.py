@@ -68,7 +68,10 @@ def check_stream(events: list[dict[str, Any]], sdk_strict: bool = True) -> dict[
             assert open_item is None, "items must not overlap"
             assert event["output_index"] == len(done_items), "output_index counts every item"
             open_item, open_part, text = event["item"], None, ""
-            assert open_item["status"] == "in_progress"
+            if open_item["type"] == "compaction":  # has no status; its content comes whole in done
+                assert open_item["encrypted_content"] == ""
+            else:
+                assert open_item["status"] == "in_progress"
             continue
         assert open_item is not None, f"{kind} outside an item"
         if kind == "response.output_item.done":
@@ -101,6 +104,8 @@ def check_stream(events: list[dict[str, Any]], sdk_strict: bool = True) -> dict[
             assert event["arguments"] == text and event["name"] == open_item["name"]
         elif kind == "response.custom_tool_call_input.done":
             assert event["input"] == text
+        elif kind == "response.compaction.compacting":
+            assert open_item["type"] == "compaction"
         else:
             raise AssertionError(f"unexpected event {kind}")
     assert open_item is None, "an item was never closed"

@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/install.sh worker,test
 # OpenAI's Codex CLI, the truest client test (tests/test_codex.py skips without it).
-if command -v npm >/dev/null && [ ! -x .tools/node_modules/.bin/codex ]; then
-    npm install --silent --no-audit --no-fund --prefix .tools @openai/codex@0.169.0 >/dev/null \
+if command -v npm >/dev/null && ! grep -qs '"version": "0.171.0"' .tools/node_modules/@openai/codex/package.json; then
+    npm install --silent --no-audit --no-fund --prefix .tools @openai/codex@0.171.0 >/dev/null \
         || echo "warning: could not install the Codex CLI; its tests will be skipped" >&2
 fi
 # Claude Code, likewise (tests/test_claude_code.py skips without it).

@@ -7,11 +7,14 @@ is scripted ("SCRIPT:step|||step"): Codex's own prompt, tools and agent loop are
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import SCRIPTED
 from processes import REPO_ROOT, Stack
@@ -68,9 +71,86 @@ def test_codex_runs_a_shell_tool_call_and_continues(stack, tmp_path):
     assert "The file is written." in output
 
 
+FALLBACK_WARNINGS = ("Model metadata", "fallback metadata")
+# The scripted model calls Codex's freeform apply_patch tool (given to the template as a function
+# with one string argument, "input"), and answers once the patch's result comes back.
+PATCH = "*** Begin Patch\n*** Add File: hello.txt\n+hello\n*** End Patch\n"
+APPLY_PATCH = "<tool_call>" + json.dumps({"name": "apply_patch", "arguments": {"input": PATCH}}) + "</tool_call>"
+PATCH_SCRIPT = f"SCRIPT:Add the file.</think>{APPLY_PATCH}|||</think>The patch is applied."
+
+
+def exec_codex(home: Path, workdir: Path, prompt: str) -> str:
+    """``codex exec`` with ``home`` as CODEX_HOME, as configured there."""
+    result = subprocess.run(
+        [CODEX, "exec", "--skip-git-repo-check", "--dangerously-bypass-approvals-and-sandbox", prompt],
+        cwd=workdir, env={**os.environ, "CODEX_HOME": str(home)}, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    return output
+
+
+def test_codex_configured_by_mlx_gateway_codex_knows_the_model_and_applies_a_freeform_patch(stack, tmp_path):
+    workers = httpx.get(f"{stack.base_url}/v1/workers").json()["data"]
+    assert [(w["model"], w["tool_calls"], w["thinking"]) for w in workers] == [(MODEL, True, True)]
+    home, workdir = tmp_path / "codex-home", tmp_path / "work"
+    workdir.mkdir()
+    configure_codex(stack, home)
+    catalog = json.loads((home / "mlx-gateway-models.json").read_text())["models"]
+    assert [(m["slug"], m["context_window"], m["apply_patch_tool_type"]) for m in catalog] == [
+        (MODEL, 200_000, "freeform")]
+    log, seen = gateway_log(stack)
+    output = exec_codex(home, workdir, PATCH_SCRIPT)
+    assert not any(warning in output for warning in FALLBACK_WARNINGS), output
+    # Over the Responses WebSocket (supports_websockets = true): one connection, with Codex's
+    # prewarm, the turn that calls apply_patch and the turn after it.
+    assert "WebSocket" not in output, output  # Codex logs "failed to connect to Responses WebSocket"
+    lines = log.read_text()[seen:]
+    assert lines.count('"WebSocket /v1/responses" [accepted]') == 1, lines
+    assert lines.count("over WebSocket: completed") >= 3, lines
+    # Codex offered apply_patch (with its fallback metadata it answers "unsupported call: apply_patch")
+    # and applied the model's patch; the script's next step is the answer.
+    assert "unsupported call" not in output, output
+    assert (workdir / "hello.txt").read_text() == "hello\n"
+    assert "The patch is applied." in output
+
+
+def configure_codex(stack: Stack, home: Path) -> None:
+    """``mlx-gateway-codex``: the provider (with WebSockets) and a catalog from the live workers."""
+    configured = subprocess.run([sys.executable, "-m", "gateway.codex", "--url", stack.base_url, "--codex-home",
+                                 str(home)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert configured.returncode == 0, configured.stderr
+
+
+def gateway_log(stack: Stack) -> tuple[Path, int]:
+    log = next(p for p in stack.processes if p.name == "gateway").log_path
+    return log, len(log.read_text())
+
+
+def test_codex_reads_the_catalog_the_gateway_serves(stack, tmp_path):
+    """Codex asks a provider with command auth for ``GET /models?client_version=...``: the gateway's
+    own catalog then takes the place of a catalog file."""
+    home, workdir = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir()
+    workdir.mkdir()
+    (home / "config.toml").write_text(
+        f'model = "{MODEL}"\nmodel_provider = "gw"\n[model_providers.gw]\nname = "gw"\n'
+        f'base_url = "{stack.base_url}/v1"\nwire_api = "responses"\nstream_max_retries = 0\n'
+        'auth = { command = "echo", args = ["unused"] }\n'
+    )
+    output = exec_codex(home, workdir, PATCH_SCRIPT)
+    assert not any(warning in output for warning in FALLBACK_WARNINGS), output
+    assert (workdir / "hello.txt").read_text() == "hello\n"
+
+
 def test_codex_on_the_default_model(smol_stack, tmp_path):
-    """Nothing scripted: Codex's real ~4,500-token prompt, answered by SmolLM2 (about a minute on a CPU)."""
+    """Nothing scripted: Codex configured by mlx-gateway-codex (WebSocket, catalog), answered by SmolLM2."""
     if CODEX is None:
         pytest.skip("Codex CLI not installed")
-    output = run_codex(smol_stack, tmp_path, "What is the capital of France? Answer in one word.", "smollm2-135m")
+    home, workdir = tmp_path / "codex-home", tmp_path / "work"
+    workdir.mkdir()
+    configure_codex(smol_stack, home)
+    output = exec_codex(home, workdir, "What is the capital of France? Answer in one word.")
     assert "Paris" in output.split("codex\n", 1)[-1], output
+    assert "WebSocket" not in output and not any(warning in output for warning in FALLBACK_WARNINGS), output

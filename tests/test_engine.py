@@ -54,6 +54,17 @@ def test_max_tokens_ends_with_length_and_counts_tokens(tiny_model):
     assert finished["a"].prompt_tokens > 3
 
 
+def test_a_request_without_max_tokens_stops_at_the_operators_output_cap(tiny_model):
+    # The tiny model never ends its turn (greedy): uncapped, it would fill its context.
+    _, finished = run(Engine(tiny_model, max_output_tokens=7), chat("a", "Hello", max_tokens=None))
+    assert (finished["a"].finish_reason, finished["a"].completion_tokens) == ("length", 7)
+    # A request's own max_tokens is not capped; the context window still is.
+    _, finished = run(Engine(tiny_model, max_output_tokens=7), chat("b", "Hello", max_tokens=9))
+    assert finished["b"].completion_tokens == 9
+    _, finished = run(Engine(tiny_model), chat("c", "Hello", max_tokens=None))
+    assert finished["c"].completion_tokens == tiny_model.context_length - finished["c"].prompt_tokens
+
+
 def test_stop_string_truncates_output(tiny_model):
     texts, _ = run(Engine(tiny_model), chat("a", "Hello", max_tokens=20))
     full = texts["a"]
@@ -155,6 +166,27 @@ def test_raw_completions_keep_the_leading_space(tiny_model):
     engine = Engine(tiny_model, logits_processors=lambda request: [forced_output(tokenizer, script)])
     texts, _ = run(engine, Generate("raw", prompt="The capital of France is", sampling=GREEDY))
     assert texts["raw"] == " Paris."
+
+
+def test_presence_and_frequency_penalties_change_greedy_output(tiny_model):
+    plain, _ = run(Engine(tiny_model), chat("a", "Hello", max_tokens=24))
+    off, _ = run(Engine(tiny_model), chat("b", "Hello", max_tokens=24, sampling=SamplingParams(
+        temperature=0.0, presence_penalty=0.0, frequency_penalty=0.0)))
+    assert off["b"] == plain["a"]
+    for name in ("presence_penalty", "frequency_penalty"):
+        sampling = SamplingParams(temperature=0.0, **{name: 2.0})
+        penalised, _ = run(Engine(tiny_model), chat("c", "Hello", max_tokens=24, sampling=sampling))
+        assert penalised["c"] != plain["a"], name
+
+
+def test_penalties_leave_the_test_hook_the_last_word(tiny_model):
+    from tiny_model import forced_output
+
+    script = "Same words, same words."
+    engine = Engine(tiny_model, logits_processors=lambda request: [forced_output(tiny_model.tokenizer, script)])
+    sampling = SamplingParams(temperature=0.0, presence_penalty=2.0, frequency_penalty=2.0)
+    texts, _ = run(engine, chat("a", "Hello", max_tokens=50, sampling=sampling))
+    assert texts["a"] == script
 
 
 def test_requests_without_sampling_use_the_model_then_operator_defaults(tiny_model_dir, tmp_path):

@@ -7,9 +7,11 @@ the retry and dead-worker paths are exercised exactly, and fast.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -42,13 +44,14 @@ MODEL = "m"
 class StandIn:
     """A DEALER that registers as a worker of MODEL and answers only when told to."""
 
-    def __init__(self, context: zmq.asyncio.Context, address: str, name: str, max_sequences: int = 4):
+    def __init__(self, context: zmq.asyncio.Context, address: str, name: str, max_sequences: int = 4,
+                 **ready: Any):
         self.name = name
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.IDENTITY, name.encode())
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(address)
-        self.ready = Ready(name, MODEL, PROTOCOL_VERSION, max_sequences, 4096, os.getpid())
+        self.ready = dataclasses.replace(Ready(name, MODEL, PROTOCOL_VERSION, max_sequences, 4096, os.getpid()), **ready)
 
     async def register(self) -> None:
         await self.send(self.ready)
@@ -70,9 +73,10 @@ class StandIn:
         self.socket.close(linger=0)
 
 
-def run(test: Callable[[EngineClient, Callable[[str], Awaitable[StandIn]]], Awaitable[None]],
+def run(test: Callable[[EngineClient, Callable[..., Awaitable[StandIn]]], Awaitable[None]],
         tmp_path: Path, **client_options: float) -> None:
-    """Run ``test(client, new_worker)`` on a fresh loop with a started engine client."""
+    """Run ``test(client, new_worker)`` on a fresh loop with a started engine client.
+    ``new_worker(name, **ready)`` registers a stand-in; ``ready`` overrides fields of its Ready."""
 
     async def main() -> None:
         address = f"ipc://{tmp_path / 'gateway.sock'}"
@@ -80,8 +84,8 @@ def run(test: Callable[[EngineClient, Callable[[str], Awaitable[StandIn]]], Awai
         context = zmq.asyncio.Context()
         stand_ins: list[StandIn] = []
 
-        async def new_worker(name: str) -> StandIn:
-            worker = StandIn(context, address, name)
+        async def new_worker(name: str, **ready: Any) -> StandIn:
+            worker = StandIn(context, address, name, **ready)
             stand_ins.append(worker)
             await worker.register()
             for _ in range(200):

@@ -40,6 +40,9 @@ def test_models_health_and_workers(tiny_stack):
     workers = workers_by_model(tiny_stack)
     assert workers[TINY]["context_length"] == 256 and workers[TINY_LONG]["context_length"] == 100000
     assert workers[TINY]["last_heartbeat_s"] < 2
+    # What the worker told the gateway about its model: the plain tiny template has no tool-call
+    # format and no thinking switch (the scripted "qwen" variant has both: tests/test_codex.py).
+    assert (workers[TINY]["tool_calls"], workers[TINY]["thinking"]) == (False, False)
 
 
 def test_chat_completion(tiny_stack):

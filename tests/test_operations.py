@@ -190,3 +190,26 @@ def test_tcp_beyond_loopback_without_curve_is_refused(tmp_path):
     result = subprocess.run([sys.executable, "-m", "gateway", "--zmq", "tcp://0.0.0.0:5999", "--port", "0",
                              "--store", "memory"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--curve-secret-key" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_stored_responses_belong_to_the_key_that_made_them(keyed):
+    a, b = ({"Authorization": f"Bearer {key}"} for key in (KEY, "sk-from-file"))
+    url = f"{keyed.base_url}/v1/responses"
+    made = httpx.post(url, json={"model": TINY, "input": "A secret for A", "max_output_tokens": 2}, headers=a,
+                      timeout=30).json()
+    rid, item_id = made["id"], made["output"][0]["id"]
+    assert httpx.get(f"{url}/{rid}", headers=a).status_code == 200
+    for method, path in (("GET", f"/{rid}"), ("GET", f"/{rid}/input_items"), ("DELETE", f"/{rid}"),
+                         ("POST", f"/{rid}/cancel")):
+        r = httpx.request(method, url + path, headers=b)
+        assert r.status_code == 404 and "A secret" not in r.text, (method, path, r.text)
+    chained = httpx.post(url, json={"model": TINY, "input": "go on", "previous_response_id": rid}, headers=b, timeout=30)
+    assert chained.status_code == 400 and chained.json()["error"]["code"] == "previous_response_not_found"
+    referenced = httpx.post(url, json={"model": TINY, "input": [{"type": "item_reference", "id": item_id}]},
+                            headers=b, timeout=30)
+    assert referenced.status_code == 400
+    # A's own: still there, and A can chain from it and delete it.
+    r = httpx.post(url, json={"model": TINY, "input": "go on", "previous_response_id": rid, "max_output_tokens": 2},
+                   headers=a, timeout=30)
+    assert r.status_code == 200, r.text
+    assert httpx.delete(f"{url}/{rid}", headers=a).json()["deleted"] is True

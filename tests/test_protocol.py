@@ -25,13 +25,15 @@ from protocol import (
 
 MESSAGES = [
     Ready("w1", "tiny", PROTOCOL_VERSION, 16, 8192, 1234),
+    Ready("w2", "qwen", PROTOCOL_VERSION, 4, 32768, 99, tool_calls=True, thinking=True),
     Heartbeat("w1", active=3, queued=1),
     Generate(
         "r1",
         max_tokens=5,
         messages=[{"role": "user", "content": "hi"}],
         tools=[{"type": "function", "function": {"name": "f"}}],
-        sampling=SamplingParams(temperature=0.2, top_p=0.9, top_k=40, min_p=0.05),
+        sampling=SamplingParams(temperature=0.2, top_p=0.9, top_k=40, min_p=0.05, presence_penalty=-0.5,
+                                frequency_penalty=1.25),
         stop=["\n\n"],
         chat_template_kwargs={"enable_thinking": False},
     ),

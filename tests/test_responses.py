@@ -17,6 +17,8 @@ from conftest import SCRIPTED
 from processes import Stack
 from responses_sse import check_stream, post_stream, read_events, sdk_validate_response
 
+from gateway.responses import compaction
+
 MODEL = SCRIPTED
 WEATHER_TOOL = {
     "type": "function",
@@ -249,6 +251,122 @@ def test_unknown_fields_and_codex_extras_are_tolerated(stack):
     assert obj.metadata == {"k": "v"} and obj.prompt_cache_key == "thread-1"
 
 
+def test_penalties_are_echoed_with_strict_tools_and_range_checked(stack):
+    plain_tool = {"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {}}}
+    body = {"model": MODEL, "input": "SCRIPT:ok ok ok", "presence_penalty": 0.5, "frequency_penalty": -1.5,
+            "tools": [WEATHER_TOOL, plain_tool], **NO_THINKING}
+    r = httpx.post(f"{stack.base_url}/v1/responses", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    sdk_validate_response(r.json())
+    obj = r.json()
+    assert (obj["presence_penalty"], obj["frequency_penalty"]) == (0.5, -1.5)
+    assert obj["output"][0]["content"][0]["text"] == "ok ok ok"  # the script still wins over the penalties
+    assert [(t["name"], t["strict"]) for t in obj["tools"]] == [("get_weather", True), ("lookup", None)]
+    final = check_stream(post_stream(stack.base_url, {"model": MODEL, "input": "SCRIPT:ok", **NO_THINKING}))
+    assert (final["presence_penalty"], final["frequency_penalty"]) == (0.0, 0.0)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "SCRIPT:fine"}], "presence_penalty": 2,
+            "frequency_penalty": 1, **NO_THINKING}
+    r = httpx.post(f"{stack.base_url}/v1/chat/completions", json=chat, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine"
+    for path, bad in [("/v1/responses", {**body, "presence_penalty": 2.5}),
+                      ("/v1/chat/completions", {**chat, "frequency_penalty": -3}),
+                      ("/v1/completions", {"model": MODEL, "prompt": "x", "presence_penalty": 9})]:
+        r = httpx.post(f"{stack.base_url}{path}", json=bad, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"].endswith("penalty"), (path, r.text)
+
+
+# --- compaction: the scripted model writes the summary (chat_template_kwargs' test_script). The
+# summaries hold "SCRIPT:<text>": once a compaction item is expanded into the context as a user
+# message, the scripted model writes <text> (the new user messages carry no script), which shows
+# the summary reached the model.
+
+SUMMARY = "SCRIPT:Resumed from the summary."
+SUMMARISE = {"chat_template_kwargs": {"test_script": SUMMARY, "enable_thinking": False}}
+CONVERSATION = [
+    {"role": "user", "content": "Plan three days in Paris for me."},
+    {"role": "assistant", "content": "Day one: the Louvre, then a walk along the Seine. " * 20},
+    {"role": "user", "content": "Make day two about food."},
+]
+
+
+def test_compact_then_continue_from_the_compaction_item(client):
+    compacted = client.responses.compact(model=MODEL, input=CONVERSATION, instructions="Be terse.",
+                                         extra_body=SUMMARISE)
+    assert compacted.object == "response.compaction" and compacted.id.startswith("resp_")
+    (item,) = compacted.output
+    assert item.type == "compaction" and item.id.startswith("cmp_")
+    assert item.encrypted_content.startswith(compaction.ENCRYPTED_PREFIX)
+    assert compaction.decode_summary(item.encrypted_content) == SUMMARY
+    assert compacted.usage.output_tokens > 5 and compacted.usage.input_tokens > 200
+    follow = create(client, instructions="Be terse.", input=[
+        item.model_dump(exclude_none=True), {"role": "user", "content": "Where were we?"}])
+    assert follow.output_text == "Resumed from the summary."
+    assert follow.usage.input_tokens < compacted.usage.input_tokens / 2  # the summary replaced the conversation
+    # A string input and previous_response_id work as in /v1/responses: the same prompt as the
+    # whole history resent.
+    first = create(client, input="SCRIPT:Noted.")
+    chained = client.responses.compact(model=MODEL, input="Summarise please.", previous_response_id=first.id,
+                                       extra_body=SUMMARISE)
+    resent = client.responses.compact(model=MODEL, extra_body=SUMMARISE, input=[
+        {"role": "user", "content": "SCRIPT:Noted."}, {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "Summarise please."}])
+    assert chained.usage.input_tokens == resent.usage.input_tokens
+
+
+def test_compaction_trigger_answers_exactly_one_compaction_item(stack, client):
+    history = [*CONVERSATION, {"type": "compaction_trigger"}]
+    response = create(client, input=history, extra_body=SUMMARISE)
+    assert response.status == "completed" and [i.type for i in response.output] == ["compaction"]
+    assert compaction.decode_summary(response.output[0].encrypted_content) == SUMMARY
+    events = post_stream(stack.base_url, {"model": MODEL, "input": history, **SUMMARISE})
+    final = check_stream(events)
+    kinds = [e["type"] for e in events]
+    assert kinds.count("response.output_item.added") == kinds.count("response.output_item.done") == 1
+    assert "response.compaction.compacting" in kinds
+    (item,) = final["output"]
+    assert item["type"] == "compaction" and compaction.decode_summary(item["encrypted_content"]) == SUMMARY
+    # Continuing from it by id: the item stands for the conversation it summarised.
+    follow = create(client, previous_response_id=response.id, input="Where were we?")
+    assert follow.output_text == "Resumed from the summary."
+    assert follow.usage.input_tokens < response.usage.input_tokens / 2
+
+
+def test_a_chain_continues_from_a_compaction_item(client):
+    item = {"type": "compaction", "encrypted_content": compaction.encode_summary("SCRIPT:Still resumed.")}
+    first = create(client, input=[item, {"role": "user", "content": "Hello again."}])
+    assert first.output_text == "Still resumed."
+    second = create(client, previous_response_id=first.id, input="And now?")
+    assert second.output_text == "Still resumed."  # two turns on, the summary is still in context
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+    items = client.responses.input_items.list(first.id, order="asc")
+    assert [i.type for i in items.data] == ["compaction", "message"]
+    assert items.data[0].encrypted_content == item["encrypted_content"]
+
+
+def test_compaction_errors_are_openai_errors(stack, client):
+    url = f"{stack.base_url}/v1/responses/compact"
+    foreign = {"type": "compaction", "encrypted_content": "gAAAAABoQpaqueOpenAIBlob"}
+    for body, status, param, code in [
+        ({"input": "hi"}, 400, "model", None),
+        ({"model": "nope", "input": "hi"}, 404, "model", "model_not_found"),
+        ({"model": MODEL, "input": []}, 400, "input", None),
+        ({"model": MODEL, "input": [foreign]}, 400, "input[0].encrypted_content", "invalid_encrypted_content"),
+        ({"model": MODEL, "input": "hi", "previous_response_id": "resp_unknown"}, 400, "previous_response_id",
+         "previous_response_not_found"),
+    ]:
+        r = httpx.post(url, json=body, timeout=30)
+        assert r.status_code == status, r.text
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, error
+        if code:
+            assert error["code"] == code
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        create(client, input=[foreign, {"role": "user", "content": "hi"}])
+    assert excinfo.value.code == "invalid_encrypted_content"
+    with pytest.raises(openai.BadRequestError):
+        create(client, input=[{"type": "compaction_trigger"}])
+
+
 def test_accept_header_does_not_decide_streaming(stack):
     r = httpx.post(f"{stack.base_url}/v1/responses", json={"model": MODEL, "input": "SCRIPT:json", **NO_THINKING},
                    headers={"accept": "text/event-stream"}, timeout=60)
@@ -298,6 +416,11 @@ def test_context_overflow(stack, tiny_model_dir):
         events = post_stream(stack.base_url, {"model": "tiny-small", "input": long_input})
         final = check_stream(events, sdk_strict=False)
         assert final["status"] == "failed" and final["error"]["code"] == "context_length_exceeded"
+        # Compaction runs through the engine like any generation, and fails the same way.
+        r = httpx.post(f"{stack.base_url}/v1/responses/compact", json={"model": "tiny-small", "input": long_input},
+                       timeout=30)
+        error = r.json()["error"]
+        assert r.status_code == 400 and (error["code"], error["param"]) == ("context_length_exceeded", "input")
     finally:
         stack.remove(worker)
 

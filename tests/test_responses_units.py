@@ -7,13 +7,15 @@ import asyncio
 import pytest
 
 from gateway.errors import APIError
+from gateway.responses import compaction
 from gateway.responses.conversation import chat_messages, normalize_input
 from gateway.responses.events import ResponseEvents
 from gateway.responses.objects import ResponseState
 from gateway.responses.request import ResponsesRequest
 from gateway.responses.store import MemoryStore, SQLiteStore, StoredResponse
 from gateway.responses.tools import resolve_tools
-from protocol import Delta, Finished, ToolCall
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from protocol import Delta, Finished, SamplingParams, ToolCall
 
 
 def test_system_and_developer_messages_merge_into_one_leading_system_message():
@@ -114,6 +116,117 @@ def test_blank_text_before_a_call_makes_no_message():
     builder.add(Delta("r", tool_calls=[ToolCall("call_1", "f", "{}")]))
     builder.finish(Finished("r", "stop", 1, 1))
     assert [i["type"] for i in state.output] == ["function_call"]
+
+
+# --- compaction ---------------------------------------------------------------------
+
+
+def test_compaction_content_round_trips_and_is_versioned():
+    summary = "Le café, 日本, and a path: /tmp/x.py\n- next: run the tests"
+    encrypted = compaction.encode_summary(summary)
+    assert encrypted.startswith("mlxgw.compaction.v1:") and summary not in encrypted
+    assert compaction.decode_summary(encrypted) == summary
+    for foreign in ("gAAAAABo_opaque_bytes", "", None, "mlxgw.compaction.v1:!!!", "mlxgw.compaction.v1:e30="):
+        with pytest.raises(ValueError):
+            compaction.decode_summary(foreign)
+
+
+def test_a_compaction_item_becomes_a_user_message_in_its_place():
+    items = normalize_input([
+        {"role": "developer", "content": "Rules."},
+        {"role": "user", "content": "Kept."},
+        {"type": "compaction", "encrypted_content": compaction.encode_summary("The user wants X.")},
+        {"role": "user", "content": "New."},
+    ])
+    assert items[2]["id"].startswith("cmp_") and "status" not in items[2]
+    assert chat_messages("Be terse.", items) == [
+        {"role": "system", "content": "Be terse.\n\nRules."},
+        {"role": "user", "content": "Kept."},
+        {"role": "user", "content": compaction.SUMMARY_PREFIX + "The user wants X."},
+        {"role": "user", "content": "New."},
+    ]
+
+
+def test_a_compaction_item_we_cannot_read_is_a_400():
+    with pytest.raises(APIError) as excinfo:
+        normalize_input([{"role": "user", "content": "hi"}, {"type": "compaction", "encrypted_content": "gAAAA_x"}])
+    error = excinfo.value
+    assert (error.status, error.code, error.param) == (400, "invalid_encrypted_content", "input[1].encrypted_content")
+
+
+def test_compaction_events_give_exactly_one_item_in_order():
+    state = ResponseState("resp_1", ResponsesRequest(model="m", input="x"))
+    builder = compaction.CompactionEvents(state)
+    events = builder.start()
+    events += builder.add(Delta("r", reasoning="Let me see."))
+    events += builder.add(Delta("r", text="The user "))
+    events += builder.add(Delta("r", text="wants X.", tool_calls=[ToolCall("call_1", "f", "{}")]))
+    events += builder.finish(Finished("r", "stop", 30, 4, reasoning_tokens=1))
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    kinds = [e["type"] for e in events]
+    # One progress event: the next would come a second later.
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.compaction.compacting", "response.output_item.done", "response.completed"]
+    added, done = events[2]["item"], events[4]["item"]
+    assert added == {"id": done["id"], "type": "compaction", "encrypted_content": ""}
+    assert compaction.decode_summary(done["encrypted_content"]) == "The user wants X."
+    assert state.output == [done] and state.status == "completed" and state.usage["output_tokens"] == 4
+
+
+def test_compaction_events_when_the_model_writes_nothing_or_fails():
+    # Finished with no text at all: the one item is still owed.
+    state = ResponseState("resp_1", ResponsesRequest(model="m", input="x"))
+    builder = compaction.CompactionEvents(state)
+    events = builder.start() + builder.finish(Finished("r", "stop", 30, 1))
+    assert [e["type"] for e in events][2:] == ["response.output_item.added", "response.output_item.done",
+                                               "response.completed"]
+    # Failed before any output: no item. Failed after some: the announced item is closed.
+    state = ResponseState("resp_2", ResponsesRequest(model="m", input="x"))
+    builder = compaction.CompactionEvents(state)
+    events = builder.start() + builder.fail("worker_crashed", "gone")
+    assert [e["type"] for e in events][2:] == ["response.failed"] and state.output == []
+    state = ResponseState("resp_3", ResponsesRequest(model="m", input="x"))
+    builder = compaction.CompactionEvents(state)
+    events = builder.start() + builder.add(Delta("r", text="Half")) + builder.fail("worker_crashed", "gone")
+    assert [e["type"] for e in events][-2:] == ["response.output_item.done", "response.failed"]
+    assert compaction.decode_summary(state.output[0]["encrypted_content"]) == "Half"
+
+
+def test_a_chain_from_a_compacting_response_keeps_only_the_item_and_the_instructions():
+    context = normalize_input([
+        {"role": "developer", "content": "Rules."},
+        {"role": "user", "content": "Long history."},
+        {"role": "assistant", "content": "Long answer."},
+        {"type": "compaction_trigger"},
+    ])
+    item = compaction.compaction_item("Summary.")
+    assert compaction.carried_history(context, [item]) == [context[0], item]
+    answer = [{"type": "message", "role": "assistant", "content": []}]
+    assert compaction.carried_history(context, answer) == context + answer
+    assert compaction.triggered(context) and not compaction.triggered(context[:-1]) and not compaction.triggered([])
+
+
+# --- penalties ----------------------------------------------------------------------
+
+
+def test_penalties_reach_the_sampling_params_and_the_response_object():
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
+                                 presence_penalty=0.5, frequency_penalty=-1)
+    assert chat.sampling() == SamplingParams(presence_penalty=0.5, frequency_penalty=-1.0)
+    assert CompletionRequest(model="m", prompt="x", frequency_penalty=2).sampling().frequency_penalty == 2.0
+    bodies = {ChatCompletionRequest: {"messages": [{"role": "user", "content": "hi"}]},
+              CompletionRequest: {"prompt": "x"}, ResponsesRequest: {"input": "x"}}
+    for body, fields in bodies.items():
+        fields = {"model": "m", **fields}
+        body.model_validate(fields)
+        for name in ("presence_penalty", "frequency_penalty"):
+            with pytest.raises(ValueError, match=name):
+                body.model_validate({**fields, name: 2.5})
+    echoed = ResponseState("resp_1", ResponsesRequest(model="m", presence_penalty=1.5)).to_dict()
+    assert (echoed["presence_penalty"], echoed["frequency_penalty"]) == (1.5, 0.0)
+    tools = [{"type": "function", "name": "f", "parameters": {}, "strict": True}, {"type": "function", "name": "g"}]
+    echoed = ResponseState("resp_1", ResponsesRequest(model="m", tools=tools)).to_dict()
+    assert [t["strict"] for t in echoed["tools"]] == [True, None]
 
 
 def stored(n: int, size: int = 10) -> StoredResponse:

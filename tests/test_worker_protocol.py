@@ -66,6 +66,7 @@ def test_worker_registers_streams_and_ignores_bad_frames(worker_and_router):
     process, router, log_path = worker_and_router
     identity, ready = receive(router, Ready)
     assert (ready.model, ready.protocol_version, ready.pid) == ("tiny", PROTOCOL_VERSION, process.pid)
+    assert (ready.tool_calls, ready.thinking) == (False, False)  # the plain tiny template has neither
     assert identity == ready.worker_id.encode()
     _, heartbeat = receive(router, Heartbeat)
     assert heartbeat.sender == ready.worker_id

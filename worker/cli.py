@@ -27,6 +27,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--served-name", default=None, help="model name clients use (default: derived from --model)")
     parser.add_argument("--max-sequences", type=int, default=16, help="sequences decoded together (default: 16)")
     parser.add_argument("--context-length", type=int, default=None, help="override the model's context window")
+    parser.add_argument("--max-output-tokens", type=int, default=8192, metavar="N",
+                        help="output tokens for a request that sets no max_tokens (it ends with finish_reason "
+                             "'length'); a small model may otherwise never stop until its context is full "
+                             "(0: no cap but the context; default 8192)")
     parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill step")
     parser.add_argument("--prompt-cache-mb", type=int, default=1024,
                         help="KV cache kept for reuse by later prompts with the same prefix (0: off; default 1024)")
@@ -62,6 +66,9 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
     """Run a worker. ``make_logits_processors(loaded_model)`` is a hook for tests that script output."""
     args = parse_args(argv)
     configure_logging("worker", args.log_level, args.log_format)
+    if args.max_output_tokens < 0:
+        log.error("--max-output-tokens must be 0 (no cap) or more")
+        return 2
     if args.cpu_threads is not None and args.cpu_threads < 1:
         log.error("--cpu-threads must be at least 1")
         return 2

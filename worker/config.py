@@ -17,6 +17,10 @@ class WorkerConfig:
     heartbeat_interval: float = 1.0  # seconds between heartbeats
     drain_timeout: float = 30.0  # on SIGTERM, seconds to finish running requests
     stall_timeout: float = 300.0  # exit if one engine step hangs this long
+    # Output tokens for a request that sets no max_tokens (None: up to the context window). A
+    # small model may never end its turn: SmolLM2 uncapped looped to its whole 8k context, and a
+    # client that waited for the end timed out after 300 s. A request's own max_tokens is not capped.
+    max_output_tokens: int | None = 8192
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkerConfig:
@@ -30,4 +34,5 @@ class WorkerConfig:
             heartbeat_interval=args.heartbeat_interval,
             drain_timeout=args.drain_timeout,
             stall_timeout=args.stall_timeout,
+            max_output_tokens=args.max_output_tokens or None,
         )

@@ -39,11 +39,14 @@ class Worker:
         curve: CurveClient | None = None,
     ):
         self.engine = Engine(loaded, config.max_sequences, config.prefill_step_size, logits_processors,
-                             prompt_cache_bytes=config.prompt_cache_mb << 20)
+                             prompt_cache_bytes=config.prompt_cache_mb << 20,
+                             max_output_tokens=config.max_output_tokens)
         _apply_memory_limits(config)  # after the engine: its BatchGenerator sets mlx-lm's wired limit
         worker_id = f"{loaded.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         ready = Ready(worker_id, loaded.name, PROTOCOL_VERSION, config.max_sequences, loaded.context_length,
-                      os.getpid())
+                      os.getpid(), tool_calls=loaded.tool_calls, thinking=loaded.thinking)
+        self.ready = ready
+        self.max_output_tokens = config.max_output_tokens
         self.stats = EngineStats()
         self.link = GatewayLink(address, ready, load=self._load, heartbeat_interval=config.heartbeat_interval,
                                 stalled_for=self._stalled_for, stall_timeout=config.stall_timeout, curve=curve)
@@ -75,8 +78,10 @@ class Worker:
         signal.signal(signal.SIGINT, self._on_signal)
         self.link.start()
         loaded = self.loaded
-        log.info("serving %s (context %d, %d sequences, default sampling %s) as %s", loaded.name,
-                 loaded.context_length, self.engine.max_sequences, loaded.sampling, self.link.worker_id)
+        log.info("serving %s (context %d, output cap %s, %d sequences, tool calls %s, thinking switch %s, "
+                 "default sampling %s) as %s", loaded.name, loaded.context_length, self.max_output_tokens or "none",
+                 self.engine.max_sequences, self.ready.tool_calls, self.ready.thinking, loaded.sampling,
+                 self.link.worker_id)
         announced = False
         engine = self.engine
         try:

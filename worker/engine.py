@@ -19,7 +19,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from protocol.messages import (
@@ -76,8 +76,10 @@ class Engine:
         prefill_step_size: int = 512,
         logits_processors: LogitsProcessorsFactory | None = None,
         prompt_cache_bytes: int = 1 << 30,
+        max_output_tokens: int | None = None,  # for a request with no max_tokens (None: up to the context)
     ):
         self.loaded = loaded
+        self._max_output_tokens = max_output_tokens
         # KV caches of finished requests, by token prefix (mlx-lm's LRUPromptCache): an agent's
         # next turn resends the whole conversation, and only its new tail needs prefilling.
         self._cache_budget = prompt_cache_bytes
@@ -129,7 +131,7 @@ class Engine:
         sequence = Sequence(
             request=request,
             prompt=prompt,
-            max_tokens=min(request.max_tokens or room, room),
+            max_tokens=min(request.max_tokens or self._max_output_tokens or room, room),
             detokenizer=self._detokenizer(raw=request.messages is None),
             stops=StopStrings(request.stop),
             parser=OutputParser(
@@ -278,7 +280,7 @@ class Engine:
             all_tokens=[s.prompt[: s.cached_tokens] for s in batch],
             max_tokens=[s.max_tokens for s in batch],
             samplers=[self._sampler(s.request) for s in batch],
-            logits_processors=[self._logits_processors(s.request) if self._logits_processors else [] for s in batch],
+            logits_processors=[self._processors(s.request) for s in batch],
             stop_sequences=[self._eos] * len(batch),
         )
         for uid, sequence in zip(uids, batch, strict=True):
@@ -338,6 +340,16 @@ class Engine:
             return default[name] if value is None else value
 
         return make_sampler(temp=pick("temperature"), top_p=pick("top_p"), min_p=pick("min_p"), top_k=pick("top_k"))
+
+    def _processors(self, request: Generate) -> list[Any]:
+        """The sequence's logits processors: OpenAI's presence/frequency penalties (mlx-lm's, over
+        the last 20 tokens), then the test hook's, which must see (and may override) the result."""
+        sampling = request.sampling
+        processors: list[Any] = make_logits_processors(presence_penalty=sampling.presence_penalty,
+                                                       frequency_penalty=sampling.frequency_penalty)
+        if self._logits_processors is not None:
+            processors += self._logits_processors(request)
+        return processors
 
     def _finished(self, sequence: Sequence, reason: str) -> Finished:
         return Finished(

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from worker import tool_formats
 from worker.gguf import ModelLoadError, convert_gguf
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,18 @@ class LoadedModel:
     tokenizer: Any  # mlx_lm.tokenizer_utils.TokenizerWrapper
     context_length: int
     sampling: dict[str, float] = field(default_factory=lambda: dict(FALLBACK_SAMPLING))  # per-field defaults
+
+    @property
+    def tool_calls(self) -> bool:
+        """Whether we know how this model writes tool calls (so they come out parsed)."""
+        return tool_formats.detect(self.tokenizer) is not None
+
+    @property
+    def thinking(self) -> bool:
+        """Whether the chat template has a thinking switch: thinking tokens, or ``enable_thinking``."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        return bool(getattr(self.tokenizer, "has_thinking", False)) or (
+            isinstance(template, str) and "enable_thinking" in template)
 
 
 def cache_dir() -> Path:

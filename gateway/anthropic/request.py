@@ -12,11 +12,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.schemas import TOKEN_LIMIT
+
 
 class MessagesBody(BaseModel):
     """What both bodies hold; ``to_chat`` reads this."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)  # "4" is no number, "yes" no boolean
 
     model: str
     messages: list[dict[str, Any]] = Field(min_length=1)
@@ -26,7 +28,7 @@ class MessagesBody(BaseModel):
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(default=None, ge=0, le=1)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=TOKEN_LIMIT)
     metadata: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
     stream: bool | None = False
@@ -39,10 +41,10 @@ class MessagesBody(BaseModel):
 
 
 class MessagesRequest(MessagesBody):
-    max_tokens: int = Field(ge=1)
+    max_tokens: int = Field(ge=1, le=TOKEN_LIMIT)
 
 
 class CountTokensRequest(MessagesBody):
     """The same body, where ``max_tokens`` may be left out (nothing is generated)."""
 
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=TOKEN_LIMIT)

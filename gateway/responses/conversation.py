@@ -9,7 +9,9 @@ conversation (previous items, then this request's) as chat messages:
 - consecutive ``function_call`` items become one assistant message with several tool calls;
 - ``function_call_output`` becomes a ``tool`` message, matched to its call by ``call_id``;
 - ``reasoning`` items are attached to the assistant turn they led to (``reasoning_content``),
-  never an error, whatever they carry.
+  never an error, whatever they carry;
+- a ``compaction`` item (ours: ``compaction.py``) becomes a user message with its summary, in
+  its place.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 from typing import Any
 
 from gateway.errors import APIError
+from gateway.responses import compaction
 from gateway.responses.objects import new_id
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,7 @@ _IGNORED_ITEMS = {  # hosted-tool history and other items a local model cannot u
     "computer_call", "computer_call_output", "image_generation_call", "code_interpreter_call",
     "shell_call", "shell_call_output", "apply_patch_call", "apply_patch_call_output", "mcp_list_tools",
     "mcp_approval_request", "mcp_approval_response", "mcp_call", "tool_search_call", "tool_search_output",
-    "compaction", "additional_tools", "compaction_trigger", "program", "program_output",
+    "additional_tools", "compaction_trigger", "program", "program_output",
 }
 
 
@@ -71,6 +74,8 @@ def normalize_input(raw: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             if kind == "function_call" and not isinstance(item.get("name"), str):
                 raise APIError(400, "function_call needs a name", param=f"input[{index}].name")
             item = {**item, "type": kind}
+        elif kind == "compaction":
+            item = compaction.checked_input_item(item, index)
         elif kind != "item_reference":
             item = {**item, "type": kind}
         if kind in _ITEM_ID_PREFIXES:
@@ -183,6 +188,10 @@ def chat_messages(instructions: str | None, items: list[dict[str, Any]], extra_s
             messages.append(message)
         elif kind == "reasoning":
             pending_reasoning += _reasoning_text(item)
+        elif kind == "compaction":
+            # The summary stands where the history it replaces stood; why a user message: see
+            # compaction.context_message.
+            messages.append(compaction.context_message(item))
         elif kind in _IGNORED_ITEMS:
             log.debug("input item %s has no meaning for a local model; skipped", kind)
         else:

@@ -50,6 +50,8 @@ class ResponseState:
             "output": list(self.output),
             "parallel_tool_calls": r.parallel_tool_calls is not False,
             "previous_response_id": r.previous_response_id,
+            "presence_penalty": r.presence_penalty or 0.0,
+            "frequency_penalty": r.frequency_penalty or 0.0,
             "prompt_cache_key": r.prompt_cache_key,
             "prompt_cache_retention": r.prompt_cache_retention,
             "reasoning": {"effort": None, "summary": None, **(r.reasoning or {})},

@@ -11,9 +11,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.schemas import TOKEN_LIMIT
+
 
 class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)  # "4" is no number, "yes" no boolean
 
     model: str
     input: str | list[dict[str, Any]] = Field(default_factory=list)
@@ -27,8 +29,10 @@ class ResponsesRequest(BaseModel):
     parallel_tool_calls: bool | None = True
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    max_output_tokens: int | None = Field(default=None, ge=1)
-    max_tool_calls: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    max_output_tokens: int | None = Field(default=None, ge=1, le=TOKEN_LIMIT)
+    max_tool_calls: int | None = Field(default=None, ge=0, le=TOKEN_LIMIT)
     text: dict[str, Any] | None = None
     reasoning: dict[str, Any] | None = None
     include: list[str] | None = None
@@ -39,7 +43,8 @@ class ResponsesRequest(BaseModel):
     safety_identifier: str | None = None
     service_tier: str | None = None
     truncation: str | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None
+    generate: bool | None = None  # false: only create the response (Codex's WebSocket prewarm)
     conversation: str | dict[str, Any] | None = None  # refused: see ResponsesService.prepare
     prompt: dict[str, Any] | None = None  # refused likewise

@@ -17,13 +17,14 @@ from typing import Any
 
 from gateway.engine_client import EngineClient, RequestStream
 from gateway.errors import APIError, EngineError, api_error
+from gateway.responses import compaction
 from gateway.responses.conversation import chat_messages, format_instructions, item_type, normalize_input
 from gateway.responses.events import Event, ResponseEvents
 from gateway.responses.objects import ResponseState
 from gateway.responses.request import ResponsesRequest
-from gateway.responses.store import ResponseStore, StoredResponse
+from gateway.responses.store import INTERRUPTED, ResponseStore, StoredResponse
 from gateway.responses.tools import resolve_tools
-from protocol import Generate, SamplingParams
+from protocol import Finished, Generate, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Run:
     context: list[dict[str, Any]]  # everything the model sees before its output
     builder: ResponseEvents
     failure: EngineError | None = None  # why it failed, if it did
+    owner: str = ""  # who may see it: a hash of the API key that made it ("" with no keys)
     task: asyncio.Task | None = None  # background runs only
     events: list[Event] = field(default_factory=list)  # background runs keep theirs for streaming GETs
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -49,9 +51,14 @@ class ResponsesService:
         self.engine = engine
         self.store = store
         self._background: dict[str, Run] = {}
+        self._closing = False
 
-    async def prepare(self, body: ResponsesRequest, response_id: str, trace_id: str | None = None) -> Run:
-        """``trace_id``: the id this request is logged under (the client's x-request-id, if any)."""
+    async def prepare(self, body: ResponsesRequest, response_id: str, trace_id: str | None = None,
+                      local: StoredResponse | None = None, owner: str = "") -> Run:
+        """``trace_id``: the id this request is logged under (the client's x-request-id, if any);
+        ``local``: a response kept outside the store (a WebSocket connection's last one, which
+        ``previous_response_id`` may name even with ``store: false``); ``owner``: the caller
+        (``middleware.owner_of``), who sees only what it stored itself."""
         self.engine.admit(body.model)  # again when it runs; checked here to answer with a 4xx
         if body.background and body.store is False:
             raise APIError(400, "background responses must be stored (store: true)", param="background")
@@ -63,12 +70,15 @@ class ResponsesService:
                                "'input' or use previous_response_id", param=unsupported)
         earlier: list[dict[str, Any]] = []
         if body.previous_response_id:
-            previous = await self.store.get(body.previous_response_id)
+            if local is not None and local.response["id"] == body.previous_response_id:
+                previous: StoredResponse | None = local
+            else:
+                previous = await self.store.get(body.previous_response_id, owner)
             if previous is None:
                 raise APIError(400, f"Previous response with id '{body.previous_response_id}' not found.",
                                param="previous_response_id", code="previous_response_not_found")
-            earlier = previous.context + previous.response.get("output", [])
-        items = await self._resolve_references(normalize_input(body.input))
+            earlier = compaction.carried_history(previous.context, previous.response.get("output", []))
+        items = await self._resolve_references(normalize_input(body.input), owner)
         context = earlier + items
         tools = resolve_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
         template_kwargs = {}
@@ -77,26 +87,35 @@ class ResponsesService:
             template_kwargs["enable_thinking"] = effort not in _THINKING_OFF
         template_kwargs.update(body.chat_template_kwargs or {})
 
+        messages = chat_messages(body.instructions, context, format_instructions(body.text))
+        if not messages:
+            unknown = sorted({str(item_type(item)) for item in context})
+            raise APIError(400, "input holds nothing the model can read" + (f" (item types: {', '.join(unknown)})"
+                                                                             if unknown else ""), param="input")
         state = ResponseState(response_id, body, status="queued")
         generate = Generate(
             request_id=state.id,
-            messages=chat_messages(body.instructions, context, format_instructions(body.text)),
+            messages=messages,
             tools=tools.template_tools or None,
             tool_choice=tools.tool_choice,
             max_tokens=body.max_output_tokens,
-            sampling=SamplingParams(temperature=body.temperature, top_p=body.top_p),
+            sampling=SamplingParams(temperature=body.temperature, top_p=body.top_p,
+                                    presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty),
             chat_template_kwargs=template_kwargs,
             prompt_cache_key=body.prompt_cache_key,
             trace_id=trace_id,
         )
         round_trip = "reasoning.encrypted_content" in (body.include or [])
-        return Run(state, generate, items, context, ResponseEvents(state, tools, round_trip))
+        run = Run(state, generate, items, context, ResponseEvents(state, tools, round_trip), owner=owner)
+        if compaction.triggered(items):  # the answer is one compaction item: see compaction.py
+            compaction.summarise_instead(run, body)
+        return run
 
-    async def _resolve_references(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _resolve_references(self, items: list[dict[str, Any]], owner: str) -> list[dict[str, Any]]:
         resolved = []
         for index, item in enumerate(items):
             if item_type(item) == "item_reference":
-                found = await self.store.get_item(str(item.get("id")))
+                found = await self.store.get_item(str(item.get("id")), owner)
                 if found is None:
                     raise APIError(400, f"Item with id '{item.get('id')}' not found.", param=f"input[{index}]")
                 item = found
@@ -108,6 +127,11 @@ class ResponsesService:
         can write them at once); store the result when it ends (not if abandoned)."""
         builder = run.builder
         yield builder.start()
+        if run.state.request.generate is False:
+            # Codex's WebSocket prewarm: the response exists (to continue from), nothing runs.
+            yield builder.finish(Finished(run.state.id, "stop", 0, 0))
+            await self._save(run)
+            return
         stream: RequestStream | None = None
         try:
             stream = await self.engine.submit(run.state.request.model, run.generate)
@@ -134,13 +158,17 @@ class ResponsesService:
         if run.state.request.store is False:
             return
         try:
-            await self.store.put(StoredResponse(run.state.to_dict(), run.input_items, run.context))
+            await self.store.put(StoredResponse(run.state.to_dict(), run.input_items, run.context, run.owner))
         except Exception:  # a full disk must not turn a finished answer into an error
             log.exception("could not store response %s", run.state.id)
 
     # --- background ---------------------------------------------------------------------
 
-    def start_background(self, run: Run) -> None:
+    async def start_background(self, run: Run) -> None:
+        """Run it in a task that GET and cancel can see. It is stored (queued) before the client
+        hears of it, so a gateway that dies meanwhile leaves a failed response, not a 404
+        (``store.fail_interrupted`` at the next start)."""
+        await self._save(run)
         self._background[run.state.id] = run
         run.task = asyncio.create_task(self._drain(run), name=f"background-{run.state.id}")
 
@@ -150,7 +178,10 @@ class ResponsesService:
                 run.events.extend(events)
                 run.changed.set()
         except asyncio.CancelledError:
-            run.builder.cancel()
+            if self._closing:  # not the client's doing: the gateway is stopping
+                run.events.extend(run.builder.fail(INTERRUPTED["code"], INTERRUPTED["message"]))
+            else:
+                run.builder.cancel()
             await self._save(run)
         finally:
             run.changed.set()
@@ -170,32 +201,40 @@ class ResponsesService:
                 continue
             await run.changed.wait()
 
-    def background_run(self, response_id: str) -> Run | None:
-        return self._background.get(response_id)
-
-    async def cancel(self, response_id: str) -> dict[str, Any]:
+    def background_run(self, response_id: str, owner: str = "") -> Run | None:
         run = self._background.get(response_id)
+        return run if run is not None and run.owner == owner else None
+
+    async def cancel(self, response_id: str, owner: str = "") -> dict[str, Any]:
+        run = self.background_run(response_id, owner)
         if run is not None and run.task is not None:
             run.task.cancel()
             await asyncio.gather(run.task, return_exceptions=True)
             return run.state.to_dict()
-        stored = await self.store.get(response_id)
+        stored = await self.store.get(response_id, owner)
         if stored is None:
             raise response_not_found(response_id)
         if not stored.response.get("background"):
             raise APIError(400, "Only background responses can be cancelled.", param="response_id")
         return stored.response  # already finished: nothing to cancel
 
-    async def retrieve(self, response_id: str) -> dict[str, Any]:
-        run = self._background.get(response_id)
+    async def retrieve(self, response_id: str, owner: str = "") -> dict[str, Any]:
+        run = self.background_run(response_id, owner)
         if run is not None:
             return run.state.to_dict()
-        stored = await self.store.get(response_id)
+        stored = await self.store.get(response_id, owner)
         if stored is None:
             raise response_not_found(response_id)
         return stored.response
 
+    async def start(self) -> None:
+        """Background runs the last gateway process lost are failed, and say so."""
+        lost = await self.store.fail_interrupted()
+        if lost:
+            log.warning("%d background responses were running when the gateway last stopped: marked failed", lost)
+
     async def close(self) -> None:
+        self._closing = True
         tasks = [run.task for run in self._background.values() if run.task is not None]
         for task in tasks:
             task.cancel()

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
+import stat
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +29,19 @@ class StoredResponse:
     response: dict[str, Any]
     input_items: list[dict[str, Any]]
     context: list[dict[str, Any]]
+    # A hash of the API key that created it ("" with no keys): every other key gets None, as
+    # if it did not exist. Items belong to their response's owner.
+    owner: str = ""
+
+
+# A background run the gateway lost (it stopped mid-run) reads as failed, never as missing.
+INTERRUPTED = {"code": "gateway_restarted",
+               "message": "The gateway stopped while this background response was running; run it again."}
+
+
+def interrupted(response: dict[str, Any]) -> dict[str, Any]:
+    """``response`` as it ends when its run was lost: failed, with what it had produced."""
+    return {**response, "status": "failed", "error": INTERRUPTED}
 
 
 class MemoryStore:
@@ -34,7 +49,7 @@ class MemoryStore:
         self.max_responses = max_responses
         self.max_bytes = max_bytes
         self._responses: OrderedDict[str, tuple[StoredResponse, int]] = OrderedDict()
-        self._items: dict[str, dict[str, Any]] = {}
+        self._items: dict[str, tuple[str, dict[str, Any]]] = {}  # item id -> (owner, item)
         self._item_ids: dict[str, list[str]] = {}  # response id -> its item ids
         self._bytes = 0
 
@@ -45,22 +60,25 @@ class MemoryStore:
         self._responses[response_id] = (stored, size)
         self._bytes += size
         items = [i for i in (*stored.input_items, *stored.response.get("output", [])) if i.get("id")]
-        self._items.update((item["id"], item) for item in items)
+        self._items.update((item["id"], (stored.owner, item)) for item in items)
         self._item_ids[response_id] = [item["id"] for item in items]
         while len(self._responses) > self.max_responses or (self._bytes > self.max_bytes and len(self._responses) > 1):
             await self.delete(next(iter(self._responses)))
 
-    async def get(self, response_id: str) -> StoredResponse | None:
+    async def get(self, response_id: str, owner: str = "") -> StoredResponse | None:
         entry = self._responses.get(response_id)
-        return entry[0] if entry else None
+        return entry[0] if entry and entry[0].owner == owner else None
 
-    async def get_item(self, item_id: str) -> dict[str, Any] | None:
-        return self._items.get(item_id)
+    async def get_item(self, item_id: str, owner: str = "") -> dict[str, Any] | None:
+        found = self._items.get(item_id)
+        return found[1] if found and found[0] == owner else None
 
-    async def delete(self, response_id: str) -> bool:
-        entry = self._responses.pop(response_id, None)
-        if entry is None:
+    async def delete(self, response_id: str, owner: str | None = None) -> bool:
+        """``owner`` None: whoever owns it (eviction)."""
+        entry = self._responses.get(response_id)
+        if entry is None or (owner is not None and entry[0].owner != owner):
             return False
+        del self._responses[response_id]
         self._bytes -= entry[1]
         for item_id in self._item_ids.pop(response_id, []):
             self._items.pop(item_id, None)
@@ -72,6 +90,10 @@ class MemoryStore:
 
     async def count(self) -> int:
         return len(self._responses)
+
+    async def fail_interrupted(self) -> int:
+        """Nothing survives a restart in memory: nothing to mark."""
+        return 0
 
     async def close(self) -> None:
         pass
@@ -94,6 +116,8 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS items_response ON items (response_id);
 """
+# Databases made before responses were scoped to their key gain the column (their rows: "").
+_MIGRATIONS = ("ALTER TABLE responses ADD COLUMN owner TEXT NOT NULL DEFAULT ''",)
 
 
 class SQLiteStore:
@@ -107,11 +131,18 @@ class SQLiteStore:
         self._executor.submit(self._open).result()
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.path.parent)
+        for suffix in ("", "-wal", "-shm"):  # the database and SQLite's files beside it
+            _private_file(self.path.with_name(self.path.name + suffix), create=not suffix)
         self._db = sqlite3.connect(self.path)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(responses)")}
+        if "owner" not in columns:
+            for statement in _MIGRATIONS:
+                self._db.execute(statement)
+            self._db.commit()
         self.size = self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 
     async def _run(self, function, *args):
@@ -129,8 +160,10 @@ class SQLiteStore:
         with db:
             self._delete(response_id)
             (seq,) = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM responses").fetchone()
-            db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?)",
-                       (response_id, seq, size, response_json, json.dumps(stored.input_items), context_json))
+            db.execute("INSERT INTO responses (id, seq, size, response, input_items, context, owner) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (response_id, seq, size, response_json, json.dumps(stored.input_items), context_json,
+                        stored.owner))
             db.executemany(
                 "INSERT OR REPLACE INTO items VALUES (?, ?, ?)",
                 [(item["id"], response_id, json.dumps(item))
@@ -144,26 +177,33 @@ class SQLiteStore:
                 self._delete(oldest)
             self.size = count
 
-    async def get(self, response_id: str) -> StoredResponse | None:
-        return await self._run(self._get, response_id)
+    async def get(self, response_id: str, owner: str = "") -> StoredResponse | None:
+        return await self._run(self._get, response_id, owner)
 
-    def _get(self, response_id: str) -> StoredResponse | None:
-        row = self._db.execute(
-            "SELECT response, input_items, context FROM responses WHERE id = ?", (response_id,)).fetchone()
-        return StoredResponse(*(json.loads(column) for column in row)) if row else None
+    def _get(self, response_id: str, owner: str) -> StoredResponse | None:
+        row = self._db.execute("SELECT response, input_items, context FROM responses WHERE id = ? AND owner = ?",
+                               (response_id, owner)).fetchone()
+        if row is None:
+            return None
+        response, input_items, context = (json.loads(column) for column in row)
+        return StoredResponse(response, input_items, context, owner)
 
-    async def get_item(self, item_id: str) -> dict[str, Any] | None:
-        return await self._run(self._get_item, item_id)
+    async def get_item(self, item_id: str, owner: str = "") -> dict[str, Any] | None:
+        return await self._run(self._get_item, item_id, owner)
 
-    def _get_item(self, item_id: str) -> dict[str, Any] | None:
-        row = self._db.execute("SELECT item FROM items WHERE id = ?", (item_id,)).fetchone()
+    def _get_item(self, item_id: str, owner: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT item FROM items JOIN responses ON responses.id = items.response_id "
+                               "WHERE items.id = ? AND responses.owner = ?", (item_id, owner)).fetchone()
         return json.loads(row[0]) if row else None
 
-    async def delete(self, response_id: str) -> bool:
-        return await self._run(self._delete_committed, response_id)
+    async def delete(self, response_id: str, owner: str | None = None) -> bool:
+        """``owner`` None: whoever owns it."""
+        return await self._run(self._delete_committed, response_id, owner)
 
-    def _delete_committed(self, response_id: str) -> bool:
+    def _delete_committed(self, response_id: str, owner: str | None) -> bool:
         with self._db:
+            if owner is not None and self._get(response_id, owner) is None:
+                return False
             deleted = self._delete(response_id)
         self.size -= int(deleted)
         return deleted
@@ -176,9 +216,41 @@ class SQLiteStore:
     async def count(self) -> int:
         return await self._run(lambda: self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
 
+    async def fail_interrupted(self) -> int:
+        """At start: background runs stored as queued or in progress were lost with the last
+        gateway process; they become failed (``INTERRUPTED``). Returns how many."""
+        return await self._run(self._fail_interrupted)
+
+    def _fail_interrupted(self) -> int:
+        rows = self._db.execute("SELECT id, response FROM responses WHERE json_extract(response, '$.status') "
+                                "IN ('queued', 'in_progress')").fetchall()
+        with self._db:
+            for response_id, response in rows:
+                self._db.execute("UPDATE responses SET response = ? WHERE id = ?",
+                                 (json.dumps(interrupted(json.loads(response))), response_id))
+        return len(rows)
+
     async def close(self) -> None:
         await self._run(self._db.close)
         self._executor.shutdown(wait=True)
+
+
+def _private_dir(path: Path) -> None:
+    """Stored prompts and outputs are for this user alone: the directory is 0700. An existing
+    shared directory (sticky, like /tmp) or one of another user is left as it is."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid == os.getuid() and not info.st_mode & stat.S_ISVTX:
+        path.chmod(0o700)
+
+
+def _private_file(path: Path, create: bool) -> None:
+    """0600, created so (never readable by others for a moment); SQLite gives its -wal and -shm
+    files the database's mode."""
+    if create and not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    if path.exists():
+        path.chmod(0o600)
 
 
 ResponseStore = MemoryStore | SQLiteStore

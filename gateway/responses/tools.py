@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.errors import APIError
+from gateway.json_schema import tool_schema
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def _add_tool(toolset: ToolSet, tool: dict[str, Any], where: str, namespace: str
         if not isinstance(name, str) or not name:
             raise APIError(400, "a function tool needs a name", param=f"{where}.name")
         function = {"name": name, "description": tool.get("description") or "",
-                    "parameters": tool.get("parameters") or {"type": "object", "properties": {}}}
+                    "parameters": tool_schema(tool.get("parameters"), f"{where}.parameters")}
         toolset.template_tools.append({"type": "function", "function": function})
     elif kind == "custom":
         name = tool.get("name")

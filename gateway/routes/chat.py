@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from gateway.chunks import Chunk, ChunkFormat, finish_reason, sse_chunks, usage
 from gateway.errors import APIError
 from gateway.generation import ClientDisconnected, collect, submit
+from gateway.json_schema import tool_schema
 from gateway.middleware import bind_request_id
 from gateway.schemas import ChatCompletionRequest, ChatMessage
 from gateway.sse import EventStreamResponse
@@ -93,6 +94,13 @@ class ChatChunks(ChunkFormat):
 def _tools(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, str]:
     """The tools the template gets, and "auto" or "required", from ``tool_choice``."""
     choice = body.tool_choice
+    for index, tool in enumerate(body.tools or []):
+        if tool.get("type", "function") != "function":
+            continue  # other kinds go to the template as they are
+        function = tool.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise APIError(400, "a function tool needs a function with a name", param=f"tools.{index}.function")
+        tool_schema(function.get("parameters"), f"tools.{index}.function.parameters")
     if not body.tools or choice == "none":
         return None, "auto"
     if choice == "required":

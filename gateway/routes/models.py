@@ -1,4 +1,5 @@
-"""GET /v1/models, /v1/models/{model}, /v1/workers, /health and /metrics."""
+"""GET /v1/models (OpenAI's list, or Codex's model catalog), /v1/models/{model}, /v1/workers,
+/health and /metrics."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway import codex
 from gateway.engine_client import EngineClient
 from gateway.errors import model_not_found
+from gateway.registry import WorkerInfo
 
 router = APIRouter()
 
@@ -25,8 +28,12 @@ def _model_card(model: str, created: int) -> dict[str, Any]:
 
 
 @router.get("/v1/models")
-async def list_models(request: Request) -> dict[str, Any]:
+async def list_models(request: Request, client_version: str | None = None) -> dict[str, Any]:
+    """OpenAI's model list; with ``?client_version=`` (Codex's request) Codex's model catalog."""
     engine = _engine(request)
+    if client_version is not None:
+        now = time.monotonic()
+        return codex.model_catalog(codex.served_models(_worker_view(w, now) for w in engine.registry.all()))
     created: dict[str, int] = {}
     for worker in engine.registry.all():
         if not worker.serving:
@@ -43,27 +50,27 @@ async def get_model(model: str, request: Request) -> dict[str, Any]:
     return _model_card(model, int(min(w.registered_at for w in workers)))
 
 
+def _worker_view(w: WorkerInfo, now: float) -> dict[str, Any]:
+    return {
+        "id": w.worker_id,
+        "model": w.model,
+        "pid": w.pid,
+        "state": w.state.value,
+        "context_length": w.context_length,
+        "tool_calls": w.tool_calls,
+        "thinking": w.thinking,
+        "max_sequences": w.max_sequences,
+        "in_flight": len(w.in_flight),
+        "active": w.active,
+        "queued": w.queued,
+        "last_heartbeat_s": round(now - w.last_seen, 3),
+    }
+
+
 @router.get("/v1/workers")
 async def list_workers(request: Request) -> dict[str, Any]:
     now = time.monotonic()
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": w.worker_id,
-                "model": w.model,
-                "pid": w.pid,
-                "state": w.state.value,
-                "context_length": w.context_length,
-                "max_sequences": w.max_sequences,
-                "in_flight": len(w.in_flight),
-                "active": w.active,
-                "queued": w.queued,
-                "last_heartbeat_s": round(now - w.last_seen, 3),
-            }
-            for w in _engine(request).registry.all()
-        ],
-    }
+    return {"object": "list", "data": [_worker_view(w, now) for w in _engine(request).registry.all()]}
 
 
 @router.get("/health")

@@ -1,4 +1,5 @@
-"""The Responses API: POST /v1/responses, and GET, DELETE, input_items and cancel by id."""
+"""The Responses API: POST /v1/responses and /v1/responses/compact, and GET, DELETE, input_items
+and cancel by id."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from gateway.errors import APIError
 from gateway.generation import ClientDisconnected, unless_disconnected
 from gateway.middleware import bind_request_id
+from gateway.responses import compaction
 from gateway.responses.events import Event
 from gateway.responses.objects import new_id
 from gateway.responses.request import ResponsesRequest
@@ -25,14 +27,19 @@ def _service(request: Request) -> ResponsesService:
     return service
 
 
+def _owner(request: Request) -> str:
+    """The caller's key, hashed by the middleware: what it stored is all it can see."""
+    return str(request.scope.get("state", {}).get("owner", ""))
+
+
 @router.post("/v1/responses")
 async def create_response(body: ResponsesRequest, request: Request) -> Response:
     service = _service(request)
     response_id = new_id("resp")
     trace_id = bind_request_id(request, response_id, body.model)
-    run = await service.prepare(body, response_id, trace_id)
+    run = await service.prepare(body, response_id, trace_id, owner=_owner(request))
     if body.background:
-        service.start_background(run)
+        await service.start_background(run)
         if body.stream:
             return EventStreamResponse(_sse(service.follow(run)))
         return JSONResponse(run.state.to_dict())
@@ -52,6 +59,19 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     return JSONResponse(run.state.to_dict())
 
 
+@router.post("/v1/responses/compact")
+async def compact_response(body: compaction.CompactRequest, request: Request) -> Response:
+    """Summarise a conversation into one ``compaction`` item (see responses/compaction.py)."""
+    response_id = new_id("resp")
+    trace_id = bind_request_id(request, response_id, body.model)
+    try:
+        compacted = await unless_disconnected(
+            request, compaction.compact(_service(request), body, response_id, trace_id, _owner(request)))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return JSONResponse(compacted)
+
+
 async def _sse(batches: AsyncGenerator[list[Event], None]) -> AsyncGenerator[bytes, None]:
     try:
         async for batch in batches:
@@ -64,26 +84,26 @@ async def _sse(batches: AsyncGenerator[list[Event], None]) -> AsyncGenerator[byt
 async def get_response(
     response_id: str, request: Request, stream: bool = False, starting_after: int = -1
 ) -> Response:
-    service = _service(request)
-    run = service.background_run(response_id)
+    service, owner = _service(request), _owner(request)
+    run = service.background_run(response_id, owner)
     if stream and run is not None:
         return EventStreamResponse(_sse(service.follow(run, starting_after)))
-    return JSONResponse(await service.retrieve(response_id))
+    return JSONResponse(await service.retrieve(response_id, owner))
 
 
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(response_id: str, request: Request) -> dict[str, Any]:
-    service = _service(request)
-    if service.background_run(response_id) is not None:
-        await service.cancel(response_id)
-    if not await service.store.delete(response_id):
+    service, owner = _service(request), _owner(request)
+    if service.background_run(response_id, owner) is not None:
+        await service.cancel(response_id, owner)
+    if not await service.store.delete(response_id, owner):
         raise response_not_found(response_id)
     return {"id": response_id, "object": "response", "deleted": True}
 
 
 @router.post("/v1/responses/{response_id}/cancel")
 async def cancel_response(response_id: str, request: Request) -> dict[str, Any]:
-    return await _service(request).cancel(response_id)
+    return await _service(request).cancel(response_id, _owner(request))
 
 
 @router.get("/v1/responses/{response_id}/input_items")
@@ -95,12 +115,12 @@ async def list_input_items(
     limit: int = Query(default=20, ge=1, le=100),
     order: Literal["asc", "desc"] = "desc",
 ) -> dict[str, Any]:
-    service = _service(request)
-    run = service.background_run(response_id)
+    service, owner = _service(request), _owner(request)
+    run = service.background_run(response_id, owner)
     if run is not None:
         items = run.input_items
     else:
-        stored = await service.store.get(response_id)
+        stored = await service.store.get(response_id, owner)
         if stored is None:
             raise response_not_found(response_id)
         items = stored.input_items
