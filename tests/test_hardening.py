@@ -112,12 +112,12 @@ def test_openapi_says_what_the_server_answers(tiny_stack):
         "/AnthropicError")
 
 
-def test_schemathesis_finds_no_server_error_or_undocumented_status(tiny_stack):
+def test_schemathesis_finds_no_server_error_or_undocumented_status(tiny_stack, tmp_path):
     """Generated requests against every operation of the live gateway and its worker."""
     command = [str(Path(sys.executable).parent / "schemathesis"), "run", f"{tiny_stack.base_url}/openapi.json",
                "--checks", "not_a_server_error,status_code_conformance", "--max-examples", "10",
                "--request-timeout", "60", "--generation-deterministic"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
     assert " passed" in result.stdout
 
