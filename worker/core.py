@@ -11,12 +11,15 @@ import queue
 import signal
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 
 from protocol import PROTOCOL_VERSION, Accepted, Cancel, Error, Finished, Generate, Output, Ready
-from protocol.messages import ERROR_SHUTTING_DOWN
+from protocol.messages import ERROR_INTERNAL, ERROR_SHUTTING_DOWN
 from protocol.security import CurveClient
 from worker.config import WorkerConfig
-from worker.engine import Engine, LogitsProcessorsFactory
+from worker.engine import Engine, LogitsProcessorsFactory, Sequence
 from worker.link import GatewayLink
 from worker.models import LoadedModel
 
@@ -52,6 +55,9 @@ class Worker:
                                 stalled_for=self._stalled_for, stall_timeout=config.stall_timeout, curve=curve)
         self.loaded = loaded
         self._requests: dict[str, tuple[str, float]] = {}  # request id -> (log id, start time)
+        # Prompts are built (template, tokenizer) on this thread, one at a time, in arrival order.
+        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt-builder")
+        self._building: set[str] = set()  # request ids whose prompt is being built
         self.drain_timeout = config.drain_timeout
         self.drain_deadline: float | None = None  # set once draining
         self.stop_now = False
@@ -108,12 +114,14 @@ class Worker:
         finally:
             for error in engine.cancel_all(ERROR_SHUTTING_DOWN, "the worker is shutting down"):
                 self.link.send(error)
+            self._builder.shutdown(wait=False, cancel_futures=True)
             self.link.close()
             log.info("stopped")
         return 0
 
     def _drain_inbox(self, block: bool) -> None:
-        """Apply every waiting Generate/Cancel; wait briefly for one when the engine is idle."""
+        """Apply every waiting Generate/Cancel (and built prompt); wait briefly for one when the
+        engine is idle."""
         link = self.link
         try:
             message = link.inbox.get(timeout=0.2) if block else link.inbox.get_nowait()
@@ -131,23 +139,42 @@ class Worker:
         if isinstance(message, Generate):
             log_id = message.trace_id or message.request_id
             self._requests[message.request_id] = (log_id, time.monotonic())
+            if self.drain_deadline is not None:
+                self._refuse(message)
+                return
+            # Building the prompt (template, tokenizer) runs beside the engine loop; the result
+            # comes back through the inbox as a _Built.
+            self._building.add(message.request_id)
+            work = engine.count if message.count_only else engine.prepare
+            built: Future[Sequence | Accepted | Error] = self._builder.submit(work, message)
+            built.add_done_callback(partial(_post_built, link.inbox, message))
+        elif isinstance(message, _Built):
+            request = message.request
+            if request.request_id not in self._building:
+                self._requests.pop(request.request_id, None)  # cancelled while its prompt was built
+                return
+            self._building.discard(request.request_id)
             reply: Accepted | Error
             if self.drain_deadline is not None:
-                reply = Error(ERROR_SHUTTING_DOWN, "this worker is shutting down", message.request_id)
-            elif message.count_only:
-                self._count(message)
+                self._refuse(request)
                 return
-            else:
-                reply = engine.submit(message)
+            if request.count_only:
+                self._count(request, message.outcome)
+                return
+            reply = engine.enqueue(message.outcome) if isinstance(message.outcome, Sequence) else message.outcome
+            log_id = request.trace_id or request.request_id
             if isinstance(reply, Accepted):
                 self.stats.prompt_tokens += reply.prompt_tokens
-                note = f" ({message.request_id})" if log_id != message.request_id else ""
+                note = f" ({request.request_id})" if log_id != request.request_id else ""
                 log.info("accepted%s: %d prompt tokens, %d running, %d waiting", note, reply.prompt_tokens,
                          engine.active, engine.queued, extra={"request_id": log_id})
             else:
                 self._record_end(reply)
             link.send(reply)
         elif isinstance(message, Cancel):
+            if message.request_id in self._building:  # dropped when its prompt is built
+                self._building.discard(message.request_id)
+                return
             finished = engine.cancel(message.request_id)
             if finished is not None:
                 self._record_end(finished)
@@ -155,9 +182,15 @@ class Worker:
         else:
             log.debug("ignoring %s from the gateway", type(message).__name__)
 
-    def _count(self, request: Generate) -> None:
-        """A token count: the prompt is built and measured, and the request ends at once."""
-        counted = self.engine.count(request)
+    def _refuse(self, request: Generate) -> None:
+        reply = Error(ERROR_SHUTTING_DOWN, "this worker is shutting down", request.request_id)
+        self._record_end(reply)
+        self.link.send(reply)
+
+    def _count(self, request: Generate, counted: Sequence | Accepted | Error) -> None:
+        """A token count: the prompt was built and measured, and the request ends at once."""
+        if isinstance(counted, Sequence):  # not what count() returns; for the type checker
+            counted = Accepted(request.request_id, len(counted.prompt))
         self.link.send(counted)
         end = Finished(request.request_id, "stop", counted.prompt_tokens, 0) if isinstance(counted, Accepted) else counted
         if isinstance(end, Finished):
@@ -191,6 +224,24 @@ def _apply_memory_limits(config: WorkerConfig) -> None:
     chosen = {name: gigabytes for name, (gigabytes, _) in limits.items() if gigabytes is not None}
     if chosen:
         log.info("memory limits (GB): %s", chosen)
+
+
+@dataclass
+class _Built:
+    """A Generate whose prompt was built off the engine thread, back in the inbox."""
+
+    request: Generate
+    outcome: Sequence | Accepted | Error  # prepare(): a Sequence; count(): Accepted; or why not
+
+
+def _post_built(inbox: queue.Queue[object], request: Generate, done: Future[Sequence | Accepted | Error]) -> None:
+    """On the builder thread: hand the built prompt (or why there is none) to the engine loop."""
+    try:
+        outcome = done.result()
+    except Exception as exc:  # a bug of ours: the request fails, the worker serves on
+        log.exception("building a prompt failed")
+        outcome = Error(ERROR_INTERNAL, f"could not build the prompt: {exc}", request.request_id)
+    inbox.put(_Built(request, outcome))
 
 
 class EngineStats:

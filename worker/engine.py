@@ -109,8 +109,13 @@ class Engine:
 
     def submit(self, request: Generate) -> Accepted | Error:
         """Queue a request; an Error if it cannot run (the engine is unaffected)."""
-        if request.request_id in self._by_request:
-            return Error(ERROR_INVALID_REQUEST, "duplicate request id", request.request_id)
+        prepared = self.prepare(request)
+        return self.enqueue(prepared) if isinstance(prepared, Sequence) else prepared
+
+    def prepare(self, request: Generate) -> Sequence | Error:
+        """Build and tokenize the prompt: all a request needs before it can wait for a slot.
+        Touches no MLX state, so the worker runs it off the engine thread: a 4 MB prompt takes
+        seconds to tokenize, and running sequences keep decoding meanwhile."""
         if request.tools and self._tool_format is None and not self._warned_no_tools:
             self._warned_no_tools = True
             log.warning("%s has no tool-call format mlx-lm knows; tools go to its template, calls stay text",
@@ -142,9 +147,16 @@ class Engine:
                 forced_tool_call=forced,
             ),
         )
+        return sequence
+
+    def enqueue(self, sequence: Sequence) -> Accepted | Error:
+        """Queue a prepared request (on the engine thread)."""
+        request_id = sequence.request.request_id
+        if request_id in self._by_request:
+            return Error(ERROR_INVALID_REQUEST, "duplicate request id", request_id)
         self._waiting.append(sequence)
-        self._by_request[request.request_id] = sequence
-        return Accepted(request.request_id, len(prompt))
+        self._by_request[request_id] = sequence
+        return Accepted(request_id, len(sequence.prompt))
 
     def count(self, request: Generate) -> Accepted | Error:
         """The prompt's length in tokens, exactly as ``submit`` would build it; nothing runs."""

@@ -39,7 +39,9 @@ class GatewayLink:
         curve: CurveClient | None = None,
     ):
         self.address = address
-        self.inbox: queue.Queue[Message] = queue.Queue()
+        # What the gateway sent, for the engine thread; the worker also posts its own finished
+        # side work here (prompts built off the engine thread), so one queue wakes the loop.
+        self.inbox: queue.Queue[object] = queue.Queue()
         self._ready = ready
         self._load = load  # () -> (active, queued, engine figures), for each heartbeat
         self._curve = curve
