@@ -15,14 +15,13 @@ which it honours with ``DISABLE_COMPACT``), so it never assumes a million tokens
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
 import sys
 import urllib.error
-import urllib.request
-from typing import Any
+
+from gateway.served import fetch_workers, served_models
 
 # Claude Code's floor for its auto-compaction window.
 MIN_COMPACT_WINDOW = 100_000
@@ -52,21 +51,6 @@ def claude_code_env(base_url: str, model: str, context_window: int, api_key: str
     return env
 
 
-def served_models(base_url: str, api_key: str | None) -> dict[str, int]:
-    """Each model a ready worker serves -> its context window (the smallest among its replicas)."""
-    request = urllib.request.Request(f"{base_url.rstrip('/')}/v1/workers")
-    if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
-    with urllib.request.urlopen(request, timeout=10) as reply:
-        workers: list[dict[str, Any]] = json.load(reply)["data"]
-    windows: dict[str, int] = {}
-    for worker in workers:
-        if worker.get("state") == "ready":
-            model, window = worker["model"], int(worker["context_length"])
-            windows[model] = min(window, windows.get(model, window))
-    return windows
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlx-gateway-claude", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     claude_args = args.claude_args[1:] if args.claude_args[:1] == ["--"] else args.claude_args
 
     try:
-        models = served_models(args.url, args.api_key)
+        models = {m.name: m.context_window for m in served_models(fetch_workers(args.url, args.api_key))}
     except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
         print(f"mlx-gateway-claude: cannot ask {args.url} for its models: {exc}", file=sys.stderr)
         return 2

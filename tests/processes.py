@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,15 @@ from pathlib import Path
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def installed_cli(name: str, env_var: str) -> str | None:
+    """A client CLI for the real-client tests: ``$env_var``, else tests/run.sh's npm install in
+    .tools/, else one on PATH; None when there is none (those tests skip)."""
+    for candidate in (os.environ.get(env_var), str(REPO_ROOT / ".tools/node_modules/.bin" / name)):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return shutil.which(name)
 
 
 def free_port() -> int:

@@ -9,26 +9,18 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import SCRIPTED
-from processes import REPO_ROOT, Stack
+from processes import REPO_ROOT, Stack, installed_cli
 
 pytestmark = pytest.mark.slow
 
 
-def claude_binary() -> str | None:
-    for candidate in (os.environ.get("CLAUDE_BIN"), str(REPO_ROOT / ".tools/node_modules/.bin/claude")):
-        if candidate and Path(candidate).exists():
-            return candidate
-    return shutil.which("claude")
-
-
-CLAUDE = claude_binary()
+CLAUDE = installed_cli("claude", "CLAUDE_BIN")
 
 
 def claude_env(stack: Stack, home: Path) -> dict[str, str]:

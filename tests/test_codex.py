@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,20 +16,13 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import SCRIPTED
-from processes import REPO_ROOT, Stack
+from processes import REPO_ROOT, Stack, installed_cli
 
 pytestmark = pytest.mark.slow
 MODEL = SCRIPTED
 
 
-def codex_binary() -> str | None:
-    for candidate in (os.environ.get("CODEX_BIN"), str(REPO_ROOT / ".tools/node_modules/.bin/codex")):
-        if candidate and Path(candidate).exists():
-            return candidate
-    return shutil.which("codex")
-
-
-CODEX = codex_binary()
+CODEX = installed_cli("codex", "CODEX_BIN")
 
 
 @pytest.fixture(scope="module")
