@@ -16,6 +16,7 @@ from gateway.json_schema import tool_schema
 from gateway.middleware import bind_request_id
 from gateway.schemas import ChatCompletionRequest, ChatMessage
 from gateway.sse import EventStreamResponse
+from gateway.structured_output import from_chat, with_instruction
 from protocol import Delta, Finished, Generate, ToolCall
 
 router = APIRouter()
@@ -26,9 +27,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     trace_id = bind_request_id(request, request_id, body.model)
     tools, tool_choice = _tools(body)
+    constraint = from_chat(body.response_format)
     generate = Generate(
         request_id=request_id,
-        messages=[_worker_message(m, i) for i, m in enumerate(body.messages)],
+        messages=with_instruction([_worker_message(m, i) for i, m in enumerate(body.messages)], constraint),
         tools=tools,
         tool_choice=tool_choice,
         max_tokens=body.max_completion_tokens or body.max_tokens,
@@ -36,6 +38,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         stop=body.stop_list(),
         chat_template_kwargs=body.chat_template_kwargs or {},
         trace_id=trace_id,
+        constraint=constraint,
     )
     stream = await submit(request, body.model, generate)
     created = int(time.time())
@@ -70,7 +73,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 class ChatChunks(ChunkFormat):
     object_name = "chat.completion.chunk"
     prompt_param = "messages"
-    _calls = 0
+
+    def __init__(self, request_id: str, model: str, created: int, include_usage: bool):
+        super().__init__(request_id, model, created, include_usage)
+        self._calls = 0  # tool calls sent so far: each chunk's call has its index
 
     def opening(self) -> list[Chunk]:
         return [self.chunk({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})]
