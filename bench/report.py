@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from stall import report_lines as stall_report_lines
+
 
 def median_rows(rows: list[dict]) -> dict:
     """Each figure's median over the rounds: one slow round on a shared machine moves it least."""
@@ -67,6 +69,16 @@ def write_report(results: dict, out: Path, model: str) -> None:
                   f"{f['events_per_cpu_s']} per gateway CPU-second, gateway RSS {f['gateway_rss_mb']} MB.", "",
                   "Where the gateway spends its time (own time, cProfile):", ""]
         lines += [f"- {line}" for line in f["profile_top_own_time"]]
+    if "structured" in results:
+        s = results["structured"]
+        t = s["ttft_ms"]
+        lines += [f"Structured output, {s['concurrency']} concurrent streams: constrained {s['constrained_tokens_per_s']} "
+                  f"tokens/s, free {s['free_tokens_per_s']} tokens/s ({s['constrained_over_free']}×); "
+                  f"{2 * s['concurrency']} at once, half constrained: constrained {s['mixed']['constrained']['tokens_per_s']}, "
+                  f"free {s['mixed']['free']['tokens_per_s']} tokens/s. "
+                  f"TTFT p50: free {t['free']} ms, cold schema {t['cold_schema']} ms, cached schema "
+                  f"{t['cached_schema']} ms.", ""]
+    lines += stall_report_lines(results)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib

@@ -17,6 +17,16 @@
    answers at once.
 5. framing: a synthetic worker that emits tokens as fast as the protocol allows, to find how
    many SSE events per second the gateway frames on one core, and a profile of where it spends.
+6. structured: 16 concurrent requests whose replies are constrained to a JSON schema against 16
+   free ones (alternating rounds), then 16 + 16 in one batch; and the time to first token of a
+   constrained request with a schema the worker has not seen (compiled on arrival) and with
+   one it has (cached), against a free request.
+7. decode_stall (bench/stall.py): one stream decoding when a ~4k-token prompt arrives: the
+   stream's worst and p99 gap and the prompt's time to first token, for this gateway, the same
+   worker with chunked prefill off, and mlx_lm.server; the prompt on an idle worker against
+   mlx-lm's stream_generate (prefill tokens/s); concurrency 16 chunked against chunking off.
+   Not in the default set (it takes ~20 minutes on a 2-core CPU): --only decode_stall; and
+   --only prefill_chunk, the in-process sweep of chunk sizes behind the default.
 
 Writes results.json, results.md and results.png (if matplotlib is installed) to --out.
 On Linux every system uses float32 weights with OpenBLAS preloaded, so they are compared alike.
@@ -45,11 +55,13 @@ BLAS = enable_fast_blas()  # before anything imports mlx
 import httpx  # noqa: E402
 from processes import Stack  # noqa: E402
 from report import write_report  # noqa: E402
+from stall import decode_stall, prefill_chunk_sweep  # noqa: E402
 from systems import (  # noqa: E402
     MODEL,
     GatewayAndWorker,
     InProcessEngine,
     MlxLmServer,
+    Sample,
     float32_copy,
     process_usage,
     run_clients,
@@ -216,11 +228,91 @@ def framing(out: Path, streams: int = 8, tokens: int = 2000) -> dict:
     return result
 
 
+# Long enough that every reply reaches MAX_TOKENS (so both kinds keep the batch equally full),
+# with strings, an enum, bounded numbers and nested objects for the grammar to work through.
+STORY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 60},
+        "mood": {"type": "string", "enum": ["calm", "tense", "stormy", "hopeful"]},
+        "year": {"type": "integer", "minimum": 1800, "maximum": 2100},
+        "characters": {"type": "array", "minItems": 2, "maxItems": 4, "items": {
+            "type": "object", "additionalProperties": False, "required": ["name", "role"],
+            "properties": {"name": {"type": "string", "maxLength": 30},
+                           "role": {"type": "string", "enum": ["keeper", "sailor", "child", "stranger"]}}}},
+        "events": {"type": "array", "minItems": 12, "items": {"type": "string", "maxLength": 120}},
+    },
+    "required": ["title", "mood", "year", "characters", "events"],
+    "additionalProperties": False,
+}
+
+
+def structured(out: Path, rounds: int, concurrency: int = 16) -> dict:
+    """Constrained decoding's cost: tokens/s of constrained against free requests, and TTFT with a
+    cold and a cached schema."""
+    import uuid
+
+    from gateway.structured_output import instruction
+
+    def request(http: httpx.Client, schema: dict | None) -> Sample:
+        """A free request gets, as its system message, the line the gateway adds for a constrained
+        one: both kinds render the same prompt, and only the constraint differs."""
+        line = instruction({"type": "json_schema", "schema": STORY_SCHEMA}) if schema is None else None
+        return stream_chat(http, base, MODEL, schema, system=line)
+
+    # Slow heartbeats and a long queue: a burst of 32 prefills on a busy 2-core machine can keep the
+    # link thread off the CPU past the tests' 1.5 s, and the gateway would count the worker dead.
+    stack = GatewayAndWorker(out / "structured", ("--max-sequences", str(2 * concurrency)),
+                             heartbeat_interval=2.0, queue_timeout=120.0)
+    base = stack.stack.base_url
+    phases: dict[str, list[dict]] = {"free": [], "constrained": []}
+    try:
+        request(httpx.Client(timeout=600), STORY_SCHEMA)  # warm-up; the schema is now cached
+        for _ in range(rounds):
+            for label, schema in (("free", None), ("constrained", STORY_SCHEMA)):
+                samples, wall = run_clients(concurrency, 1, lambda http, s=schema: request(http, s))
+                phases[label].append(summarize(samples, wall))
+                print(f"structured {label}: {phases[label][-1]}", flush=True)
+        # Both kinds in one batch: each kind's tokens over the same wall time.
+        kinds = iter([None, STORY_SCHEMA] * concurrency)
+        by_kind: dict[str, list] = {"free": [], "constrained": []}
+
+        def one_of_each(http: httpx.Client):
+            schema = next(kinds)
+            sample = request(http, schema)
+            by_kind["free" if schema is None else "constrained"].append(sample)
+            return sample
+
+        _, wall = run_clients(2 * concurrency, 1, one_of_each)
+        mixed = {kind: summarize(samples, wall) for kind, samples in by_kind.items()}
+        ttft: dict[str, list[float]] = {"free": [], "cold_schema": [], "cached_schema": []}
+        with httpx.Client(timeout=600) as http:
+            for _ in range(5):
+                cold = json.loads(json.dumps(STORY_SCHEMA))
+                cold["properties"][f"note_{uuid.uuid4().hex[:8]}"] = {"type": "string", "maxLength": 20}
+                for label, schema in (("free", None), ("cold_schema", cold), ("cached_schema", STORY_SCHEMA)):
+                    sample = request(http, schema)
+                    ttft[label].append((sample.token_times[0] - sample.start) * 1000)
+    finally:
+        stack.stop()
+    free = statistics.median(p["tokens_per_s"] for p in phases["free"])
+    constrained = statistics.median(p["tokens_per_s"] for p in phases["constrained"])
+    results = {
+        "concurrency": concurrency,
+        "free": phases["free"], "constrained": phases["constrained"], "mixed": mixed,
+        "free_tokens_per_s": free, "constrained_tokens_per_s": constrained,
+        "constrained_over_free": round(constrained / max(free, 1e-9), 3),
+        "ttft_ms": {label: round(statistics.median(values), 1) for label, values in ttft.items()},
+    }
+    print(f"structured: {results}", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", default="1,4,16")
-    parser.add_argument("--only", default="throughput,two_models,agent,added_latency,framing")
+    parser.add_argument("--only", default="throughput,two_models,agent,added_latency,framing,structured")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
     parser.add_argument("--report", action="store_true", help="only redo results.md/.png from results.json")
     args = parser.parse_args()
@@ -243,6 +335,12 @@ def main() -> None:
         results["added_latency"] = added_latency(args.out)
     if "framing" in only:
         results["framing"] = framing(args.out)
+    if "structured" in only:
+        results["structured"] = structured(args.out, args.rounds)
+    if "decode_stall" in only:
+        results["decode_stall"] = decode_stall(args.out, args.rounds)
+    if "prefill_chunk" in only:
+        results["prefill_chunk"] = prefill_chunk_sweep(args.out, rounds=args.rounds)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, args.out, MODEL)
     print((args.out / "results.md").read_text())

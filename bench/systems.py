@@ -77,9 +77,15 @@ def prompt() -> list[dict]:
     return [{"role": "user", "content": f"Request {next(_request_numbers)}. {PROMPT[0]['content']}"}]
 
 
-def stream_chat(client: httpx.Client, base_url: str, model: str) -> Sample:
+def stream_chat(client: httpx.Client, base_url: str, model: str, schema: dict | None = None,
+                system: str | None = None) -> Sample:
+    """One streamed chat request; with ``schema``, its reply constrained to it (``response_format``);
+    ``system``: a system message first."""
     sample = Sample(time.perf_counter())
-    body = {"model": model, "messages": prompt(), "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+    messages = ([{"role": "system", "content": system}] if system else []) + prompt()
+    body = {"model": model, "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+    if schema is not None:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "story", "schema": schema}}
     with client.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=600) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
@@ -173,9 +179,10 @@ class InProcessEngine:
 class GatewayAndWorker:
     name = "gateway"
 
-    def __init__(self, workdir: Path, worker_args: tuple[str, ...] = ()):
+    def __init__(self, workdir: Path, worker_args: tuple[str, ...] = (), **stack_options: float):
+        """``stack_options``: Stack's heartbeat_interval, queue_timeout (the tests' short defaults)."""
         workdir.mkdir(parents=True, exist_ok=True)
-        self.stack = Stack(workdir)
+        self.stack = Stack(workdir, **stack_options)
         self.stack.start_gateway("--store", "memory", "--log-level", "warning")
         self.stack.start_worker(MODEL, MODEL, "--log-level", "warning", *worker_args)
         self.stack.wait_for_models(MODEL, timeout=900)

@@ -24,6 +24,7 @@ class ChunkFormat:
 
     object_name = ""
     prompt_param = ""  # the API's prompt field, named in a failed request's error
+    format_param = "response_format"  # its structured-output field, likewise
 
     def __init__(self, request_id: str, model: str, created: int, include_usage: bool):
         self.request_id = request_id
@@ -67,7 +68,7 @@ async def sse_chunks(stream: RequestStream, chunks: ChunkFormat) -> AsyncGenerat
         if chunks.include_usage:
             yield sse_data({**chunks.chunk({}), "choices": [], "usage": usage(stream.finished)})
     except EngineError as exc:
-        yield sse_data(openai_body(api_error(exc, chunks.prompt_param)))
+        yield sse_data(openai_body(api_error(exc, chunks.prompt_param, chunks.format_param)))
     finally:
         stream.close()  # stops the generation if the client went away mid-stream
     yield SSE_DONE

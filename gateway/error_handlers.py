@@ -29,6 +29,14 @@ PROMPT_PARAMS = {
 }
 
 
+# ... and for the structured output it asked for (a schema the worker cannot apply).
+FORMAT_PARAMS = {
+    "/v1/responses": "text.format",
+    "/v1/chat/completions": "response_format",
+    "/v1/messages": "output_config.format",
+}
+
+
 def is_anthropic(path: str) -> bool:
     return path == "/v1/messages" or path.startswith("/v1/messages/")
 
@@ -59,7 +67,7 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
         path = request.url.path
-        return error_response(path, api_error(exc, PROMPT_PARAMS.get(path)))
+        return error_response(path, api_error(exc, PROMPT_PARAMS.get(path), FORMAT_PARAMS.get(path)))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -64,15 +64,19 @@ class _Mapping:
     status: int
     type: str  # OpenAI's error type
     code: str | None = None  # the public code, when not the failure's own
-    param: str | None = None  # "prompt": the API's name for its prompt field
+    param: str | None = None  # "prompt" / "format": the API's name for its prompt / output-format field
     retry_after: bool = False
 
 
 _PROMPT = "prompt"
+_FORMAT = "format"
 _FAILURES: dict[str, _Mapping] = {
     proto.ERROR_INVALID_REQUEST: _Mapping(400, "invalid_request_error"),
     proto.ERROR_CONTEXT_LENGTH: _Mapping(400, "invalid_request_error", param=_PROMPT),
     proto.ERROR_TEMPLATE: _Mapping(400, "invalid_request_error", param=_PROMPT),
+    proto.ERROR_INVALID_SCHEMA: _Mapping(400, "invalid_request_error", param=_FORMAT),
+    proto.ERROR_INVALID_TOOL_SCHEMA: _Mapping(400, "invalid_request_error", code=proto.ERROR_INVALID_SCHEMA,
+                                              param="tools"),
     proto.ERROR_INTERNAL: _Mapping(500, "server_error", code="server_error"),
     proto.ERROR_SHUTTING_DOWN: _Mapping(503, "server_error"),
     MODEL_NOT_FOUND: _Mapping(404, "invalid_request_error", param="model"),
@@ -84,11 +88,13 @@ _FAILURES: dict[str, _Mapping] = {
 _UNKNOWN = _Mapping(500, "server_error")
 
 
-def api_error(failure: EngineError, prompt_param: str | None) -> APIError:
+def api_error(failure: EngineError, prompt_param: str | None, format_param: str | None = None) -> APIError:
     """The error an API answers for ``failure``; ``prompt_param`` is that API's prompt field
-    (``input`` for Responses, ``messages`` for chat and Messages, ``prompt`` for completions)."""
+    (``input`` for Responses, ``messages`` for chat and Messages, ``prompt`` for completions),
+    ``format_param`` its structured-output field (``text.format``, ``response_format``,
+    ``output_config.format``)."""
     mapping = _FAILURES.get(failure.code, _UNKNOWN)
-    param = prompt_param if mapping.param == _PROMPT else mapping.param
+    param = {_PROMPT: prompt_param, _FORMAT: format_param}.get(mapping.param or "", mapping.param)
     headers = {"Retry-After": "1"} if mapping.retry_after else None
     return APIError(mapping.status, failure.message, mapping.type, param, mapping.code or failure.code, headers)
 

@@ -70,7 +70,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=TOKEN_LIMIT)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None  # text | json_object | json_schema (structured_output.py)
 
 
 class CompletionRequest(SamplingFields):

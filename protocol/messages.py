@@ -133,12 +133,17 @@ class Generate:
     prompt: str | None = None
     tools: list[dict[str, Any]] | None = None  # chat-template tool definitions
     tool_choice: str = "auto"  # "auto" | "required" (the gateway resolves "none" and named tools)
+    parallel_tool_calls: bool = True  # False: at most one call (where a grammar constrains calls)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     prompt_cache_key: str | None = None  # the client's conversation id: a prefix-cache hint
     trace_id: str | None = None  # the id the gateway logs this request under (x-request-id)
     count_only: bool = False  # only count the prompt's tokens: Accepted, then Finished; nothing runs
+    # Structured output: the whole reply must match (protocol/README.md, "Constraints"):
+    # {"type": "json_schema", "schema": {...}} | {"type": "json_object"} | {"type": "regex", "pattern": "..."}
+    # | {"type": "lark", "grammar": "..."}; None: free text. Tools marked "strict" are constrained too.
+    constraint: dict[str, Any] | None = None
 
 
 @dataclass
@@ -160,5 +165,7 @@ MESSAGE_TYPES: dict[str, type] = {
 ERROR_INVALID_REQUEST = "invalid_request"
 ERROR_CONTEXT_LENGTH = "context_length_exceeded"
 ERROR_TEMPLATE = "template_error"
+ERROR_INVALID_SCHEMA = "invalid_schema"  # the output constraint cannot be applied (the API's format field)
+ERROR_INVALID_TOOL_SCHEMA = "invalid_tool_schema"  # a strict tool's schema cannot be applied ("tools")
 ERROR_INTERNAL = "internal_error"
 ERROR_SHUTTING_DOWN = "worker_shutting_down"  # request_id None: the whole worker is draining

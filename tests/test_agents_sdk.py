@@ -13,7 +13,14 @@ from conftest import SCRIPTED
 from processes import Stack
 
 agents = pytest.importorskip("agents")
-from agents import Agent, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled  # noqa: E402
+from agents import (  # noqa: E402
+    Agent,
+    ModelSettings,
+    OpenAIResponsesModel,
+    Runner,
+    function_tool,
+    set_tracing_disabled,
+)
 from openai import AsyncOpenAI  # noqa: E402
 
 MODEL = SCRIPTED
@@ -59,3 +66,29 @@ def test_streamed_agent_run(stack):
     final, kinds = asyncio.run(run())
     assert calls == ["Paris"] and final == "The weather in Paris is sunny."
     assert "raw_response_event" in kinds and "run_item_stream_event" in kinds
+
+
+def test_agent_with_an_output_type_gets_a_valid_object(tiny_stack):
+    """``output_type``: the SDK asks for its schema in ``text.format``; the worker constrains the
+    tiny model (noise otherwise) to it."""
+    from typing import Literal
+
+    from conftest import TINY_LONG
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Person(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: str = Field(max_length=12)
+        age: int = Field(ge=0, le=130)
+        role: Literal["admin", "editor", "viewer"]
+
+    set_tracing_disabled(True)
+    client = AsyncOpenAI(base_url=f"{tiny_stack.base_url}/v1", api_key="unused", max_retries=0)
+    agent = Agent(name="people", instructions="Describe a person.", output_type=Person,
+                  model=OpenAIResponsesModel(model=TINY_LONG, openai_client=client),
+                  model_settings=ModelSettings(temperature=1.0, max_tokens=300))
+
+    async def run() -> list[object]:
+        return [(await Runner.run(agent, prompt)).final_output for prompt in ("Describe someone.", "Who is Ada?")]
+
+    assert all(isinstance(output, Person) for output in asyncio.run(run()))

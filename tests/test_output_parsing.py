@@ -131,15 +131,15 @@ def test_reasoning_then_tool_call(models):
 
 
 @pytest.mark.parametrize("variant", ["qwen", "mistral", "llama"])
-def test_required_tool_choice_starts_the_reply_inside_a_call(models, variant):
-    # The prompt ends with the format's opening (marker, or '{"name": "' for Llama), so the
-    # model writes only the rest; here we script that rest.
-    rest = {
-        "qwen": '{"name": "get_weather", "arguments": {"city": "Lima"}}</tool_call>',
-        "mistral": '[{"name": "get_weather", "arguments": {"city": "Lima"}}]',
-        "llama": 'get_weather", "parameters": {"city": "Lima"}}',
+def test_required_tool_choice_makes_the_reply_a_call(models, variant):
+    # A grammar makes the whole reply a call (tests/test_constraints.py checks the model's own
+    # calls); this script is one the grammar allows, and the prompt carries no prefilled marker.
+    call = {
+        "qwen": '<tool_call>{"name": "get_weather", "arguments": {"city": "Lima"}}</tool_call>',
+        "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Lima"}}]',
+        "llama": '{"name": "get_weather", "parameters": {"city": "Lima"}}',
     }[variant]
-    content, _, calls, _ = run_scripted(models[variant], rest, tool_choice="required")
+    content, _, calls, _ = run_scripted(models[variant], call, tool_choice="required")
     assert [(c.name, call_args(c)) for c in calls] == [("get_weather", {"city": "Lima"})] and content == ""
 
 

@@ -212,10 +212,10 @@ def test_tool_choice_and_parallel_calls(client):
     # "none": the template gets no tools, so the markup is just text.
     none = create(client, input=f"SCRIPT:{WEATHER_CALL}", tools=[WEATHER_TOOL], tool_choice="none")
     assert [i.type for i in none.output] == ["message"]
-    # "required" / a named function: the reply starts inside a call; the model writes only the rest.
-    rest = '{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    # "required" / a named function: the whole reply is constrained to a call (worker/constraints.py).
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
     for choice in ("required", {"type": "function", "name": "get_weather"}):
-        forced = create(client, input=f"SCRIPT:{rest}", tools=[WEATHER_TOOL], tool_choice=choice)
+        forced = create(client, input=f"SCRIPT:{call}", tools=[WEATHER_TOOL], tool_choice=choice)
         assert [(i.type, i.name) for i in forced.output] == [("function_call", "get_weather")]
     with pytest.raises(openai.BadRequestError):
         create(client, input="x", tools=[WEATHER_TOOL], tool_choice={"type": "function", "name": "nope"})

@@ -93,3 +93,51 @@ def test_responses_api_streams_paris(smol_stack):
     chained = client.responses.create(model=MODEL, previous_response_id=response.id, temperature=0,
                                       input="And what is the capital of Italy?", max_output_tokens=30)
     assert chained.usage.input_tokens > response.usage.input_tokens + response.usage.output_tokens
+
+
+# Structured output (worker/constraints.py): ten different prompts, ten valid objects, through
+# each API's own SDK helper; the requests run at once, in one batch.
+CITY_PROMPTS = [f"Tell me about {city}." for city in
+                ("Paris", "Tokyo", "Cairo", "Lima", "Oslo", "Rome", "Nairobi", "Sydney", "Toronto", "Mumbai")]
+
+
+def _city_model():
+    from typing import Annotated
+
+    from pydantic import BaseModel, ConfigDict, Field
+
+    # Bounded strings: a greedy 135M model can repeat itself inside a string ("100000...").
+    class City(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: str = Field(max_length=30)
+        country: str = Field(max_length=30)
+        population_millions: int = Field(ge=0, le=100)
+        landmarks: list[Annotated[str, Field(max_length=30)]] = Field(max_length=3)
+
+    return City
+
+
+def _all_at_once(function, prompts):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(function, prompts))
+
+
+def test_responses_parse_gives_ten_valid_objects(client):
+    city = _city_model()
+    slow = client.with_options(timeout=900)
+    replies = _all_at_once(lambda prompt: slow.responses.parse(
+        model=MODEL, input=prompt, text_format=city, max_output_tokens=200), CITY_PROMPTS)
+    assert all(isinstance(reply.output_parsed, city) for reply in replies), [r.output_text for r in replies]
+    assert len({reply.output_parsed.name for reply in replies}) > 1
+
+
+def test_chat_response_format_gives_ten_valid_objects(client):
+    city = _city_model()
+    slow = client.with_options(timeout=900)
+    replies = _all_at_once(lambda prompt: slow.chat.completions.parse(
+        model=MODEL, messages=[{"role": "user", "content": prompt}], response_format=city, max_tokens=200),
+        CITY_PROMPTS)
+    assert all(isinstance(reply.choices[0].message.parsed, city) for reply in replies), \
+        [r.choices[0].message.content for r in replies]

@@ -31,7 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="output tokens for a request that sets no max_tokens (it ends with finish_reason "
                              "'length'); a small model may otherwise never stop until its context is full "
                              "(0: no cap but the context; default 8192)")
-    parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill step")
+    parser.add_argument("--prefill-chunk", "--prefill-step-size", dest="prefill_step_size", type=int, default=None,
+                        metavar="N",
+                        help="prompt tokens per engine step, all waiting prompts together: a running stream waits "
+                             "at most one chunk between two tokens while a long prompt is prefilled (default: 128 "
+                             "on a CPU, 512 on Metal; 0: mlx-lm's own prefill, 512 tokens of every waiting prompt "
+                             "per step)")
     parser.add_argument("--prompt-cache-mb", type=int, default=1024,
                         help="KV cache kept for reuse by later prompts with the same prefix (0: off; default 1024)")
     parser.add_argument("--temperature", type=float, default=None,
@@ -57,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="this worker's CURVE key pair (.key_secret), for a tcp:// gateway on another machine")
     parser.add_argument("--curve-server-key", type=Path, default=None, metavar="FILE",
                         help="the gateway's CURVE public key (.key)")
+    parser.add_argument("--distributed", default=None, choices=["tensor", "pipeline"],
+                        help="one model across the ranks mlx.launch started (one per Mac): each loads its share, "
+                             "rank 0 alone talks to the gateway (see deploy/README.md)")
+    parser.add_argument("--group-timeout", type=float, default=60.0, metavar="S",
+                        help="with --distributed: stop the whole group when a rank gives no answer this long "
+                             "(hung, or its network is; default: 60)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
     return parser.parse_args(argv)
@@ -69,10 +80,17 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
     if args.max_output_tokens < 0:
         log.error("--max-output-tokens must be 0 (no cap) or more")
         return 2
+    if args.prefill_step_size is not None and args.prefill_step_size < 0:
+        log.error("--prefill-chunk must be 0 (mlx-lm's own prefill) or more")
+        return 2
     if args.cpu_threads is not None and args.cpu_threads < 1:
         log.error("--cpu-threads must be at least 1")
         return 2
     log.info("BLAS: %s", enable_fast_blas(args.cpu_threads))
+    if args.distributed:  # one rank of a sharded worker
+        from worker.sharded import main_sharded
+
+        return main_sharded(args, make_logits_processors)
     from worker.gguf import ModelLoadError
     from worker.models import load
 

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class WorkerConfig:
     max_sequences: int = 16  # sequences decoded together
-    prefill_step_size: int = 512  # prompt tokens per prefill step
+    # Prompt tokens per engine step, all prompts together (--prefill-chunk; worker/batching.py): None,
+    # the default measured for the device; 0, mlx-lm's own prefill scheduling.
+    prefill_step_size: int | None = None
     prompt_cache_mb: int = 1024  # KV cache kept for later prompts with the same prefix (0: off)
     memory_limit_gb: float | None = None  # MLX memory limit
     cache_limit_gb: float | None = None  # MLX buffer cache limit

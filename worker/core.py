@@ -11,6 +11,7 @@ import queue
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -40,10 +41,11 @@ class Worker:
         config: WorkerConfig,
         logits_processors: LogitsProcessorsFactory | None = None,
         curve: CurveClient | None = None,
+        make_engine: Callable[..., Engine] = Engine,  # rank 0 of a sharded worker: worker/sharded.py's
     ):
-        self.engine = Engine(loaded, config.max_sequences, config.prefill_step_size, logits_processors,
-                             prompt_cache_bytes=config.prompt_cache_mb << 20,
-                             max_output_tokens=config.max_output_tokens)
+        self.engine = make_engine(loaded, config.max_sequences, config.prefill_step_size, logits_processors,
+                                  prompt_cache_bytes=config.prompt_cache_mb << 20,
+                                  max_output_tokens=config.max_output_tokens)
         _apply_memory_limits(config)  # after the engine: its BatchGenerator sets mlx-lm's wired limit
         worker_id = f"{loaded.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         ready = Ready(worker_id, loaded.name, PROTOCOL_VERSION, config.max_sequences, loaded.context_length,

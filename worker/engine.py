@@ -34,6 +34,8 @@ from protocol.messages import (
     Generate,
 )
 from worker import tool_formats
+from worker.batching import UNCHUNKED_PREFILL_STEP, ChunkedBatchGenerator, cached_prefix_length, default_prefill_chunk
+from worker.constraints import ConstraintError, ConstraintProcessor, Grammars, call_syntax, plan
 from worker.models import LoadedModel
 from worker.output_parser import OutputParser
 from worker.text_stream import StopStrings
@@ -55,6 +57,7 @@ class Sequence:
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    constraint: ConstraintProcessor | None = None  # structured output: its grammar's mask (worker/constraints.py)
 
 
 @dataclass
@@ -73,7 +76,9 @@ class Engine:
         self,
         loaded: LoadedModel,
         max_sequences: int = 16,
-        prefill_step_size: int = 512,
+        # Prompt tokens per engine step, all prompts together (worker/batching.py); None: the default
+        # measured for this device; 0: mlx-lm's own prefill (512 tokens of every waiting prompt per step).
+        prefill_chunk: int | None = None,
         logits_processors: LogitsProcessorsFactory | None = None,
         prompt_cache_bytes: int = 1 << 30,
         max_output_tokens: int | None = None,  # for a request with no max_tokens (None: up to the context)
@@ -85,9 +90,12 @@ class Engine:
         self._cache_budget = prompt_cache_bytes
         self._prompt_cache = LRUPromptCache(max_size=256, max_bytes=prompt_cache_bytes) if prompt_cache_bytes else None
         self.max_sequences = max_sequences
-        self._prefill_step_size = prefill_step_size
+        self._prefill_chunk = default_prefill_chunk() if prefill_chunk is None else prefill_chunk
+        self._peeks: dict[int, tuple[int, int]] = {}  # uid -> (prefix cache version, cached tokens)
+        self._cache_version = 0  # bumped whenever the prefix cache changes
         self._logits_processors = logits_processors
         self._tool_format = tool_formats.detect(loaded.tokenizer)
+        self._grammars = Grammars(loaded.tokenizer)  # structured output (worker/constraints.py)
         self._warned_no_tools = False
         self._eos = StopSequences([(t,) for t in loaded.tokenizer.eos_token_ids])
         self._generator = self._new_generator()
@@ -133,6 +141,13 @@ class Engine:
         if request.max_tokens is not None and request.max_tokens < 1:
             return Error(ERROR_INVALID_REQUEST, "max_tokens must be at least 1", request.request_id)
         room = context - len(prompt)
+        initial_state = self._initial_state(prompt) if request.messages is not None else "normal"
+        try:  # compiles the request's grammar, if new: here too, off the engine thread
+            constraint = plan(request, self._tool_format if request.messages is not None else None, self._grammars,
+                              forced_tool_call=request.tool_choice == "required" and not forced,
+                              initial_state=initial_state)
+        except ConstraintError as exc:
+            return Error(exc.code, str(exc), request.request_id)
         sequence = Sequence(
             request=request,
             prompt=prompt,
@@ -143,9 +158,10 @@ class Engine:
                 self.loaded.tokenizer,
                 self._tool_format,
                 request.tools,
-                initial_state=self._initial_state(prompt) if request.messages is not None else "normal",
+                initial_state=initial_state,
                 forced_tool_call=forced,
             ),
+            constraint=constraint,
         )
         return sequence
 
@@ -164,7 +180,10 @@ class Engine:
         return prompt if isinstance(prompt, Error) else Accepted(request.request_id, len(prompt))
 
     def _forces_tool_call(self, request: Generate) -> bool:
-        return request.tool_choice == "required" and bool(request.tools) and self._tool_format is not None
+        """tool_choice "required" by prefilling the format's opening marker: for formats with no
+        grammar (elsewhere the constraint makes the whole reply a call, thinking first if on)."""
+        return (request.tool_choice == "required" and bool(request.tools) and self._tool_format is not None
+                and call_syntax(self._tool_format) is None)
 
     def _prompt(self, request: Generate, forced_tool_call: bool) -> list[int] | Error:
         try:
@@ -180,9 +199,10 @@ class Engine:
             return None
         if sequence.uid is None:
             self._waiting.remove(sequence)
-        else:
+        else:  # decoding, prefilling or waiting to: its KV cache goes with it
             self._generator.remove([sequence.uid])
             del self._running[sequence.uid]
+            self._peeks.pop(sequence.uid, None)
         return self._finished(sequence, "cancelled")
 
     def cancel_all(self, code: str, message: str) -> list[Error]:
@@ -206,8 +226,11 @@ class Engine:
                 self._by_request.pop(sequence.request.request_id, None)
                 result.errors.append(Error(ERROR_INTERNAL, f"generation failed: {exc}", sequence.request.request_id))
             self._running.clear()
+            self._peeks.clear()
             self._generator = self._new_generator()
             return result
+        if isinstance(generator := self._generator, ChunkedBatchGenerator):
+            self._fail_prefills(generator, result)
 
         stopped_early: list[int] = []
         for response in responses:
@@ -267,6 +290,28 @@ class Engine:
         self._prompt_cache.insert_cache(_MODEL_KEY, list(tokens), cache)
         # The running batch's caches count against the same budget.
         self._prompt_cache.trim_to(n_bytes=self._cache_budget - self._generator.prompt_cache_nbytes)
+        self._cache_version += 1
+
+    def _prompts_prefilled(self, uids: list[int]) -> None:
+        """Prompts finished their (chunked) prefill: each is cached at once, for requests that share
+        its prefix while it still decodes, or that waited behind it."""
+        fresh = [uid for uid in uids if uid in self._running
+                 and self._running[uid].cached_tokens < len(self._running[uid].prompt) - 1]
+        if self._prompt_cache is None or not fresh:
+            return
+        for cache, tokens in self._generator.extract_cache(fresh).values():
+            self._remember(tokens, cache)
+
+    def _fail_prefills(self, generator: ChunkedBatchGenerator, result: StepResult) -> None:
+        """After a chunked step: prompts whose prefill raised fail alone (the generator dropped them
+        and their caches; decoding went on)."""
+        for uids, exc in generator.take_failures():
+            log.error("prefill failed; failing %d prompts: %s", len(uids), exc, exc_info=exc)
+            for uid in uids:
+                sequence = self._running.pop(uid, None)
+                if sequence is not None:
+                    self._by_request.pop(sequence.request.request_id, None)
+                    result.errors.append(Error(ERROR_INTERNAL, f"prefill failed: {exc}", sequence.request.request_id))
 
     @property
     def prompt_cache_bytes(self) -> int:
@@ -281,8 +326,10 @@ class Engine:
             return
         caches: list[Any] = []  # a sequence's cached prefix, or None
         rests: list[list[int]] = []
+        chunked = isinstance(self._generator, ChunkedBatchGenerator)
         for sequence in batch:
-            cache, rest = self._cached_prefix(sequence.prompt)
+            # Chunked, the prefix cache is read when the prompt's prefill starts (_fetch_prefix).
+            cache, rest = (None, sequence.prompt) if chunked else self._cached_prefix(sequence.prompt)
             sequence.cached_tokens = len(sequence.prompt) - len(rest)
             caches.append(cache)
             rests.append(rest)
@@ -298,6 +345,27 @@ class Engine:
         for uid, sequence in zip(uids, batch, strict=True):
             sequence.uid = uid
             self._running[uid] = sequence
+
+    def _peek_prefix(self, uid: int) -> int:
+        """How many of a waiting prompt's tokens the prefix cache would supply now (nothing copied)."""
+        sequence = self._running.get(uid)
+        if self._prompt_cache is None or sequence is None:
+            return 0
+        version, cached = self._peeks.get(uid, (-1, 0))
+        if version != self._cache_version:
+            cached = cached_prefix_length(self._prompt_cache, _MODEL_KEY, sequence.prompt)
+            self._peeks[uid] = (self._cache_version, cached)
+        return cached
+
+    def _fetch_prefix(self, uid: int, prompt: list[int]) -> tuple[list[Any] | None, int]:
+        """A prompt starts its prefill: (a copy of its longest cached prefix or None, that prefix's length)."""
+        self._peeks.pop(uid, None)
+        cache, rest = self._cached_prefix(prompt)
+        cached = len(prompt) - len(rest)
+        sequence = self._running.get(uid)
+        if sequence is not None:
+            sequence.cached_tokens = cached
+        return cache, cached
 
     def _cached_prefix(self, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
         """(a KV cache for the longest cached prefix of ``prompt`` or None, the tokens still to prefill)."""
@@ -355,10 +423,14 @@ class Engine:
 
     def _processors(self, request: Generate) -> list[Any]:
         """The sequence's logits processors: OpenAI's presence/frequency penalties (mlx-lm's, over
-        the last 20 tokens), then the test hook's, which must see (and may override) the result."""
+        the last 20 tokens), the request's constraint (its grammar's mask), then the test hook's,
+        which must see (and may override) the result."""
         sampling = request.sampling
         processors: list[Any] = make_logits_processors(presence_penalty=sampling.presence_penalty,
                                                        frequency_penalty=sampling.frequency_penalty)
+        sequence = self._by_request.get(request.request_id)
+        if sequence is not None and sequence.constraint is not None:  # after the penalties: masked stays masked
+            processors.append(sequence.constraint)
         if self._logits_processors is not None:
             processors += self._logits_processors(request)
         return processors
@@ -375,12 +447,14 @@ class Engine:
         )
 
     def _new_generator(self) -> BatchGenerator:
-        return BatchGenerator(
-            self.loaded.model,
-            completion_batch_size=self.max_sequences,
-            prefill_batch_size=min(self.max_sequences, 8),
-            prefill_step_size=self._prefill_step_size,
-        )
+        batch, prefill_batch = self.max_sequences, min(self.max_sequences, 8)
+        if not self._prefill_chunk:  # 0: mlx-lm's own prefill scheduling, as before chunking
+            return BatchGenerator(self.loaded.model, completion_batch_size=batch, prefill_batch_size=prefill_batch,
+                                  prefill_step_size=UNCHUNKED_PREFILL_STEP)
+        return ChunkedBatchGenerator(self.loaded.model, prefill_chunk=self._prefill_chunk,
+                                     peek_prefix=self._peek_prefix, fetch_prefix=self._fetch_prefix,
+                                     prompt_done=self._prompts_prefilled,
+                                     completion_batch_size=batch, prefill_batch_size=prefill_batch)
 
 
 def _template_message(message: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -93,9 +94,11 @@ def load(
     served_name: str | None = None,
     context_length: int | None = None,
     sampling: dict[str, float] | None = None,
+    loader: Callable[[str], tuple[Any, Any, dict[str, Any]]] | None = None,
 ) -> LoadedModel:
     """Load ``spec``. Sampling defaults: ``sampling`` (the operator's), then the model's own
-    (generation_config.json, or a built-in model's card), then OpenAI's."""
+    (generation_config.json, or a built-in model's card), then OpenAI's. ``loader(location)``
+    replaces mlx-lm's ``load`` (a sharded worker loads its share: worker/sharded.py)."""
     import mlx.core as mx
     from mlx_lm.utils import dequantize_model
     from mlx_lm.utils import load as mlx_lm_load
@@ -103,7 +106,10 @@ def load(
     location, default_name = resolve(spec)
     log.info("loading %s", location)
     try:
-        model, tokenizer, config = cast(tuple[Any, Any, dict[str, Any]], mlx_lm_load(location, return_config=True))
+        if loader is not None:
+            model, tokenizer, config = loader(location)
+        else:
+            model, tokenizer, config = cast(tuple[Any, Any, dict[str, Any]], mlx_lm_load(location, return_config=True))
     except ModelLoadError:
         raise
     except Exception as exc:

@@ -41,6 +41,7 @@ from gateway.anthropic.events import thinking_from_signature
 from gateway.anthropic.request import MessagesBody
 from gateway.anthropic.tools import resolve_tools
 from gateway.errors import APIError
+from gateway.structured_output import from_messages, instruction
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Prompt:
     # the one place a rename (a name some template cannot take) would go.
     tool_names: dict[str, str] = field(default_factory=dict)
     omit_thinking: bool = False  # thinking.display == "omitted": thinking only in the signature
+    constraint: dict[str, Any] | None = None  # output_config.format: the worker constrains the reply to it
 
 
 def to_chat(body: MessagesBody) -> Prompt:
@@ -70,6 +72,8 @@ def to_chat(body: MessagesBody) -> Prompt:
             system.append(_system_text(message.get("content"), f"messages.{index}.content"))
         else:
             _add_message(messages, message, f"messages.{index}", call_names)
+    constraint = from_messages(body.output_config, body.output_format)
+    system.append(instruction(constraint) or "")
     if any(system):
         messages.insert(0, {"role": "system", "content": "\n\n".join(s for s in system if s)})
 
@@ -77,7 +81,7 @@ def to_chat(body: MessagesBody) -> Prompt:
     kwargs, omit = _read_thinking(body.thinking)
     kwargs.update(body.chat_template_kwargs or {})
     return Prompt(messages=messages, tools=tools.template_tools, tool_choice=tools.tool_choice, parallel=tools.parallel,
-                  chat_template_kwargs=kwargs, tool_names=tools.names, omit_thinking=omit)
+                  chat_template_kwargs=kwargs, tool_names=tools.names, omit_thinking=omit, constraint=constraint)
 
 
 # --- messages ---------------------------------------------------------------------

@@ -32,7 +32,8 @@ class MessagesBody(BaseModel):
     metadata: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
     stream: bool | None = False
-    output_config: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None  # its "format" is structured output (structured_output.py)
+    output_format: dict[str, Any] | None = None  # the structured-outputs beta's name for it
     context_management: dict[str, Any] | None = None
     service_tier: str | None = None
     container: Any = None

@@ -20,6 +20,7 @@ from typing import Any
 
 from gateway.errors import APIError
 from gateway.json_schema import tool_schema
+from gateway.structured_output import strict_flag
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ def _read_tools(tools: list[dict[str, Any]] | None, referenced: set[str]) -> dic
         if not isinstance(name, str) or not name:
             raise APIError(400, "a tool needs a name", param=f"tools.{index}.name")
         function = {"name": name, "description": tool.get("description") or "",
-                    "parameters": tool_schema(tool.get("input_schema"), f"tools.{index}.input_schema")}
+                    "parameters": tool_schema(tool.get("input_schema"), f"tools.{index}.input_schema"),
+                    **strict_flag(tool)}
         deferred = bool(tool.get("defer_loading")) and name not in referenced
         found[name] = ({"type": "function", "function": function}, deferred)
     return found

@@ -149,6 +149,7 @@ def summarise_instead(run: Run, body: ResponsesRequest) -> None:
     generate = run.generate
     generate.messages = [*(generate.messages or []), {"role": "user", "content": SUMMARY_PROMPT}]
     generate.tool_choice = "auto"
+    generate.constraint = None  # a summary is text, whatever format the turn asked for
     generate.max_tokens = body.max_output_tokens or SUMMARY_MAX_TOKENS
     run.builder = CompactionEvents(run.state)
 

@@ -204,13 +204,3 @@ def chat_messages(instructions: str | None, items: list[dict[str, Any]], extra_s
         messages.insert(0, {"role": "system", "content": "\n\n".join(s for s in system if s)})
     return messages
 
-
-def format_instructions(text: dict[str, Any] | None) -> str | None:
-    """``text.format`` asks for JSON: say so to the model (decoding is not constrained)."""
-    fmt = (text or {}).get("format") or {}
-    if fmt.get("type") == "json_schema":
-        schema = json.dumps(fmt.get("schema") or {}, ensure_ascii=False)
-        return f"Respond with only a JSON object that matches this JSON schema: {schema}"
-    if fmt.get("type") == "json_object":
-        return "Respond with only a valid JSON object."
-    return None

@@ -18,12 +18,13 @@ from typing import Any
 from gateway.engine_client import EngineClient, RequestStream
 from gateway.errors import APIError, EngineError, api_error
 from gateway.responses import compaction
-from gateway.responses.conversation import chat_messages, format_instructions, item_type, normalize_input
+from gateway.responses.conversation import chat_messages, item_type, normalize_input
 from gateway.responses.events import Event, ResponseEvents
 from gateway.responses.objects import ResponseState
 from gateway.responses.request import ResponsesRequest
 from gateway.responses.store import INTERRUPTED, ResponseStore, StoredResponse
 from gateway.responses.tools import resolve_tools
+from gateway.structured_output import from_responses, instruction
 from protocol import Finished, Generate, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Run:
     owner: str = ""  # who may see it: a hash of the API key that made it ("" with no keys)
     task: asyncio.Task | None = None  # background runs only
     events: list[Event] = field(default_factory=list)  # background runs keep theirs for streaming GETs
+    stream: RequestStream | None = None  # submitted already (constrained runs: see ResponsesService.prepare)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -81,13 +83,14 @@ class ResponsesService:
         items = await self._resolve_references(normalize_input(body.input), owner)
         context = earlier + items
         tools = resolve_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+        constraint = from_responses(body.text)
         template_kwargs = {}
         effort = (body.reasoning or {}).get("effort")
         if effort is not None:
             template_kwargs["enable_thinking"] = effort not in _THINKING_OFF
         template_kwargs.update(body.chat_template_kwargs or {})
 
-        messages = chat_messages(body.instructions, context, format_instructions(body.text))
+        messages = chat_messages(body.instructions, context, instruction(constraint))
         if not messages:
             unknown = sorted({str(item_type(item)) for item in context})
             raise APIError(400, "input holds nothing the model can read" + (f" (item types: {', '.join(unknown)})"
@@ -98,17 +101,23 @@ class ResponsesService:
             messages=messages,
             tools=tools.template_tools or None,
             tool_choice=tools.tool_choice,
+            parallel_tool_calls=tools.parallel,
             max_tokens=body.max_output_tokens,
             sampling=SamplingParams(temperature=body.temperature, top_p=body.top_p,
                                     presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty),
             chat_template_kwargs=template_kwargs,
             prompt_cache_key=body.prompt_cache_key,
             trace_id=trace_id,
+            constraint=constraint,
         )
         round_trip = "reasoning.encrypted_content" in (body.include or [])
         run = Run(state, generate, items, context, ResponseEvents(state, tools, round_trip), owner=owner)
         if compaction.triggered(items):  # the answer is one compaction item: see compaction.py
             compaction.summarise_instead(run, body)
+        if run.generate.constraint is not None or tools.strict:
+            # A schema the worker cannot apply is a 400 even for a stream, whose first event would
+            # otherwise go out before the worker has seen the request.
+            run.stream = await self.engine.submit(body.model, run.generate)
         return run
 
     async def _resolve_references(self, items: list[dict[str, Any]], owner: str) -> list[dict[str, Any]]:
@@ -134,7 +143,7 @@ class ResponsesService:
             return
         stream: RequestStream | None = None
         try:
-            stream = await self.engine.submit(run.state.request.model, run.generate)
+            stream = run.stream or await self.engine.submit(run.state.request.model, run.generate)
             async for batch in stream.batches():
                 events = [event for delta in batch for event in builder.add(delta)]
                 if events:
@@ -143,7 +152,7 @@ class ResponsesService:
             closing = builder.finish(stream.finished)
         except EngineError as exc:
             run.failure = exc
-            error = api_error(exc, "input")
+            error = api_error(exc, "input", "text.format")
             closing = builder.fail(error.code or "server_error", error.message)
         except Exception:  # a bug of ours: the client still gets a terminal event, not a cut stream
             log.exception("response %s failed", run.state.id)

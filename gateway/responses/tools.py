@@ -15,6 +15,7 @@ from typing import Any
 
 from gateway.errors import APIError
 from gateway.json_schema import tool_schema
+from gateway.structured_output import strict_flag
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ class ToolSet:
     namespaces: dict[str, str] = field(default_factory=dict)  # member name -> namespace
     tool_choice: str = "auto"  # for the worker: "auto" | "required"
     parallel: bool = True
+    strict: bool = False  # a function tool asked for strict arguments (the worker constrains them)
 
 
 def resolve_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: bool | None) -> ToolSet:
@@ -44,6 +46,7 @@ def resolve_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel
             raise APIError(400, f"tool_choice names unknown tools: {', '.join(sorted(missing))}", param="tool_choice")
         toolset.template_tools = [t for t in toolset.template_tools if t["function"]["name"] in allowed]
     toolset.tool_choice = choice
+    toolset.strict = any(t["function"].get("strict") for t in toolset.template_tools)
     return toolset
 
 
@@ -54,7 +57,7 @@ def _add_tool(toolset: ToolSet, tool: dict[str, Any], where: str, namespace: str
         if not isinstance(name, str) or not name:
             raise APIError(400, "a function tool needs a name", param=f"{where}.name")
         function = {"name": name, "description": tool.get("description") or "",
-                    "parameters": tool_schema(tool.get("parameters"), f"{where}.parameters")}
+                    "parameters": tool_schema(tool.get("parameters"), f"{where}.parameters"), **strict_flag(tool)}
         toolset.template_tools.append({"type": "function", "function": function})
     elif kind == "custom":
         name = tool.get("name")

@@ -33,6 +33,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         messages=with_instruction([_worker_message(m, i) for i, m in enumerate(body.messages)], constraint),
         tools=tools,
         tool_choice=tool_choice,
+        parallel_tool_calls=body.parallel_tool_calls is not False,
         max_tokens=body.max_completion_tokens or body.max_tokens,
         sampling=body.sampling(),
         stop=body.stop_list(),

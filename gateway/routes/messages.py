@@ -37,7 +37,7 @@ async def create_message(body: MessagesRequest, request: Request) -> Response:
     prompt = to_chat(body)
     sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k)
     generate = _generate(message_id, body, prompt, request, trace_id, max_tokens=body.max_tokens, sampling=sampling,
-                         stop=list(body.stop_sequences or []))
+                         stop=list(body.stop_sequences or []), constraint=prompt.constraint)
     stream = await submit(request, body.model, generate)
     builder = MessageEvents(message_id, body.model, prompt.tool_names, prompt.parallel, prompt.omit_thinking)
     if body.stream:
@@ -70,7 +70,7 @@ async def _sse(stream: RequestStream, builder: MessageEvents) -> AsyncGenerator[
         assert stream.finished is not None
         yield b"".join(sse_event(event) for event in builder.finish(stream.finished, stream.finished.stop_sequence))
     except EngineError as exc:
-        error = api_error(exc, "messages")
+        error = api_error(exc, "messages", "output_config.format")
         yield sse_event(builder.error(anthropic_type(error), error.message))
     finally:
         stream.close()  # stops the generation if the client went away mid-stream
@@ -101,6 +101,7 @@ def _generate(request_id: str, body: MessagesRequest | CountTokensRequest, promp
         messages=prompt.messages,
         tools=prompt.tools,
         tool_choice=prompt.tool_choice,
+        parallel_tool_calls=prompt.parallel,
         chat_template_kwargs=prompt.chat_template_kwargs,
         prompt_cache_key=session if isinstance(session, str) else None,
         trace_id=trace_id,

@@ -138,7 +138,7 @@ class ResponsesConnection:
                 self.last = None
             raise
         except EngineError as failure:
-            raise api_error(failure, "input") from None
+            raise api_error(failure, "input", "text.format") from None
         async for batch in self.service.events(run):
             await send_events(self.socket, batch)
         state = run.state

@@ -1,0 +1,264 @@
+"""Chunked prefill interleaved with decoding, on mlx-lm's ``BatchGenerator``.
+
+mlx-lm's ``BatchGenerator.next()`` decodes one token for every running sequence, then feeds up
+to ``prefill_step_size`` prompt tokens of *every* prompt in its prefill batch (up to
+``prefill_batch_size`` of them): with eight long prompts waiting, one step carries 8 × 512
+prompt tokens, and every decoding stream waits for all of them. ``ChunkedBatchGenerator``
+bounds each step instead:
+
+1. decode: one token for every running sequence (mlx-lm's own step, unchanged);
+2. start prompts (``_start_prompts``): a waiting prompt whose uncached tokens fit in its share
+   of this step's budget joins the prefill batch at once, so short prompts (and agent turns
+   whose history is cached) never wait behind a long one; a longer prompt starts only when no
+   other long prompt is prefilling, in arrival order. Sharing the budget among several long
+   prompts would delay the first without speeding up the last, and taking them in order
+   means none waits forever;
+3. prompts with only their last token left move to decoding (mlx-lm's transition; their rows
+   are copied out of the prefill batch alone, not the whole batch as ``PromptProcessingBatch.
+   split`` does, so a short prompt finishing beside a long one does not copy the long one's
+   cache);
+4. one chunk: at most ``prefill_chunk`` prompt tokens in all, counted as the prefill batch's
+   padded shape (rows × longest row), shared equally by its rows. Several prompts that fit go
+   through the model together, in one call.
+
+So a decoding stream waits at most one chunk (plus its own decode step) between two tokens,
+whatever arrives. A prompt's prefix cache is looked up when its prefill starts
+(``fetch_prefix``), not when it is queued: a request that waited behind another with the same
+prefix reuses the cache that one stored when its prefill finished.
+
+This module is the only one that reaches into mlx-lm's batching internals: ``_next`` is
+mlx-lm 0.32.2's with steps 2 to 4 changed, and the queue entries and prefill batch layout are
+mlx-lm's. tests/test_batching.py fails when an mlx-lm upgrade changes what this relies on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, PromptProcessingBatch
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache
+
+# Prompt tokens per engine step, by measurement: bench/run.py --only prefill_chunk (SmolLM2-135M,
+# float32, OpenBLAS, 2 shared Linux cores; one stream decoding while a 4,000-token prompt is
+# prefilled). On this CPU attention dominates long prompts (mostly the exp of MLX's CPU softmax),
+# so a chunk late in the prompt costs several times one at its start and the stream's worst wait
+# is the last chunk's: 5% of the prompt's prefill time at 128 tokens, 3% at
+# 64, 11% at 256, 19% at 512. Prefill itself was fastest at 128 (58 tokens/s; 52 at 64, 53 at
+# 256, 48 at 512; stream_generate 38, its 2048-token steps computing attention over the masked
+# half of each step), and the stream's decode steps between chunks added 7% to the prompt's time
+# to first token (64: 10%). Metal could not be measured here; 512 there is
+# mlx-lm's own batch prefill step: a GPU needs larger matrices to be busy, its fused attention
+# does not grow the same way, and a 512-token chunk of a 30B model takes about a second.
+CPU_PREFILL_CHUNK = 128
+GPU_PREFILL_CHUNK = 512
+UNCHUNKED_PREFILL_STEP = 512  # ``prefill_chunk=0``: mlx-lm's own scheduling, as before chunking
+
+
+def default_prefill_chunk() -> int:
+    return CPU_PREFILL_CHUNK if mx.default_device() == mx.cpu else GPU_PREFILL_CHUNK
+
+
+PrefixFetch = Callable[[int, list[int]], tuple[list[Any] | None, int]]  # (uid, prompt) -> (cache, cached tokens)
+PrefixPeek = Callable[[int], int]  # uid -> how many of its prompt's tokens the cache would supply now
+
+
+class ChunkedBatchGenerator(BatchGenerator):
+    """A ``BatchGenerator`` whose every step spends at most one decode token per running
+    sequence plus one prefill chunk of ``prefill_chunk`` tokens (see the module docstring).
+
+    ``peek_prefix(uid)`` says how many of a waiting prompt's tokens the prefix cache
+    would supply (for the fit check; it must not copy anything), ``fetch_prefix(uid, prompt)``
+    takes that cache when the prompt starts: (cache or None, tokens it holds, fewer than the
+    prompt's). Without them every prompt is prefilled whole. Insert prompts without caches.
+    ``prompt_done(uids)`` is called as prompts finish their prefill (they are decoding now, and
+    ``extract_cache`` gives their whole prompt's cache), before the next prompts start.
+    ``take_failures()`` returns the prompts whose prefill raised since the last call (they have
+    left the batch; decoding went on).
+    """
+
+    def __init__(self, model: Any, *, prefill_chunk: int, peek_prefix: PrefixPeek | None = None,
+                 fetch_prefix: PrefixFetch | None = None, prompt_done: Callable[[list[int]], None] | None = None,
+                 **kwargs: Any):
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be at least 1")
+        super().__init__(model, prefill_step_size=prefill_chunk, **kwargs)
+        self.prefill_chunk = prefill_chunk
+        self._peek_prefix = peek_prefix
+        self._fetch_prefix = fetch_prefix
+        self._prompt_done = prompt_done
+        self._failures: list[tuple[list[int], Exception]] = []
+
+    def take_failures(self) -> list[tuple[list[int], Exception]]:
+        failures, self._failures = self._failures, []
+        return failures
+
+    def _next(self) -> tuple[list[Any], list[Any]]:
+        generation_responses: list[Any] = []
+        prompt_responses: list[Any] = []
+
+        # 1. One token for every running sequence (as mlx-lm).
+        if len(self._generation_batch) > 0:
+            tic = time.perf_counter()
+            generation_responses = self._generation_batch.next()
+            self._counters.decode_time += time.perf_counter() - tic
+            self._counters.generation_tokens += len(generation_responses)
+            self._counters.generation_steps += 1
+            if self._counters.generation_steps % 512 == 0:
+                mx.clear_cache()
+        if len(self._generation_batch) >= self.completion_batch_size:
+            return prompt_responses, generation_responses
+
+        # 2. Prompts with only their last token left start decoding, and are cached (``prompt_done``)
+        #    before the next prompts look for a cached prefix.
+        prompt_responses += self._to_decoding()
+
+        # 3. Waiting prompts that fit this step join the prefill batch (a wholly cached one, all but
+        #    its last token, starts decoding at once).
+        if self._start_prompts():
+            prompt_responses += self._to_decoding()
+
+        # 4. One chunk: the budget shared equally by the prefill batch's rows.
+        rows = len(self._currently_processing)
+        if not rows:
+            return prompt_responses, generation_responses
+        share = max(1, self.prefill_chunk // rows)
+        prompts = []
+        for i, seq in enumerate(self._currently_processing):
+            segments = seq[0]
+            n = min(len(segments[0]), share)
+            prompts.append(segments[0][:n])
+            segments[0] = segments[0][n:]
+            end_of_segment = not segments[0]
+            if end_of_segment:
+                segments.pop(0)
+            seq[1] += n
+            prompt_responses.append(PromptProcessingBatch.Response(self._prompt_batch.uids[i], (seq[1], seq[2]),
+                                                                   end_of_segment, False))
+        self._counters.prompt_tokens += sum(len(p) for p in prompts)
+        tic = time.perf_counter()
+        try:
+            self._prompt_batch.prompt(prompts)
+        except Exception as exc:
+            # Pinned on the prompts of this chunk alone: they leave, decoding goes on.
+            failed = list(self._prompt_batch.uids)
+            self.remove(failed)
+            mx.clear_cache()
+            self._failures.append((failed, exc))
+            prompt_responses = [r for r in prompt_responses if r.uid not in set(failed)]
+        self._counters.prompt_time += time.perf_counter() - tic
+        return prompt_responses, generation_responses
+
+    def _to_decoding(self) -> list[Any]:
+        """mlx-lm's switch from prefill to decoding, for the prompts with only their last token
+        left: fed now, it gives their first logits. Returns their prompt responses."""
+        split = [i for i, (segments, _, _) in enumerate(self._currently_processing) if _last_token_only(segments)]
+        if not split:
+            return []
+        last_inputs = [self._currently_processing[i][0][0] for i in split]
+        progress = [(self._currently_processing[i][2],) * 2 for i in split]
+        leaving = set(split)
+        self._currently_processing = [p for i, p in enumerate(self._currently_processing) if i not in leaving]
+        gen_batch = self._split_off(split).generate(last_inputs)
+        uids = list(gen_batch.uids)
+        self._generation_batch.extend(gen_batch)
+        if self._prompt_done is not None:
+            self._prompt_done(uids)
+        return [PromptProcessingBatch.Response(uid, p, True, True) for uid, p in zip(uids, progress, strict=True)]
+
+    def _start_prompts(self) -> bool:
+        """Move the waiting prompts that may start this step into the prefill batch."""
+        waiting = self._unprocessed_sequences
+        room = min(self.prefill_batch_size - len(self._prompt_batch),
+                   self.completion_batch_size - len(self._generation_batch) - len(self._prompt_batch))
+        if not waiting or room <= 0:
+            return False
+        continuing = len(self._currently_processing)  # rows still prefilling: at most one long prompt
+        chosen: list[int] = []
+        longest = 0  # the longest prompt among those that must finish within this step's share
+        for index, entry in enumerate(waiting):
+            if len(chosen) >= room:
+                break
+            # Tokens it still has to prefill (its last one is fed when it starts decoding).
+            need = sum(len(segment) for segment in entry[1]) - 1 - (self._peek_prefix(entry[0]) if self._peek_prefix else 0)
+            if continuing == 0 and not chosen:
+                chosen.append(index)  # the first in line starts, however long
+                continue
+            share = self.prefill_chunk // (continuing + len(chosen) + 1)
+            if max(longest, need) <= share:
+                chosen.append(index)
+                longest = max(longest, need)
+        if not chosen:
+            return False
+        picked = set(chosen)
+        starting = [self._with_prefix(waiting[i]) for i in chosen]
+        self._unprocessed_sequences = deque(starting + [e for i, e in enumerate(waiting) if i not in picked])
+        self._prompt_batch.extend(self._make_batch(len(starting)))
+        return True
+
+    def _with_prefix(self, entry: tuple) -> tuple:
+        """A queue entry with its prompt's cached prefix, taken now (mlx-lm's entry layout:
+        uid, segments, max_tokens, cache, tokens already in the cache, sampler, processors, stops)."""
+        if self._fetch_prefix is None:
+            return entry
+        uid, _, max_tokens, cache, _, *rest = entry
+        prompt = _prompt_of(entry)
+        cached, n = self._fetch_prefix(uid, prompt)
+        if cached is None or n <= 0:
+            return entry
+        tail = prompt[n:]
+        segments = [tail[:-1], tail[-1:]] if len(tail) > 1 else [tail]
+        return (uid, segments, max_tokens, cached, prompt[:n], *rest)
+
+    def _split_off(self, indices: list[int]) -> PromptProcessingBatch:
+        """The prefill batch's rows at ``indices`` as a batch of their own; the rest stay.
+        mlx-lm's ``split`` deep-copies every row's cache first; only the leaving rows are copied here."""
+        batch = self._prompt_batch
+        if len(indices) == len(batch):
+            self._prompt_batch = PromptProcessingBatch.empty(self.model, self.sampler,
+                                                             prefill_step_size=self.prefill_step_size)
+            return batch
+        leaving = PromptProcessingBatch(
+            model=self.model,
+            uids=[batch.uids[i] for i in indices],
+            caches=[batch.extract_cache(i) for i in indices],
+            tokens=[batch.tokens[i] for i in indices],
+            prefill_step_size=batch.prefill_step_size,
+            samplers=[batch.samplers[i] for i in indices],
+            fallback_sampler=batch.fallback_sampler,
+            logits_processors=[batch.logits_processors[i] for i in indices],
+            stop_sequences=[batch.stop_sequences[i] for i in indices],
+            max_tokens=[batch.max_tokens[i] for i in indices],
+        )
+        batch.filter([i for i in range(len(batch)) if i not in set(indices)])
+        return leaving
+
+
+def _last_token_only(segments: list[list[int]]) -> bool:
+    """mlx-lm holds back a prompt's last token: fed at the switch to decoding, it gives the first logits."""
+    return len(segments) == 1 and len(segments[0]) == 1
+
+
+def _prompt_of(entry: tuple) -> list[int]:
+    """A queued prompt's tokens (inserted without a cache: its segments are the whole prompt)."""
+    return [token for segment in entry[1] for token in segment]
+
+
+def cached_prefix_length(cache: LRUPromptCache, model: Any, tokens: list[int]) -> int:
+    """How many of ``tokens`` ``cache.fetch_nearest_cache`` would supply now, less the last token
+    of an exact hit (the model must see one token), without copying any cache: the same choice
+    (an exact entry; else a longer entry trimmed back to the common prefix, if it can be trimmed;
+    else the longest entry that is a prefix) read from mlx-lm's trie."""
+    result = cache._trie.search(model, tokens)
+    if result.exact is not None:
+        exact = cache._trie.get(result.model, result.exact).prompt_cache
+        return len(tokens) - 1 if can_trim_prompt_cache(exact) else 0
+    shorter = len(result.shorter) if result.shorter is not None else 0
+    if result.longer is not None and result.common_prefix > shorter:
+        longer = cache._trie.get(result.model, result.longer).prompt_cache
+        if can_trim_prompt_cache(longer):
+            return min(len(tokens) - 1, result.common_prefix)
+    return shorter

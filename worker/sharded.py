@@ -1,0 +1,294 @@
+"""One model across several machines: ``mlx.launch … worker --distributed tensor …``.
+
+Every rank loads its share of the model (mlx-lm's ``sharded_load``: tensor parallelism through
+the model's ``shard``). Rank 0 alone is a worker as the gateway knows it: it holds the ZeroMQ
+link, registers one worker (the group's context length and capacity), builds prompts and
+answers requests. The other ranks follow. Before each engine step rank 0 broadcasts the step's
+work (``GroupEngine.step``): the requests it queued since the last step (the Generate and its
+prompt's token ids) and the ones it cancelled, plus a digest of the previous step's output.
+Every rank then applies the same changes to the same ``Engine`` and runs the same
+``BatchGenerator`` step, whose model collectives keep them in lockstep; the tokens every rank
+continues with are rank 0's (``Group.from_rank0`` inside each sampler). A rank whose output
+digest differs from rank 0's has diverged, and the group stops.
+
+Faults: a rank that dies makes the others' next collective fail ("connection to a peer was
+lost"); one that hangs leaves them waiting, and the watchdog (``--group-timeout``) ends them.
+Either way every rank exits at once, with no answer of its own to any request: the gateway sees
+rank 0's connection close and fails or retries its requests as for any crashed worker, and the
+supervisor restarts ``mlx.launch``, which starts the whole group again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any, cast
+
+import msgpack
+
+from protocol.codec import decode, encode
+from protocol.logs import configure as configure_logging
+from protocol.messages import ERROR_INTERNAL, Accepted, Error, Finished, Generate
+from worker.distributed import EXIT_STARTUP_FAILED, Group, GroupFailed, describe_rank, fatal, in_launched_group
+from worker.engine import Engine, Sequence, StepResult
+
+log = logging.getLogger("worker")
+
+TICK_SECONDS = 1.0  # an idle rank 0 still broadcasts this often, so the others know it lives
+# The first broadcast also waits for every rank to build its engine after loading (seconds).
+FIRST_BROADCAST_TIMEOUT = 300.0
+
+
+class GroupEngine(Engine):
+    """The same Engine on every rank; rank 0's calls are recorded and replayed on the others."""
+
+    def __init__(self, *args: Any, group: Group, **kwargs: Any):
+        self.group = group
+        self._samplers: dict[tuple[Any, ...], Any] = {}
+        self._ops: list[list[Any]] = []  # rank 0: changes since the last step, for the others
+        self._given: dict[str, list[int]] = {}  # other ranks: prompts as rank 0 built them
+        self._digest = 0  # of the last step's output
+        self._next_tick = 0.0
+        self._first = True
+        super().__init__(*args, **kwargs)
+        # The engine's settings (batch size, prefill chunk, cache budget, output cap, …): rank 0
+        # sends its own with the first broadcast, and a rank built otherwise refuses to start.
+        settings = sorted((k, v) for k, v in vars(self).items() if isinstance(v, (bool, int, float, str, type(None))))
+        self._settings = zlib.crc32(repr(settings).encode())
+
+    # Rank 0: what the worker does to the engine is recorded for the others.
+
+    def enqueue(self, sequence: Sequence) -> Accepted | Error:
+        reply = super().enqueue(sequence)
+        if self.group.leader and isinstance(reply, Accepted):
+            self._ops.append(["enqueue", encode(sequence.request), list(sequence.prompt)])
+        return reply
+
+    def cancel(self, request_id: str) -> Finished | None:
+        finished = super().cancel(request_id)
+        if self.group.leader and finished is not None:
+            self._ops.append(["cancel", request_id])
+        return finished
+
+    @property
+    def busy(self) -> bool:
+        # An idle rank 0 still steps now and then: the broadcast tells the others it lives.
+        return super().busy or (self.group.leader and time.monotonic() >= self._next_tick)
+
+    def step(self) -> StepResult:
+        """Rank 0: broadcast this step's work, then step with everyone."""
+        work = {"ops": self._ops, "digest": self._digest, **({"settings": self._settings} if self._first else {})}
+        payload = msgpack.packb(work, use_bin_type=True)
+        self._ops = []
+        try:
+            self.group.broadcast(payload, "a step's broadcast", self._first_timeout())
+        except GroupFailed as exc:
+            fatal(f"{describe_rank(self.group.rank)}: lost the group ({exc})")
+        self._next_tick = time.monotonic() + TICK_SECONDS
+        return self.local_step()
+
+    def cancel_all(self, code: str, message: str) -> list[Error]:
+        """Shutting down (rank 0): fail what runs, and tell the other ranks to stop too."""
+        errors = super().cancel_all(code, message)
+        self._ops.append(["stop"])
+        payload = msgpack.packb({"ops": self._ops, "digest": self._digest}, use_bin_type=True)
+        try:
+            self.group.broadcast(payload, "the stop broadcast")
+        except GroupFailed as exc:
+            log.warning("could not tell the other ranks to stop: %s", exc)
+        return errors
+
+    # Every rank.
+
+    def _first_timeout(self) -> float | None:
+        first, self._first = self._first, False
+        return max(FIRST_BROADCAST_TIMEOUT, self.group.watchdog.timeout) if first else None
+
+    def local_step(self) -> StepResult:
+        """This rank's engine step (its collectives meet the other ranks')."""
+        with self.group.watchdog.guard("an engine step"):
+            result = super().step()
+        failed = [e for e in result.errors if e.code == ERROR_INTERNAL]
+        if failed:
+            # The engine failed the batch and would serve on with a fresh generator; in a group
+            # that would leave the ranks apart (and a peer lost is the usual cause): stop all.
+            fatal(f"{describe_rank(self.group.rank)}: the engine step failed ({failed[0].message})")
+        self._digest = _digest(result)
+        return result
+
+    def _sampler(self, request: Generate) -> Any:
+        """Rank 0's token on every rank. One sampler per distinct setting, so that a batch whose
+        requests sample alike makes one batched call (and one collective) per step."""
+        asked, default = request.sampling, self.loaded.sampling
+        key = tuple(default[n] if getattr(asked, n) is None else getattr(asked, n)
+                    for n in ("temperature", "top_p", "min_p", "top_k"))
+        sampler = self._samplers.get(key)
+        if sampler is None:
+            inner, group = super()._sampler(request), self.group
+
+            def sampler(logprobs: Any) -> Any:
+                import mlx.core as mx
+
+                if group.leader:
+                    tokens = inner(logprobs)
+                else:  # zeros, but computed from the logits: after the model's collectives
+                    tokens = mx.argmax(logprobs, axis=-1) * 0
+                return group.from_rank0(tokens)
+
+            if len(self._samplers) >= 64:  # clients' settings vary without bound; a batch needs few
+                self._samplers.clear()
+            self._samplers[key] = sampler
+        return sampler
+
+    def _prompt(self, request: Generate, forced_tool_call: bool) -> list[int] | Error:
+        given = self._given.pop(request.request_id, None)  # the other ranks do not tokenize
+        return given if given is not None else super()._prompt(request, forced_tool_call)
+
+    # The other ranks.
+
+    def follow(self) -> int:
+        """Apply rank 0's broadcasts and step with it, until it says stop."""
+        group = self.group
+        while True:
+            try:
+                payload = group.broadcast(None, "waiting for rank 0", self._first_timeout())
+            except GroupFailed as exc:
+                fatal(f"{describe_rank(group.rank)}: lost the group ({exc})")
+            work = msgpack.unpackb(payload, raw=False)
+            if work.get("settings", self._settings) != self._settings:
+                fatal(f"{describe_rank(group.rank)}: its engine's settings differ from rank 0's "
+                      "(the same worker flags and version on every rank?)")
+            if work["digest"] != self._digest:
+                fatal(f"{describe_rank(group.rank)}: its output differs from rank 0's: the ranks diverged")
+            for op in work["ops"]:
+                if op[0] == "stop":
+                    log.info("rank 0 stopped: stopping")
+                    return 0
+                if op[0] == "cancel":
+                    super().cancel(op[1])
+                elif op[0] == "enqueue":
+                    self._replay_enqueue(cast(Generate, decode(op[1])), op[2])
+            self.local_step()
+
+    def _replay_enqueue(self, request: Generate, prompt: list[int]) -> None:
+        self._given[request.request_id] = prompt
+        sequence = self.prepare(request)
+        self._given.pop(request.request_id, None)
+        if not isinstance(sequence, Sequence) or sequence.prompt != prompt:
+            reason = sequence.message if isinstance(sequence, Error) else "a different prompt"
+            fatal(f"{describe_rank(self.group.rank)}: rank 0 queued {request.request_id}, which here gave {reason}")
+        super().enqueue(sequence)
+
+
+def _digest(result: StepResult) -> int:
+    """What a step produced, in a number every rank can compare with rank 0's."""
+    parts: list[Any] = [[d.request_id, d.text, d.reasoning, [(c.name, c.arguments) for c in d.tool_calls]]
+                        for d in result.deltas]
+    parts += [[f.request_id, f.finish_reason, f.completion_tokens] for f in result.finished]
+    return zlib.crc32(msgpack.packb(parts, use_bin_type=True))
+
+
+def main_sharded(args: argparse.Namespace, make_logits_processors: Callable | None = None) -> int:
+    """Run one rank of a sharded worker (cli.main hands over here with ``--distributed``)."""
+    from worker.config import WorkerConfig
+    from worker.gguf import ModelLoadError
+    from worker.models import load, resolve
+
+    if not in_launched_group():
+        log.error("--distributed runs one rank of a group: start every rank with mlx.launch "
+                  "(e.g. mlx.launch --hostfile hosts.json -- worker --distributed tensor …); see deploy/README.md")
+        return EXIT_STARTUP_FAILED
+    group = Group.join(args.group_timeout)
+    rank, size = group.rank, group.size
+    configure_logging("worker" if rank == 0 else f"worker-rank{rank}", args.log_level, args.log_format)
+    if size < 2:
+        log.error("--distributed needs a group of at least 2 ranks: start it with mlx.launch "
+                  "(e.g. mlx.launch --hostfile hosts.json -- worker --distributed tensor …); see deploy/README.md")
+        return EXIT_STARTUP_FAILED
+    log.info("%s of %d, pid %d on %s", describe_rank(rank), size, os.getpid(), socket.gethostname())
+
+    # Every rank finds its model files first, and rank 0 reports each rank's problem by rank.
+    problem = ""
+    try:
+        resolve(args.model)
+    except (ModelLoadError, ValueError, OSError) as exc:
+        problem = str(exc)
+    statuses = _gather(group, not problem, problem)
+    if not all(ok for ok, _ in statuses):
+        for other, (ok, message) in enumerate(statuses):
+            if not ok:
+                log.error("%s cannot serve %s: %s", describe_rank(other), args.model, message)
+        return EXIT_STARTUP_FAILED
+
+    operator = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
+    try:
+        loaded = load(args.model, args.served_name, args.context_length, operator,
+                      loader=_sharded_loader(group, args.distributed))
+    except ModelLoadError as exc:
+        fatal(f"{describe_rank(rank)}: {exc}")
+    log.info("%s holds its share of %s (%s parallel over %d ranks)", describe_rank(rank), loaded.name,
+             args.distributed, size)
+
+    config = WorkerConfig.from_args(args)
+    processors = make_logits_processors(loaded) if make_logits_processors else None
+
+    def make_engine(*engine_args: Any, **engine_kwargs: Any) -> Engine:
+        return GroupEngine(*engine_args, group=group, **engine_kwargs)
+
+    if rank == 0:
+        from protocol.security import CurveClient
+        from protocol.transport import check_address, default_address
+        from worker.core import Worker
+
+        curve = None
+        if args.curve_secret_key and args.curve_server_key:
+            curve = CurveClient.load(args.curve_secret_key, args.curve_server_key)
+        address = check_address(args.gateway or default_address())
+        worker = Worker(loaded, address, config, processors, curve, make_engine=make_engine)
+
+        def drain() -> None:  # the launcher is gone (a supervisor stopped mlx.launch): drain, then stop all
+            if worker.drain_deadline is None:
+                log.info("draining (up to %.0fs), then stopping the group", worker.drain_timeout)
+                worker.drain_deadline = time.monotonic() + worker.drain_timeout
+
+        group.watchdog.on_orphaned = drain
+        return worker.run()
+
+    import signal
+
+    # The other ranks stop when rank 0 says so (it drains first), when the group breaks, or when
+    # their launcher is gone; a SIGTERM of their own (a supervisor stopping the process group)
+    # waits for rank 0's word.
+    signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: stopping when rank 0 does"))
+    signal.signal(signal.SIGINT, lambda *_: log.info("SIGINT: stopping when rank 0 does"))
+    engine = GroupEngine(loaded, config.max_sequences, config.prefill_step_size, processors,
+                         prompt_cache_bytes=config.prompt_cache_mb << 20,
+                         max_output_tokens=config.max_output_tokens, group=group)
+    from worker.core import _apply_memory_limits
+
+    _apply_memory_limits(config)
+    return engine.follow()
+
+
+def _gather(group: Group, ok: bool, message: str) -> list[tuple[bool, str]]:
+    try:
+        return group.gather_status(ok, message)
+    except GroupFailed as exc:
+        fatal(f"{describe_rank(group.rank)}: lost the group while starting ({exc})")
+
+
+def _sharded_loader(group: Group, mode: str) -> Callable[[str], tuple[Any, Any, dict[str, Any]]]:
+    def load_share(location: str) -> tuple[Any, Any, dict[str, Any]]:
+        from mlx_lm.utils import sharded_load
+
+        # Not under the watchdog: a large model takes minutes to read. A rank that fails to load
+        # exits, and the others' closing all_sum in sharded_load then fails.
+        groups = {"pipeline_group" if mode == "pipeline" else "tensor_group": group.group}
+        return cast(tuple[Any, Any, dict[str, Any]], sharded_load(location, return_config=True, **groups))
+
+    return load_share
