@@ -347,8 +347,10 @@ def test_smollm2_over_three_ranks_writes_what_the_single_worker_writes(tmp_path)
     try:
         stack.start_gateway()
         stack.start_worker("smollm2-135m", SINGLE, "--cpu-threads", "1")
+        # Three ranks on a small CPU: a step of SmolLM2 can take seconds, far past the 5 s the tiny
+        # model's groups allow before the watchdog stops them.
         group = start_group(stack, "--model", "smollm2-135m", "--served-name", SHARDED, "--cpu-threads", "1",
-                            "--max-sequences", "2", ranks=3)
+                            "--max-sequences", "2", "--group-timeout", "120", ranks=3)
         rank_pids(group, ranks=3, timeout=300)
         stack.wait_for_models(SINGLE, SHARDED, timeout=900)
         for prompt in ("The capital of France is", "def add(a, b):"):
