@@ -35,8 +35,10 @@ import httpx
 from systems import MODEL, GatewayAndWorker, MlxLmServer, float32_copy, run_clients, stream_chat, summarize
 
 LONG_PROMPT_TOKENS = 4000
-# SmolLM2 counts on and on: the stream outlasts any prefill here.
-STREAM_MESSAGES = [{"role": "user", "content": "Count from 1 to 100000, one number per line."}]
+# SmolLM2 counts on and on ("1234567890123…"), one visible digit per token: the stream outlasts
+# any prefill here, and each of its tokens reaches the client as it is made (with a number per
+# line, one token in six is held back by the detokenizer, and a client sees two steps as one gap).
+STREAM_MESSAGES = [{"role": "user", "content": "Count from 1 to 100000, separated by spaces."}]
 STREAM_WARMUP_TOKENS = 20
 _WORDS = (
     "harbor lantern granite meadow copper violet thunder orchard canyon ember velvet glacier "
@@ -211,7 +213,7 @@ def decode_stall(out: Path, rounds: int = 1, c16_rounds: int = 3) -> dict:
 
 
 def _median(rows: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in rows if r.get(key) is not None)
+    return round(statistics.median(r[key] for r in rows if r.get(key) is not None), 3)
 
 
 def summarize_stall(results: dict) -> dict:

@@ -124,7 +124,7 @@ def test_greedy_output_is_the_same_with_and_without_chunking(model, chunk):
         alone.update(outputs(Engine(model, prefill_chunk=chunk, prompt_cache_bytes=0), request)[0])
     assert alone == unchunked
     # With the prefix cache: a second round hits every prompt (all but its last token), and a
-    # longer prompt starts from a shorter one's cache.
+    # prompt whose message extends another's reuses that one's cache up to where they part.
     engine = Engine(model, prefill_chunk=chunk)
     first, _ = outputs(engine, *requests)
     again, done = outputs(engine, *[chat(f"again{i}", p) for i, p in enumerate(PROMPTS)])
