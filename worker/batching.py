@@ -7,16 +7,16 @@ prompt tokens, and every decoding stream waits for all of them. ``ChunkedBatchGe
 bounds each step instead:
 
 1. decode: one token for every running sequence (mlx-lm's own step, unchanged);
-2. start prompts (``_start_prompts``): a waiting prompt whose uncached tokens fit in its share
+2. prompts with only their last token left move to decoding (mlx-lm's transition, in
+   ``_to_decoding``; their rows are copied out of the prefill batch alone, not the whole batch
+   as ``PromptProcessingBatch.split`` does, so a short prompt finishing beside a long one does
+   not copy the long one's cache), and ``prompt_done`` caches their prompts;
+3. start prompts (``_start_prompts``): a waiting prompt whose uncached tokens fit in its share
    of this step's budget joins the prefill batch at once, so short prompts (and agent turns
    whose history is cached) never wait behind a long one; a longer prompt starts only when no
    other long prompt is prefilling, in arrival order. Sharing the budget among several long
    prompts would delay the first without speeding up the last, and taking them in order
    means none waits forever;
-3. prompts with only their last token left move to decoding (mlx-lm's transition; their rows
-   are copied out of the prefill batch alone, not the whole batch as ``PromptProcessingBatch.
-   split`` does, so a short prompt finishing beside a long one does not copy the long one's
-   cache);
 4. one chunk: at most ``prefill_chunk`` prompt tokens in all, counted as the prefill batch's
    padded shape (rows × longest row), shared equally by its rows. Several prompts that fit go
    through the model together, in one call.
@@ -248,17 +248,31 @@ def _prompt_of(entry: tuple) -> list[int]:
 
 
 def cached_prefix_length(cache: LRUPromptCache, model: Any, tokens: list[int]) -> int:
-    """How many of ``tokens`` ``cache.fetch_nearest_cache`` would supply now, less the last token
-    of an exact hit (the model must see one token), without copying any cache: the same choice
-    (an exact entry; else a longer entry trimmed back to the common prefix, if it can be trimmed;
-    else the longest entry that is a prefix) read from mlx-lm's trie."""
-    result = cache._trie.search(model, tokens)
-    if result.exact is not None:
-        exact = cache._trie.get(result.model, result.exact).prompt_cache
-        return len(tokens) - 1 if can_trim_prompt_cache(exact) else 0
-    shorter = len(result.shorter) if result.shorter is not None else 0
-    if result.longer is not None and result.common_prefix > shorter:
-        longer = cache._trie.get(result.model, result.longer).prompt_cache
-        if can_trim_prompt_cache(longer):
-            return min(len(tokens) - 1, result.common_prefix)
+    """About how many of ``tokens`` ``cache.fetch_nearest_cache`` would supply now (less the
+    last token of an exact hit: the model must see one), without copying any cache, for the
+    scheduler's fit check. The same choice, read from mlx-lm's trie: an exact entry; else an
+    entry past where ``tokens`` leave the trie, trimmed back to there, if it can be trimmed; else
+    the longest entry that is a prefix. mlx-lm takes the shortest entry past that point, and its
+    search copies the path at every node (~40 ms next to a few 4k-token entries); here the first
+    entry down the trie stands for it, in one linear walk. Every entry of a model has the same
+    cache types, so only sliding-window caches (trimmable while shorter than their window) can
+    tell the two apart, and then only the estimate is off, not what a prompt is given."""
+    node = cache._trie._trie.get(model)
+    if node is None:
+        return 0
+    depth, shorter = 0, 0
+    for token in tokens:
+        if token not in node:
+            break
+        node = node[token]
+        depth += 1
+        if "__value__" in node and depth > 1:  # mlx-lm ignores a one-token entry
+            shorter = depth
+    if depth == len(tokens) and "__value__" in node:  # an exact hit
+        return len(tokens) - 1 if can_trim_prompt_cache(node["__value__"].prompt_cache) else 0
+    if depth > shorter:  # every node of the trie leads to an entry
+        while "__value__" not in node:
+            node = next(iter(node.values()))  # no value here, so every key is a token
+        if can_trim_prompt_cache(node["__value__"].prompt_cache):
+            return min(len(tokens) - 1, depth)
     return shorter
