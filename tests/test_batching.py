@@ -111,7 +111,7 @@ def words(n: int, seed: int = 0) -> str:
 PROMPTS = ["Hi", "The quick brown fox jumps over the lazy dog. " * 6, words(40, 1), words(120, 2)]
 
 
-@pytest.mark.parametrize("chunk", [2, 7, 64, 1000])
+@pytest.mark.parametrize("chunk", [2, 7, 64, 1000, None])  # None: auto, sized from step times
 def test_greedy_output_is_the_same_with_and_without_chunking(model, chunk):
     requests = [chat(f"r{i}", p) for i, p in enumerate(PROMPTS)]
     unchunked, _ = outputs(Engine(model, prefill_chunk=0, prompt_cache_bytes=0), *requests)
@@ -135,6 +135,48 @@ def test_greedy_output_is_the_same_with_and_without_chunking(model, chunk):
     hit, done = outputs(engine, longer)
     assert done["longer"].cached_tokens > 500
     assert hit == outputs(Engine(model, prefill_chunk=0, prompt_cache_bytes=0), longer)[0]
+
+
+def test_chunk_sizer_holds_each_chunk_near_its_decode_steps_as_attention_grows():
+    """The sizer against a prompt whose tokens cost more the later they come (attention): every
+    chunk after the first few takes about ``decode_steps`` decode steps, so the prompt needs far
+    fewer chunks than fixed ones that never take longer."""
+    from worker.batching import ChunkSizer
+
+    decode_s, base, per_position = 0.1, 0.01, 0.000005  # a token at position 4,000 costs 3x one at 0
+
+    def chunk_seconds(tokens: int, position: int) -> float:
+        return tokens * (base + per_position * (position + tokens / 2))
+
+    sizer = ChunkSizer(128, decode_steps=25)
+    sizer.prefilled(128, 5.0, decoding=True)
+    assert sizer.tokens == 128, "nothing to aim at before a decode step has been timed"
+    for _ in range(5):
+        sizer.decoded(decode_s)
+    position, times = 0, []
+    while position < 8_000:
+        tokens = sizer.tokens
+        times.append(chunk_seconds(tokens, position))
+        sizer.prefilled(tokens, times[-1] + decode_s, decoding=True)
+        position += tokens
+    aim = 25 * decode_s
+    assert all(0.8 * aim <= t <= 1.25 * aim for t in times[1:]), times
+    fixed = max(t for t in range(1, 2049) if chunk_seconds(t, 8_000 - t) <= max(times))
+    assert len(times) < 0.7 * (8_000 / fixed), (len(times), fixed)
+    # A step that ran slow (the machine was busy) halves the next chunk at most; limits hold.
+    before = sizer.tokens
+    sizer.prefilled(before, 100.0, decoding=True)
+    assert sizer.tokens == max(before // 2, ChunkSizer.SMALLEST)
+    # Short prompts' quick chunks do not grow it past twice what they timed: a long prompt
+    # arriving next starts near the size it measured, not at the largest.
+    sizer = ChunkSizer(512, decode_steps=25)
+    sizer.decoded(decode_s)
+    for _ in range(20):
+        sizer.prefilled(20, 0.05, decoding=False)
+    assert sizer.tokens == 512
+    for _ in range(20):
+        sizer.prefilled(sizer.tokens, 0.001, decoding=False)
+    assert sizer.tokens == ChunkSizer.LARGEST
 
 
 def test_a_decoding_stream_gets_a_token_at_every_step_of_another_prompts_prefill(model):

@@ -19,7 +19,8 @@ bounds each step instead:
    means none waits forever;
 4. one chunk: at most ``prefill_chunk`` prompt tokens in all, counted as the prefill batch's
    padded shape (rows × longest row), shared equally by its rows. Several prompts that fit go
-   through the model together, in one call.
+   through the model together, in one call. ``prefill_chunk`` is fixed, or picked before each
+   step by a ``ChunkSizer`` from the steps it has timed (``--prefill-chunk auto``).
 
 So a decoding stream waits at most one chunk (plus its own decode step) between two tokens,
 whatever arrives. A prompt's prefix cache is looked up when its prefill starts
@@ -42,17 +43,16 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, PromptProcessingBatch
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache
 
-# Prompt tokens per engine step, by measurement: bench/run.py --only prefill_chunk (SmolLM2-135M,
-# float32, OpenBLAS, 2 shared Linux cores; one stream decoding while a 4,000-token prompt is
-# prefilled). On this CPU attention dominates long prompts (mostly the exp of MLX's CPU softmax),
-# so a chunk late in the prompt costs several times one at its start and the stream's worst wait
-# is the last chunk's: 5% of the prompt's prefill time at 128 tokens, 3% at
-# 64, 11% at 256, 19% at 512. Prefill itself was fastest at 128 (58 tokens/s; 52 at 64, 53 at
-# 256, 48 at 512; stream_generate 38, its 2048-token steps computing attention over the masked
-# half of each step), and the stream's decode steps between chunks added 7% to the prompt's time
-# to first token (64: 10%). Metal could not be measured here; 512 there is
-# mlx-lm's own batch prefill step: a GPU needs larger matrices to be busy, its fused attention
-# does not grow the same way, and a 512-token chunk of a 30B model takes about a second.
+# A fixed chunk (``--prefill-chunk N``), or where ``auto`` starts before it has measured a step,
+# by measurement: bench/run.py --only prefill_chunk (SmolLM2-135M, float32, OpenBLAS, 2 shared
+# Linux cores; one stream decoding while a 4,000-token prompt is prefilled). On this CPU attention
+# dominates long prompts (mostly the exp of MLX's CPU softmax), so a chunk late in the prompt costs
+# several times one at its start and the stream's worst wait is the last chunk's: 5% of the
+# prompt's prefill time at 128 tokens, 3% at 64, 11% at 256, 19% at 512. Prefill itself was
+# fastest at 128 (58 tokens/s; 52 at 64, 53 at 256, 48 at 512; stream_generate 38, its 2048-token
+# steps computing attention over the masked half of each step). Metal could not be measured here;
+# 512 there is mlx-lm's own batch prefill step: a GPU needs larger matrices to be busy, its fused
+# attention does not grow the same way, and a 512-token chunk of a 30B model takes about a second.
 CPU_PREFILL_CHUNK = 128
 GPU_PREFILL_CHUNK = 512
 UNCHUNKED_PREFILL_STEP = 512  # ``prefill_chunk=0``: mlx-lm's own scheduling, as before chunking
@@ -62,13 +62,59 @@ def default_prefill_chunk() -> int:
     return CPU_PREFILL_CHUNK if mx.default_device() == mx.cpu else GPU_PREFILL_CHUNK
 
 
+class ChunkSizer:
+    """``--prefill-chunk auto``: sizes each step's chunk so that its prefill takes about
+    ``decode_steps`` decode steps of the running batch, measured as the worker runs.
+
+    Every chunk costs the prompt one decode step of the streams beside it, and costs those streams
+    the chunk's time: a chunk of ``k`` decode steps delays the prompt by about 1/k and gives each
+    stream a gap of about k + 1 steps, whatever the model, the device or how far into its prompt
+    the chunk is. A fixed token count cannot hold both: a chunk late in a long prompt costs several
+    times one at its start (attention), and a large model's decode step is as much slower as its
+    prefill. Measured (bench/run.py --only decode_stall, SmolLM2 on 2 CPU cores, a 4,000-token
+    prompt beside one stream): fixed 128-token chunks, 34 of them, delayed the prompt by 14% (each
+    interleaved decode step cost it ~115 ms more than that step alone) with a worst gap of 5% of
+    the prefill; about 30 decode steps per chunk halves the number of chunks at the same worst gap.
+
+    ``decoded(s)``: a step that only decoded took ``s`` seconds. ``prefilled(tokens, s, decoding)``:
+    a step with a chunk of ``tokens`` (padded) took ``s`` in all, with a decode step when
+    ``decoding``. Before any decode step has been timed the chunk stays ``start``.
+    """
+
+    DECODE_STEPS = 40
+    SMALLEST, LARGEST = 32, 2048  # below ~32 tokens matrices are too small to be efficient; the
+    # largest bounds prefill memory (mlx-lm's stream_generate prefills 2048 at a time)
+
+    def __init__(self, start: int, decode_steps: int = DECODE_STEPS):
+        self.tokens = start
+        self.decode_steps = decode_steps
+        self.decode_s: float | None = None
+
+    def decoded(self, seconds: float) -> None:
+        self.decode_s = seconds if self.decode_s is None else 0.8 * self.decode_s + 0.2 * seconds
+
+    def prefilled(self, tokens: int, seconds: float, decoding: bool) -> None:
+        if self.decode_s is None or tokens <= 0:
+            return
+        chunk_s = max(seconds - (self.decode_s if decoding else 0.0), 1e-4)
+        wanted = tokens * self.decode_steps * self.decode_s / chunk_s
+        if wanted > self.tokens:
+            # Grow to at most twice what was timed: a short prompt's few tokens say little about
+            # a long prompt's next chunk (it would start at the largest size otherwise).
+            wanted = max(self.tokens, min(wanted, 2 * tokens))
+        else:
+            wanted = max(wanted, self.tokens / 2)  # one slow step (a busy machine) at most halves it
+        self.tokens = int(min(max(wanted, self.SMALLEST), self.LARGEST))
+
+
 PrefixFetch = Callable[[int, list[int]], tuple[list[Any] | None, int]]  # (uid, prompt) -> (cache, cached tokens)
 PrefixPeek = Callable[[int], int]  # uid -> how many of its prompt's tokens the cache would supply now
 
 
 class ChunkedBatchGenerator(BatchGenerator):
     """A ``BatchGenerator`` whose every step spends at most one decode token per running
-    sequence plus one prefill chunk of ``prefill_chunk`` tokens (see the module docstring).
+    sequence plus one prefill chunk of ``prefill_chunk`` tokens (see the module docstring), or,
+    with a ``sizer``, of the tokens it picks from the steps it has timed.
 
     ``peek_prefix(uid)`` says how many of a waiting prompt's tokens the prefix cache
     would supply (for the fit check; it must not copy anything), ``fetch_prefix(uid, prompt)``
@@ -80,25 +126,46 @@ class ChunkedBatchGenerator(BatchGenerator):
     left the batch; decoding went on).
     """
 
-    def __init__(self, model: Any, *, prefill_chunk: int, peek_prefix: PrefixPeek | None = None,
-                 fetch_prefix: PrefixFetch | None = None, prompt_done: Callable[[list[int]], None] | None = None,
-                 **kwargs: Any):
+    def __init__(self, model: Any, *, prefill_chunk: int, sizer: ChunkSizer | None = None,
+                 peek_prefix: PrefixPeek | None = None, fetch_prefix: PrefixFetch | None = None,
+                 prompt_done: Callable[[list[int]], None] | None = None, **kwargs: Any):
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be at least 1")
-        super().__init__(model, prefill_step_size=prefill_chunk, **kwargs)
-        self.prefill_chunk = prefill_chunk
+        # mlx-lm's prompt() feeds at most prefill_step_size tokens per model call: one call per chunk.
+        super().__init__(model, prefill_step_size=max(prefill_chunk, ChunkSizer.LARGEST if sizer else 0), **kwargs)
+        self._fixed_chunk = prefill_chunk
+        self._sizer = sizer
+        self._chunk_tokens = 0  # the padded prompt tokens of the current step's chunk
         self._peek_prefix = peek_prefix
         self._fetch_prefix = fetch_prefix
         self._prompt_done = prompt_done
         self._failures: list[tuple[list[int], Exception]] = []
+
+    @property
+    def prefill_chunk(self) -> int:
+        """This step's budget of prompt tokens."""
+        return self._sizer.tokens if self._sizer is not None else self._fixed_chunk
 
     def take_failures(self) -> list[tuple[list[int], Exception]]:
         failures, self._failures = self._failures, []
         return failures
 
     def _next(self) -> tuple[list[Any], list[Any]]:
+        start = time.perf_counter()
+        decoding = len(self._generation_batch) > 0
+        prompt_responses, generation_responses = self._step()
+        if self._sizer is not None:
+            elapsed = time.perf_counter() - start
+            if self._chunk_tokens:
+                self._sizer.prefilled(self._chunk_tokens, elapsed, decoding)
+            elif decoding and not prompt_responses:  # a step that did nothing but decode
+                self._sizer.decoded(elapsed)
+        return prompt_responses, generation_responses
+
+    def _step(self) -> tuple[list[Any], list[Any]]:
         generation_responses: list[Any] = []
         prompt_responses: list[Any] = []
+        self._chunk_tokens = 0
 
         # 1. One token for every running sequence (as mlx-lm).
         if len(self._generation_batch) > 0:
@@ -139,6 +206,7 @@ class ChunkedBatchGenerator(BatchGenerator):
             prompt_responses.append(PromptProcessingBatch.Response(self._prompt_batch.uids[i], (seq[1], seq[2]),
                                                                    end_of_segment, False))
         self._counters.prompt_tokens += sum(len(p) for p in prompts)
+        self._chunk_tokens = rows * max(len(p) for p in prompts)
         tic = time.perf_counter()
         try:
             self._prompt_batch.prompt(prompts)

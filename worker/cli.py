@@ -31,12 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="output tokens for a request that sets no max_tokens (it ends with finish_reason "
                              "'length'); a small model may otherwise never stop until its context is full "
                              "(0: no cap but the context; default 8192)")
-    parser.add_argument("--prefill-chunk", "--prefill-step-size", dest="prefill_step_size", type=int, default=None,
-                        metavar="N",
+    parser.add_argument("--prefill-chunk", "--prefill-step-size", dest="prefill_step_size", type=_prefill_chunk,
+                        default=None, metavar="auto|N",
                         help="prompt tokens per engine step, all waiting prompts together: a running stream waits "
-                             "at most one chunk between two tokens while a long prompt is prefilled (default: 128 "
-                             "on a CPU, 512 on Metal; 0: mlx-lm's own prefill, 512 tokens of every waiting prompt "
-                             "per step)")
+                             "at most one chunk between two tokens while a long prompt is prefilled. auto (the "
+                             "default): each chunk takes about 40 decode steps, sized from measured step times; "
+                             "N: a fixed chunk; 0: mlx-lm's own prefill, 512 tokens of every waiting prompt per step")
     parser.add_argument("--prompt-cache-mb", type=int, default=1024,
                         help="KV cache kept for reuse by later prompts with the same prefix (0: off; default 1024)")
     parser.add_argument("--temperature", type=float, default=None,
@@ -71,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
     return parser.parse_args(argv)
+
+
+def _prefill_chunk(text: str) -> int | None:
+    """``auto`` (None: sized as the worker runs) or a token count."""
+    return None if text == "auto" else int(text)
 
 
 def main(argv: list[str] | None = None, make_logits_processors: Callable | None = None) -> int:

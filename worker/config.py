@@ -10,7 +10,7 @@ from dataclasses import dataclass
 class WorkerConfig:
     max_sequences: int = 16  # sequences decoded together
     # Prompt tokens per engine step, all prompts together (--prefill-chunk; worker/batching.py): None,
-    # the default measured for the device; 0, mlx-lm's own prefill scheduling.
+    # auto (sized from measured step times); 0, mlx-lm's own prefill scheduling.
     prefill_step_size: int | None = None
     prompt_cache_mb: int = 1024  # KV cache kept for later prompts with the same prefix (0: off)
     memory_limit_gb: float | None = None  # MLX memory limit

@@ -34,7 +34,13 @@ from protocol.messages import (
     Generate,
 )
 from worker import tool_formats
-from worker.batching import UNCHUNKED_PREFILL_STEP, ChunkedBatchGenerator, cached_prefix_length, default_prefill_chunk
+from worker.batching import (
+    UNCHUNKED_PREFILL_STEP,
+    ChunkedBatchGenerator,
+    ChunkSizer,
+    cached_prefix_length,
+    default_prefill_chunk,
+)
 from worker.constraints import ConstraintError, ConstraintProcessor, Grammars, call_syntax, plan
 from worker.models import LoadedModel
 from worker.output_parser import OutputParser
@@ -72,12 +78,14 @@ _MODEL_KEY = "model"  # LRUPromptCache keys entries by model; a worker has one
 
 
 class Engine:
+    timed_chunks = True  # --prefill-chunk auto sizes chunks from this process's own step times
+
     def __init__(
         self,
         loaded: LoadedModel,
         max_sequences: int = 16,
-        # Prompt tokens per engine step, all prompts together (worker/batching.py); None: the default
-        # measured for this device; 0: mlx-lm's own prefill (512 tokens of every waiting prompt per step).
+        # Prompt tokens per engine step, all prompts together (worker/batching.py); None: sized as it
+        # runs (ChunkSizer); 0: mlx-lm's own prefill (512 tokens of every waiting prompt per step).
         prefill_chunk: int | None = None,
         logits_processors: LogitsProcessorsFactory | None = None,
         prompt_cache_bytes: int = 1 << 30,
@@ -91,6 +99,8 @@ class Engine:
         self._prompt_cache = LRUPromptCache(max_size=256, max_bytes=prompt_cache_bytes) if prompt_cache_bytes else None
         self.max_sequences = max_sequences
         self._prefill_chunk = default_prefill_chunk() if prefill_chunk is None else prefill_chunk
+        # Kept across generators: what it measured still holds after a failed step's fresh start.
+        self._chunk_sizer = ChunkSizer(self._prefill_chunk) if prefill_chunk is None and self.timed_chunks else None
         self._peeks: dict[int, tuple[int, int]] = {}  # uid -> (prefix cache version, cached tokens)
         self._cache_version = 0  # bumped whenever the prefix cache changes
         self._logits_processors = logits_processors
@@ -451,7 +461,7 @@ class Engine:
         if not self._prefill_chunk:  # 0: mlx-lm's own prefill scheduling, as before chunking
             return BatchGenerator(self.loaded.model, completion_batch_size=batch, prefill_batch_size=prefill_batch,
                                   prefill_step_size=UNCHUNKED_PREFILL_STEP)
-        return ChunkedBatchGenerator(self.loaded.model, prefill_chunk=self._prefill_chunk,
+        return ChunkedBatchGenerator(self.loaded.model, prefill_chunk=self._prefill_chunk, sizer=self._chunk_sizer,
                                      peek_prefix=self._peek_prefix, fetch_prefix=self._fetch_prefix,
                                      prompt_done=self._prompts_prefilled,
                                      completion_batch_size=batch, prefill_batch_size=prefill_batch)

@@ -47,6 +47,9 @@ FIRST_BROADCAST_TIMEOUT = 300.0
 class GroupEngine(Engine):
     """The same Engine on every rank; rank 0's calls are recorded and replayed on the others."""
 
+    # Every rank must take the same steps; chunks sized from each rank's own timings would not be.
+    timed_chunks = False
+
     def __init__(self, *args: Any, group: Group, **kwargs: Any):
         self.group = group
         self._samplers: dict[tuple[Any, ...], Any] = {}
