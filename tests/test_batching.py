@@ -139,8 +139,9 @@ def test_greedy_output_is_the_same_with_and_without_chunking(model, chunk):
 
 def test_chunk_sizer_holds_each_chunk_near_its_decode_steps_as_attention_grows():
     """The sizer against a prompt whose tokens cost more the later they come (attention): every
-    chunk after the first few takes about ``decode_steps`` decode steps, so the prompt needs far
-    fewer chunks than fixed ones that never take longer."""
+    chunk after a short ramp takes about ``decode_steps`` decode steps, so the prompt needs far
+    fewer chunks than fixed ones that never take longer; a second prompt starts at the size the
+    fit gives for its start, with no ramp."""
     from worker.batching import ChunkSizer
 
     decode_s, base, per_position = 0.1, 0.01, 0.000005  # a token at position 4,000 costs 3x one at 0
@@ -149,34 +150,40 @@ def test_chunk_sizer_holds_each_chunk_near_its_decode_steps_as_attention_grows()
         return tokens * (base + per_position * (position + tokens / 2))
 
     sizer = ChunkSizer(128, decode_steps=25)
-    sizer.prefilled(128, 5.0, decoding=True)
-    assert sizer.tokens == 128, "nothing to aim at before a decode step has been timed"
+    sizer.prefilled(128, 1, 0, 5.0, decoding=True)
+    assert sizer.budget(1, 128) == 128, "nothing to aim at before a decode step has been timed"
+    sizer = ChunkSizer(128, decode_steps=25)
     for _ in range(5):
         sizer.decoded(decode_s)
-    position, times = 0, []
-    while position < 8_000:
-        tokens = sizer.tokens
-        times.append(chunk_seconds(tokens, position))
-        sizer.prefilled(tokens, times[-1] + decode_s, decoding=True)
-        position += tokens
+
+    def prompt(length: int) -> list[float]:
+        position, times = 0, []
+        while position < length:
+            tokens = min(sizer.budget(1, position), length - position)
+            times.append(chunk_seconds(tokens, position))
+            sizer.prefilled(tokens, 1, position, times[-1] + decode_s, decoding=True)
+            position += tokens
+        return times
+
     aim = 25 * decode_s
-    assert all(0.8 * aim <= t <= 1.25 * aim for t in times[1:]), times
+    times = prompt(8_000)
+    assert max(times) <= 1.1 * aim and all(t >= 0.8 * aim for t in times[6:-1]), times
     fixed = max(t for t in range(1, 2049) if chunk_seconds(t, 8_000 - t) <= max(times))
     assert len(times) < 0.7 * (8_000 / fixed), (len(times), fixed)
-    # A step that ran slow (the machine was busy) halves the next chunk at most; limits hold.
-    before = sizer.tokens
-    sizer.prefilled(before, 100.0, decoding=True)
-    assert sizer.tokens == max(before // 2, ChunkSizer.SMALLEST)
-    # Short prompts' quick chunks do not grow it past twice what they timed: a long prompt
-    # arriving next starts near the size it measured, not at the largest.
-    sizer = ChunkSizer(512, decode_steps=25)
-    sizer.decoded(decode_s)
+    again = prompt(8_000)
+    assert all(0.9 * aim <= t <= 1.1 * aim for t in again[:-1]), again
+    # A step that ran slow (the machine was busy) moves the fit, within bounds.
+    before = sizer.budget(1, 1_000)
+    sizer.prefilled(before, 1, 1_000, 100.0, decoding=True)
+    assert ChunkSizer.SMALLEST <= sizer.budget(1, 1_000) < before
+    # Short prompts' quick chunks do not raise it past what was timed.
+    short = ChunkSizer(128, decode_steps=25)
+    short.decoded(decode_s)
     for _ in range(20):
-        sizer.prefilled(20, 0.05, decoding=False)
-    assert sizer.tokens == 512
-    for _ in range(20):
-        sizer.prefilled(sizer.tokens, 0.001, decoding=False)
-    assert sizer.tokens == ChunkSizer.LARGEST
+        short.prefilled(40, 1, 0, 0.04, decoding=False)
+    assert short.budget(1, 0) == 128, "no more than where it starts, a size known to be safe"
+    short.prefilled(128, 1, 0, 0.13, decoding=False)
+    assert short.budget(1, 0) == 160
 
 
 def test_a_decoding_stream_gets_a_token_at_every_step_of_another_prompts_prefill(model):

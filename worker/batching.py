@@ -64,47 +64,84 @@ def default_prefill_chunk() -> int:
 
 class ChunkSizer:
     """``--prefill-chunk auto``: sizes each step's chunk so that its prefill takes about
-    ``decode_steps`` decode steps of the running batch, measured as the worker runs.
+    ``decode_steps`` decode steps of the running batch, from step times measured as the worker runs.
 
-    Every chunk costs the prompt one decode step of the streams beside it, and costs those streams
-    the chunk's time: a chunk of ``k`` decode steps delays the prompt by about 1/k and gives each
-    stream a gap of about k + 1 steps, whatever the model, the device or how far into its prompt
-    the chunk is. A fixed token count cannot hold both: a chunk late in a long prompt costs several
-    times one at its start (attention), and a large model's decode step is as much slower as its
-    prefill. Measured (bench/run.py --only decode_stall, SmolLM2 on 2 CPU cores, a 4,000-token
-    prompt beside one stream): fixed 128-token chunks, 34 of them, delayed the prompt by 14% (each
-    interleaved decode step cost it ~115 ms more than that step alone) with a worst gap of 5% of
-    the prefill; about 30 decode steps per chunk halves the number of chunks at the same worst gap.
+    Every chunk costs the long prompt one decode step of the streams beside it, and costs those
+    streams the chunk's time: with chunks of ``k`` decode steps the prompt is delayed by about
+    ``c/k`` (``c``: what one interleaved decode step costs the prompt, in decode steps) and each
+    stream waits about ``k`` steps, whatever the model (a larger model's decode step is as much
+    slower as its prefill) or the device. A fixed token count holds neither: a token late in a
+    long prompt costs several times one at its start (attention; 5x at 3,700 tokens on this CPU),
+    so fixed chunks are either slow to finish late or too many early. So the chunk's cost is fitted
+    as ``tokens × (a + b × position)`` over the last chunks timed, and each chunk is sized for the
+    position it starts at. 40 by measurement (bench/run.py --only decode_stall, SmolLM2 on 2 CPU
+    cores, a 4,000-token prompt beside one stream, where an interleaved decode step cost the
+    prompt ~3 pure decode steps): see README, Performance.
 
-    ``decoded(s)``: a step that only decoded took ``s`` seconds. ``prefilled(tokens, s, decoding)``:
-    a step with a chunk of ``tokens`` (padded) took ``s`` in all, with a decode step when
-    ``decoding``. Before any decode step has been timed the chunk stays ``start``.
+    ``decoded(s)``: a step that only decoded took ``s`` seconds. ``prefilled(tokens, rows,
+    position, s, decoding)``: a step with a chunk of ``tokens`` (padded, over ``rows`` rows, the
+    furthest starting at ``position``) took ``s`` in all, with a decode step when ``decoding``.
+    ``budget(rows, position)``: the padded tokens for the next chunk. Before a decode step has been
+    timed it is ``start``.
     """
 
     DECODE_STEPS = 40
     SMALLEST, LARGEST = 32, 2048  # below ~32 tokens matrices are too small to be efficient; the
     # largest bounds prefill memory (mlx-lm's stream_generate prefills 2048 at a time)
+    SAMPLES = 12  # chunks the cost is fitted over
 
     def __init__(self, start: int, decode_steps: int = DECODE_STEPS):
-        self.tokens = start
+        self.start = start
         self.decode_steps = decode_steps
         self.decode_s: float | None = None
+        self._samples: deque[tuple[float, float, float]] = deque(maxlen=self.SAMPLES)  # (x1, x2, seconds)
+        self._cost: tuple[float, float] | None = None  # (a, b): seconds per token, per token and position
+        self._largest = 0  # the largest chunk timed
 
     def decoded(self, seconds: float) -> None:
         self.decode_s = seconds if self.decode_s is None else 0.8 * self.decode_s + 0.2 * seconds
 
-    def prefilled(self, tokens: int, seconds: float, decoding: bool) -> None:
-        if self.decode_s is None or tokens <= 0:
+    def prefilled(self, tokens: int, rows: int, position: int, seconds: float, decoding: bool) -> None:
+        if tokens <= 0:
             return
-        chunk_s = max(seconds - (self.decode_s if decoding else 0.0), 1e-4)
-        wanted = tokens * self.decode_steps * self.decode_s / chunk_s
-        if wanted > self.tokens:
-            # Grow to at most twice what was timed: a short prompt's few tokens say little about
-            # a long prompt's next chunk (it would start at the largest size otherwise).
-            wanted = max(self.tokens, min(wanted, 2 * tokens))
+        chunk_s = max(seconds - ((self.decode_s or 0.0) if decoding else 0.0), 1e-4)
+        self._samples.append((tokens, tokens * (position + tokens / (2 * rows)), chunk_s))
+        self._largest = max(self._largest, tokens)
+        self._cost = _fit(self._samples)
+
+    def budget(self, rows: int, position: int) -> int:
+        if self.decode_s is None or self._cost is None:
+            return self.start
+        a, b = self._cost
+        aim = self.decode_steps * self.decode_s
+        # tokens × (a + b × (position + tokens / 2 rows)) = aim, for tokens
+        linear, quadratic = a + b * position, b / (2 * rows)
+        if quadratic > 0:
+            tokens = (-linear + (linear * linear + 4 * quadratic * aim) ** 0.5) / (2 * quadratic)
         else:
-            wanted = max(wanted, self.tokens / 2)  # one slow step (a busy machine) at most halves it
-        self.tokens = int(min(max(wanted, self.SMALLEST), self.LARGEST))
+            tokens = aim / linear
+        # Trusted only near the sizes it was fitted on: a chunk's cost grows faster than its tokens
+        # past them (a 632-token chunk after a 512-token one took 2.4x as long on this CPU).
+        tokens = min(tokens, max(1.25 * self._largest, self.start))
+        return int(min(max(tokens, self.SMALLEST), self.LARGEST))
+
+
+def _fit(samples: deque[tuple[float, float, float]]) -> tuple[float, float] | None:
+    """Least squares for seconds = a × x1 + b × x2 (b >= 0; a alone when the samples cannot tell
+    the two apart, e.g. all at one position)."""
+    s11 = sum(x1 * x1 for x1, _, _ in samples)
+    s12 = sum(x1 * x2 for x1, x2, _ in samples)
+    s22 = sum(x2 * x2 for _, x2, _ in samples)
+    t1 = sum(x1 * t for x1, _, t in samples)
+    t2 = sum(x2 * t for _, x2, t in samples)
+    det = s11 * s22 - s12 * s12
+    if det > 1e-9 * s11 * s22:
+        a, b = (t1 * s22 - t2 * s12) / det, (t2 * s11 - t1 * s12) / det
+        if a > 0 and b >= 0:
+            return a, b
+    if s11 <= 0:
+        return None
+    return max(t1 / s11, 1e-9), 0.0
 
 
 PrefixFetch = Callable[[int, list[int]], tuple[list[Any] | None, int]]  # (uid, prompt) -> (cache, cached tokens)
@@ -136,6 +173,7 @@ class ChunkedBatchGenerator(BatchGenerator):
         self._fixed_chunk = prefill_chunk
         self._sizer = sizer
         self._chunk_tokens = 0  # the padded prompt tokens of the current step's chunk
+        self._chunk_shape = (0, 0)  # its rows, and the furthest row's position before it
         self._peek_prefix = peek_prefix
         self._fetch_prefix = fetch_prefix
         self._prompt_done = prompt_done
@@ -143,8 +181,11 @@ class ChunkedBatchGenerator(BatchGenerator):
 
     @property
     def prefill_chunk(self) -> int:
-        """This step's budget of prompt tokens."""
-        return self._sizer.tokens if self._sizer is not None else self._fixed_chunk
+        """This step's budget of prompt tokens (padded), for the prefill batch as it stands."""
+        if self._sizer is None:
+            return self._fixed_chunk
+        tokens = self._prompt_batch.tokens
+        return self._sizer.budget(max(len(tokens), 1), max((len(t) for t in tokens), default=0))
 
     def take_failures(self) -> list[tuple[list[int], Exception]]:
         failures, self._failures = self._failures, []
@@ -157,7 +198,7 @@ class ChunkedBatchGenerator(BatchGenerator):
         if self._sizer is not None:
             elapsed = time.perf_counter() - start
             if self._chunk_tokens:
-                self._sizer.prefilled(self._chunk_tokens, elapsed, decoding)
+                self._sizer.prefilled(self._chunk_tokens, *self._chunk_shape, elapsed, decoding)
             elif decoding and not prompt_responses:  # a step that did nothing but decode
                 self._sizer.decoded(elapsed)
         return prompt_responses, generation_responses
@@ -192,6 +233,7 @@ class ChunkedBatchGenerator(BatchGenerator):
         rows = len(self._currently_processing)
         if not rows:
             return prompt_responses, generation_responses
+        position = max(len(t) for t in self._prompt_batch.tokens)  # the furthest row's, before this chunk
         share = max(1, self.prefill_chunk // rows)
         prompts = []
         for i, seq in enumerate(self._currently_processing):
@@ -206,7 +248,7 @@ class ChunkedBatchGenerator(BatchGenerator):
             prompt_responses.append(PromptProcessingBatch.Response(self._prompt_batch.uids[i], (seq[1], seq[2]),
                                                                    end_of_segment, False))
         self._counters.prompt_tokens += sum(len(p) for p in prompts)
-        self._chunk_tokens = rows * max(len(p) for p in prompts)
+        self._chunk_tokens, self._chunk_shape = rows * max(len(p) for p in prompts), (rows, position)
         tic = time.perf_counter()
         try:
             self._prompt_batch.prompt(prompts)
