@@ -9,8 +9,9 @@ decode_stall, in one run:
   stream's worst and p99 gap between two tokens while that prompt is prefilled, and the long
   prompt's time to first token; for this gateway (chunked prefill), the same worker with
   chunking off (``--prefill-chunk 0``: mlx-lm's own scheduling, as before) and mlx_lm.server;
-- the long prompt on the idle worker, and mlx-lm's ``stream_generate`` on a prompt of the same
-  length and the same float32 weights in this process, alternating: prefill tokens/s of each;
+- right after the gateway's stall, a long prompt on the idle worker, and mlx-lm's
+  ``stream_generate`` on a prompt of the same length and the same float32 weights in this process:
+  prefill tokens/s of each (ratios taken round by round, then their median);
 - throughput at concurrency 16 (bench/run.py's throughput requests), chunked against chunking
   off, alternating rounds.
 Targets: worst gap <= 0.1 x the long prompt's prefill time; its time to first token <= 1.1 x on
@@ -184,19 +185,23 @@ def decode_stall(out: Path, rounds: int = 1, c16_rounds: int = 3) -> dict:
             system.run(1, 1)
         stream_generate_prefill(loaded, long_messages(tokenizer, 1, 64))
         for round_ in range(rounds):
+            # This machine's speed drifts by a fifth within minutes: what is compared is measured
+            # back to back (the stall, then the same prompt length on the idle worker, then
+            # stream_generate) and compared round by round.
             for name, (base, model) in targets.items():
                 row = stall_over_http(base, model, fresh())
                 results["stall"][name].append(row)
                 print(f"stall round {round_} {name}: {row}", flush=True)
-            # The long prompt alone on the idle worker against stream_generate, alternating.
-            for label in (("idle", "stream_generate") if round_ % 2 == 0 else ("stream_generate", "idle")):
-                if label == "idle":
-                    row = long_request(ours.stack.base_url, MODEL, fresh())
-                    row.pop("sent"), row.pop("first")
-                else:
-                    row = stream_generate_prefill(loaded, fresh())
-                results[label].append(row)
-                print(f"{label} round {round_}: {row}", flush=True)
+                if name != "gateway":
+                    continue
+                for label in ("idle", "stream_generate"):
+                    if label == "idle":
+                        row = long_request(ours.stack.base_url, MODEL, fresh())
+                        row.pop("sent"), row.pop("first")
+                    else:
+                        row = stream_generate_prefill(loaded, fresh())
+                    results[label].append(row)
+                    print(f"{label} round {round_}: {row}", flush=True)
         for round_ in range(c16_rounds):
             for label, system in (("chunked", ours), ("before", before)) if round_ % 2 == 0 else (
                     ("before", before), ("chunked", ours)):
@@ -222,14 +227,16 @@ def summarize_stall(results: dict) -> dict:
         summary[name] = {k: _median(rows, k) for k in ("ttft_s", "worst_gap_ms", "p99_gap_ms", "worst_gap_over_prefill",
                                                        "prompt_tokens")}
         summary[name]["stream_outlasted_prefill"] = all(r["stream_outlasted_prefill"] for r in rows)
-    idle_ttft = _median(results["idle"], "ttft_s")
-    ours = summary["gateway"]
-    summary["idle_ttft_s"] = idle_ttft
-    summary["ttft_over_idle"] = round(ours["ttft_s"] / idle_ttft, 3)
-    ours_tps = _median(results["idle"], "prefill_tokens_per_s")
-    theirs_tps = _median(results["stream_generate"], "prefill_tokens_per_s")
-    summary["prefill_tokens_per_s"] = {"worker": ours_tps, "stream_generate": theirs_tps,
-                                       "ratio": round(ours_tps / theirs_tps, 3)}
+    summary["idle_ttft_s"] = _median(results["idle"], "ttft_s")
+    # Medians of the rounds' own ratios (each round's figures were measured back to back).
+    summary["ttft_over_idle"] = round(statistics.median(
+        stall["ttft_s"] / idle["ttft_s"] for stall, idle in zip(results["stall"]["gateway"], results["idle"], strict=True)), 3)
+    summary["prefill_tokens_per_s"] = {
+        "worker": _median(results["idle"], "prefill_tokens_per_s"),
+        "stream_generate": _median(results["stream_generate"], "prefill_tokens_per_s"),
+        "ratio": round(statistics.median(ours["prefill_tokens_per_s"] / theirs["prefill_tokens_per_s"]
+                                         for ours, theirs in zip(results["idle"], results["stream_generate"], strict=True)), 3),
+    }
     chunked, before = (_median(results["c16"][k], "tokens_per_s") for k in ("chunked", "before"))
     summary["c16_tokens_per_s"] = {"chunked": chunked, "before": before, "ratio": round(chunked / before, 3)}
     return summary

@@ -436,6 +436,7 @@ MLX_LM_SOURCES = {
     "PromptProcessingBatch.prompt": "91194fe0a4fcd146",
     "LRUPromptCache.fetch_nearest_cache": "7ac872d0c1091796",
     "PromptTrie.search": "1748a78c55ada724",
+    "PromptTrie.add": "fa80ce3499e29387",  # the trie's layout, walked by cached_prefix_length
 }
 
 

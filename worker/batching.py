@@ -66,23 +66,24 @@ class ChunkSizer:
     """``--prefill-chunk auto``: sizes each step's chunk so that its prefill takes about
     ``decode_steps`` decode steps of the running batch, from step times measured as the worker runs.
 
-    Every chunk costs the long prompt one decode step of the streams beside it, and costs those
-    streams the chunk's time: with chunks of ``k`` decode steps the prompt is delayed by about
-    ``c/k`` (``c``: what one interleaved decode step costs the prompt, in decode steps) and each
-    stream waits about ``k`` steps, whatever the model (a larger model's decode step is as much
-    slower as its prefill) or the device. A fixed token count holds neither: a token late in a
-    long prompt costs several times one at its start (attention; 5x at 3,700 tokens on this CPU),
-    so fixed chunks are either slow to finish late or too many early. So the chunk's cost is fitted
-    as ``tokens × (a + b × position)`` over the last chunks timed, and each chunk is sized for the
-    position it starts at. 40 by measurement (bench/run.py --only decode_stall, SmolLM2 on 2 CPU
-    cores, a 4,000-token prompt beside one stream, where an interleaved decode step cost the
-    prompt ~3 pure decode steps): see README, Performance.
+    Every chunk costs the long prompt one interleaved decode step of the streams beside it, and
+    costs those streams the chunk's time: with chunks of ``k`` decode steps the prompt is delayed
+    by about ``c/k`` (``c``: what one interleaved step costs the prompt, in decode steps; ~2.5 on
+    this CPU) and each stream waits about ``k`` steps, whatever the model (a larger model's decode
+    step is as much slower as its prefill) or the device. Fixed token counts hold neither: a token
+    late in a long prompt costs several times one at its start (attention: 5x at 3,700 tokens on
+    this CPU), so fixed chunks are either too slow late or too many early. Here a chunk's cost is
+    fitted as ``tokens × (a + b × position)`` over the last chunks timed, and each chunk is sized
+    for the position it starts at. ``DECODE_STEPS`` by measurement (bench/run.py --only
+    decode_stall: SmolLM2 on 2 CPU cores, a 4,000-token prompt beside one stream): at 40 the
+    stream's worst gap was 0.07-0.08 of the prompt's prefill and the prompt took ~1.09x its idle
+    time (fixed 128-token chunks: 0.054 and 1.14x; at 25 the prompt was delayed as much).
 
     ``decoded(s)``: a step that only decoded took ``s`` seconds. ``prefilled(tokens, rows,
     position, s, decoding)``: a step with a chunk of ``tokens`` (padded, over ``rows`` rows, the
     furthest starting at ``position``) took ``s`` in all, with a decode step when ``decoding``.
-    ``budget(rows, position)``: the padded tokens for the next chunk. Before a decode step has been
-    timed it is ``start``.
+    ``budget(rows, position)``: the padded tokens for the next chunk; ``start`` until a decode step
+    and a chunk have been timed.
     """
 
     DECODE_STEPS = 40
