@@ -25,8 +25,8 @@
    stream's worst and p99 gap and the prompt's time to first token, for this gateway, the same
    worker with chunked prefill off, and mlx_lm.server; the prompt on an idle worker against
    mlx-lm's stream_generate (prefill tokens/s); concurrency 16 chunked against chunking off.
-   Not in the default set (it takes ~20 minutes on a 2-core CPU): --only decode_stall; and
-   --only prefill_chunk, the in-process sweep of chunk sizes behind the default.
+   Not in the default set (~10 minutes a round on a 2-core CPU): --only decode_stall; and
+   --only prefill_chunk, the in-process sweep of fixed chunk sizes (where auto starts).
 
 Writes results.json, results.md and results.png (if matplotlib is installed) to --out.
 On Linux every system uses float32 weights with OpenBLAS preloaded, so they are compared alike.

@@ -77,7 +77,7 @@ class ChunkSizer:
     for the position it starts at. ``DECODE_STEPS`` by measurement (bench/run.py --only
     decode_stall: SmolLM2 on 2 CPU cores, a 4,000-token prompt beside one stream): at 40 the
     stream's worst gap was 0.07-0.08 of the prompt's prefill and the prompt took ~1.09x its idle
-    time (fixed 128-token chunks: 0.054 and 1.14x; at 25 the prompt was delayed as much).
+    time (fixed 128-token chunks: 0.054 and 1.14x; at 25, one round: 0.057 and 1.13x).
 
     ``decoded(s)``: a step that only decoded took ``s`` seconds. ``prefilled(tokens, rows,
     position, s, decoding)``: a step with a chunk of ``tokens`` (padded, over ``rows`` rows, the
