@@ -68,7 +68,7 @@ class ChunkSizer:
 
     Every chunk costs the long prompt one interleaved decode step of the streams beside it, and
     costs those streams the chunk's time: with chunks of ``k`` decode steps the prompt is delayed
-    by about ``c/k`` (``c``: what one interleaved step costs the prompt, in decode steps; ~2.5 on
+    by about ``c/k`` (``c``: what one interleaved step costs the prompt, in decode steps; 2.5-3.5 on
     this CPU) and each stream waits about ``k`` steps, whatever the model (a larger model's decode
     step is as much slower as its prefill) or the device. Fixed token counts hold neither: a token
     late in a long prompt costs several times one at its start (attention: 5x at 3,700 tokens on
@@ -76,8 +76,9 @@ class ChunkSizer:
     fitted as ``tokens × (a + b × position)`` over the last chunks timed, and each chunk is sized
     for the position it starts at. ``DECODE_STEPS`` by measurement (bench/run.py --only
     decode_stall: SmolLM2 on 2 CPU cores, a 4,000-token prompt beside one stream): at 40 the
-    stream's worst gap was 0.07-0.08 of the prompt's prefill and the prompt took ~1.09x its idle
-    time (fixed 128-token chunks: 0.054 and 1.14x; at 25, one round: 0.057 and 1.13x).
+    stream's worst gap was 0.075-0.078 of the prompt's prefill and the prompt took 0.99-1.03x its
+    idle time, in 3 rounds (fixed 128-token chunks: 0.054 and 1.14x; at 25, in one round not
+    measured back to back: 0.057 and 1.13x).
 
     ``decoded(s)``: a step that only decoded took ``s`` seconds. ``prefilled(tokens, rows,
     position, s, decoding)``: a step with a chunk of ``tokens`` (padded, over ``rows`` rows, the
