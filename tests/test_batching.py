@@ -466,17 +466,21 @@ def test_smollm2_greedy_output_is_the_same_with_and_without_chunking():
     assert chunked == unchunked
 
 
-def test_a_stream_keeps_receiving_tokens_through_a_long_prefill_end_to_end(tiny_stack):
-    """Through the gateway and a worker with its default chunk: while a long prompt is prefilled,
-    a running stream gets a token per chunk (counted, not timed)."""
+def test_a_stream_keeps_receiving_tokens_through_a_long_prefill_end_to_end(fresh_stack, tiny_model_dir):
+    """Through the gateway and a worker with 128-token chunks (fixed: ``auto`` sizes them from
+    timings): while a long prompt is prefilled, a running stream gets a token per chunk (counted,
+    not timed)."""
     import threading
 
     import httpx
     from conftest import TINY_LONG
 
+    fresh_stack.start_gateway()
+    fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000", "--prefill-chunk", "128")
+    fresh_stack.wait_for_models(TINY_LONG)
     received: list[float] = []
     started, stop = threading.Event(), threading.Event()
-    base = tiny_stack.base_url
+    base = fresh_stack.base_url
 
     def stream() -> None:
         body = {"model": TINY_LONG, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5000,
@@ -504,7 +508,7 @@ def test_a_stream_keeps_receiving_tokens_through_a_long_prefill_end_to_end(tiny_
                     prompt_tokens = json.loads(line[6:])["usage"]["prompt_tokens"]
         assert first is not None and prompt_tokens > 3000
         during = sum(1 for t in received if sent < t < first)
-        chunks = prompt_tokens // 128  # the worker's default on a CPU
+        chunks = prompt_tokens // 128
         assert during >= chunks // 2, (during, chunks)
     finally:
         stop.set()
