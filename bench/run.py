@@ -252,7 +252,7 @@ def structured(out: Path, rounds: int, concurrency: int = 16) -> dict:
     cold and a cached schema."""
     import uuid
 
-    from gateway.structured_output import instruction
+    from gateway.api.structured_output import instruction
 
     def request(http: httpx.Client, schema: dict | None) -> Sample:
         """A free request gets, as its system message, the line the gateway adds for a constrained

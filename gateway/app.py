@@ -7,15 +7,19 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from gateway.engine_client import EngineClient
-from gateway.error_handlers import install_handlers
-from gateway.metrics import GatewayMetrics
-from gateway.middleware import RequestMiddleware
-from gateway.openapi import describe_errors
+from gateway.anthropic import routes as messages
+from gateway.chat import routes as chat
+from gateway.engine.client import EngineClient
+from gateway.http.error_handlers import install_handlers
+from gateway.http.middleware import RequestMiddleware
+from gateway.http.openapi import describe_errors
+from gateway.responses import routes as responses
+from gateway.responses import websocket_routes as responses_ws
 from gateway.responses.service import ResponsesService
 from gateway.responses.store import ResponseStore
-from gateway.routes import chat, completions, messages, models, responses, responses_ws
-from gateway.routes.responses_ws import ConnectionLimit
+from gateway.responses.websocket_routes import ConnectionLimit
+from gateway.status import routes as status
+from gateway.status.metrics import GatewayMetrics
 
 
 def create_app(
@@ -28,7 +32,7 @@ def create_app(
 ) -> FastAPI:
     service = ResponsesService(engine, store)
     metrics = GatewayMetrics()
-    metrics.attach(engine, store)
+    metrics.attach(engine, lambda: store.size)
     engine.observer = metrics
 
     @asynccontextmanager
@@ -47,10 +51,10 @@ def create_app(
     app.state.responses = service
     app.state.metrics = metrics
     app.state.websockets = websockets or ConnectionLimit()
-    app.add_middleware(RequestMiddleware, metrics=metrics, is_known_model=engine.registry.is_known,
+    app.add_middleware(RequestMiddleware, count_request=metrics.count_request, is_known_model=engine.registry.is_known,
                        api_keys=api_keys, protect_metrics=protect_metrics, max_body_bytes=max_body_bytes)
     install_handlers(app)
     describe_errors(app)
-    for module in (models, chat, completions, responses, responses_ws, messages):
+    for module in (status, chat, responses, responses_ws, messages):
         app.include_router(module.router)
     return app

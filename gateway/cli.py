@@ -11,13 +11,13 @@ from pathlib import Path
 
 import uvicorn
 
-from gateway.aliases import ModelAliases
+from gateway.api.errors import GATEWAY_SHUTTING_DOWN
 from gateway.app import create_app
-from gateway.engine_client import EngineClient
-from gateway.errors import GATEWAY_SHUTTING_DOWN
-from gateway.http_protocol import IdleTimeoutH11Protocol
+from gateway.engine.aliases import ModelAliases
+from gateway.engine.client import EngineClient
+from gateway.http.idle_timeout import IdleTimeoutH11Protocol
 from gateway.responses.store import MemoryStore, ResponseStore, SQLiteStore
-from gateway.routes.responses_ws import ConnectionLimit
+from gateway.responses.websocket_routes import ConnectionLimit
 from protocol.logs import configure as configure_logging
 from protocol.security import CurveServer
 from protocol.transport import check_address, default_address

@@ -14,11 +14,13 @@ from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import ErrorResponse, Message, RawMessageStreamEvent, Usage
 from pydantic import TypeAdapter, ValidationError
 
-from gateway.anthropic.conversation import Prompt, to_chat
-from gateway.anthropic.events import MessageEvents, thinking_from_signature
-from gateway.anthropic.request import CountTokensRequest, MessagesRequest
-from gateway.errors import APIError
-from protocol import Delta, Finished, ToolCall
+from gateway.anthropic.convert import omits_thinking, to_request
+from gateway.anthropic.events import MessageEvents
+from gateway.anthropic.request import CountTokensRequest, MessagesBody, MessagesRequest
+from gateway.anthropic.signature import thinking_from_signature
+from gateway.api.errors import APIError
+from gateway.api.request import to_generate
+from protocol import Delta, Finished, Generate, ToolCall
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "claude-code"
 SAY_HI, TURN1, TURN2 = "001-print-say-hi-stream.json", "002-tool-turn1-stream.json", "003-tool-turn2-tool-result-stream.json"
@@ -29,6 +31,11 @@ CHATML = jinja2.Environment().from_string(
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
     "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }} {{ c.function.arguments }}</tool_call>{% endfor %}"
     "<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
+
+
+def to_chat(body: MessagesBody) -> Generate:
+    """What the worker gets for ``body``: chat messages, tools and switches."""
+    return to_generate(to_request(body), "msg_test")
 
 
 def fixture(name: str) -> MessagesRequest:
@@ -46,7 +53,7 @@ def tool(name: str, **extra: Any) -> dict[str, Any]:
     return {"name": name, "description": f"{name} it", "input_schema": {"type": "object", "properties": {}}, **extra}
 
 
-def names(prompt: Prompt) -> list[str] | None:
+def names(prompt: Generate) -> list[str] | None:
     return prompt.tools and [t["function"]["name"] for t in prompt.tools]
 
 
@@ -95,8 +102,8 @@ def test_claude_code_requests_convert(name):
     assert all(a != b or a == "tool" for a, b in zip(roles, roles[1:], strict=False)), roles
     offered = names(prompt)
     assert "Bash" in offered and "DeferredToolPlaceholder" not in offered and len(offered) == 11
-    assert prompt.tool_choice == "auto" and prompt.parallel
-    assert prompt.chat_template_kwargs == {"enable_thinking": True} and prompt.omit_thinking
+    assert prompt.tool_choice == "auto" and prompt.parallel_tool_calls
+    assert prompt.chat_template_kwargs == {"enable_thinking": True} and omits_thinking(fixture(name))
 
 
 @needs_fixtures
@@ -217,7 +224,7 @@ def test_deferred_tools_are_offered_once_a_tool_search_loads_them():
 ])
 def test_tool_choice(choice, offered, mode, parallel):
     prompt = to_chat(body(HI, tools=[tool("A"), tool("B")], tool_choice=choice))
-    assert (names(prompt), prompt.tool_choice, prompt.parallel) == (offered, mode, parallel)
+    assert (names(prompt), prompt.tool_choice, prompt.parallel_tool_calls) == (offered, mode, parallel)
     with pytest.raises(APIError) as caught:  # naming a tool that is not there
         to_chat(body(HI, tools=[tool("A")], tool_choice={"type": "tool", "name": "Z"}))
     assert caught.value.status == 400 and caught.value.param == "tool_choice"

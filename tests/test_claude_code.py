@@ -25,7 +25,7 @@ CLAUDE = installed_cli("claude", "CLAUDE_BIN")
 
 def claude_env(stack: Stack, home: Path) -> dict[str, str]:
     """The environment ``mlx-gateway-claude --print`` gives, in a fresh HOME."""
-    printed = subprocess.run([sys.executable, "-m", "gateway.claude_code", "--url", stack.base_url, "--print"],
+    printed = subprocess.run([sys.executable, "-m", "gateway.agents.claude_code", "--url", stack.base_url, "--print"],
                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=True).stdout
     env = {**os.environ, "HOME": str(home)}
     for line in printed.splitlines():

@@ -110,7 +110,7 @@ def test_codex_configured_by_mlx_gateway_codex_knows_the_model_and_applies_a_fre
 
 def configure_codex(stack: Stack, home: Path) -> None:
     """``mlx-gateway-codex``: the provider (with WebSockets) and a catalog from the live workers."""
-    configured = subprocess.run([sys.executable, "-m", "gateway.codex", "--url", stack.base_url, "--codex-home",
+    configured = subprocess.run([sys.executable, "-m", "gateway.agents.codex", "--url", stack.base_url, "--codex-home",
                                  str(home)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert configured.returncode == 0, configured.stderr
 

@@ -15,19 +15,12 @@ import httpx
 import pytest
 from test_engine_client import run
 
+from gateway.agents.codex import config_settings, main, merge_config
 from gateway.app import create_app
-from gateway.codex import (
-    AGENT_INSTRUCTIONS,
-    CHAT_INSTRUCTIONS,
-    ServedModel,
-    config_settings,
-    main,
-    merge_config,
-    model_catalog,
-    served_models,
-)
-from gateway.engine_client import EngineClient
+from gateway.engine.client import EngineClient
 from gateway.responses.store import MemoryStore
+from gateway.status.codex_catalog import AGENT_INSTRUCTIONS, CHAT_INSTRUCTIONS, model_catalog
+from gateway.status.served import ServedModel, served_models
 
 # Fields Codex 0.171 refuses a catalog entry without (found by loading catalogs into the real binary).
 REQUIRED = {"slug", "display_name", "supported_reasoning_levels", "shell_type", "visibility", "supported_in_api",

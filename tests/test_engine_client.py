@@ -18,9 +18,9 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from gateway.api.errors import NO_WORKER, QUEUE_FULL, WORKER_CRASHED, EngineError
 from gateway.app import create_app
-from gateway.engine_client import EngineClient
-from gateway.errors import NO_WORKER, QUEUE_FULL, WORKER_CRASHED, EngineError
+from gateway.engine.client import EngineClient
 from gateway.responses.store import MemoryStore
 from protocol import (
     PROTOCOL_VERSION,

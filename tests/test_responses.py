@@ -17,7 +17,7 @@ from conftest import SCRIPTED
 from processes import Stack
 from responses_sse import check_stream, post_stream, read_events, sdk_validate_response
 
-from gateway.responses import compaction
+from gateway.responses import compaction_item
 
 MODEL = SCRIPTED
 WEATHER_TOOL = {
@@ -295,8 +295,8 @@ def test_compact_then_continue_from_the_compaction_item(client):
     assert compacted.object == "response.compaction" and compacted.id.startswith("resp_")
     (item,) = compacted.output
     assert item.type == "compaction" and item.id.startswith("cmp_")
-    assert item.encrypted_content.startswith(compaction.ENCRYPTED_PREFIX)
-    assert compaction.decode_summary(item.encrypted_content) == SUMMARY
+    assert item.encrypted_content.startswith(compaction_item.ENCRYPTED_PREFIX)
+    assert compaction_item.decode_summary(item.encrypted_content) == SUMMARY
     assert compacted.usage.output_tokens > 5 and compacted.usage.input_tokens > 200
     follow = create(client, instructions="Be terse.", input=[
         item.model_dump(exclude_none=True), {"role": "user", "content": "Where were we?"}])
@@ -317,14 +317,14 @@ def test_compaction_trigger_answers_exactly_one_compaction_item(stack, client):
     history = [*CONVERSATION, {"type": "compaction_trigger"}]
     response = create(client, input=history, extra_body=SUMMARISE)
     assert response.status == "completed" and [i.type for i in response.output] == ["compaction"]
-    assert compaction.decode_summary(response.output[0].encrypted_content) == SUMMARY
+    assert compaction_item.decode_summary(response.output[0].encrypted_content) == SUMMARY
     events = post_stream(stack.base_url, {"model": MODEL, "input": history, **SUMMARISE})
     final = check_stream(events)
     kinds = [e["type"] for e in events]
     assert kinds.count("response.output_item.added") == kinds.count("response.output_item.done") == 1
     assert "response.compaction.compacting" in kinds
     (item,) = final["output"]
-    assert item["type"] == "compaction" and compaction.decode_summary(item["encrypted_content"]) == SUMMARY
+    assert item["type"] == "compaction" and compaction_item.decode_summary(item["encrypted_content"]) == SUMMARY
     # Continuing from it by id: the item stands for the conversation it summarised.
     follow = create(client, previous_response_id=response.id, input="Where were we?")
     assert follow.output_text == "Resumed from the summary."
@@ -332,7 +332,7 @@ def test_compaction_trigger_answers_exactly_one_compaction_item(stack, client):
 
 
 def test_a_chain_continues_from_a_compaction_item(client):
-    item = {"type": "compaction", "encrypted_content": compaction.encode_summary("SCRIPT:Still resumed.")}
+    item = {"type": "compaction", "encrypted_content": compaction_item.encode_summary("SCRIPT:Still resumed.")}
     first = create(client, input=[item, {"role": "user", "content": "Hello again."}])
     assert first.output_text == "Still resumed."
     second = create(client, previous_response_id=first.id, input="And now?")

@@ -6,16 +6,25 @@ import asyncio
 
 import pytest
 
-from gateway.errors import APIError
-from gateway.responses import compaction
-from gateway.responses.conversation import chat_messages, normalize_input
+from gateway.api.errors import APIError
+from gateway.api.request import to_generate
+from gateway.chat.request import ChatCompletionRequest, CompletionRequest
+from gateway.responses import compaction, compaction_item
+from gateway.responses.convert import normalize_input, to_request
 from gateway.responses.events import ResponseEvents
 from gateway.responses.objects import ResponseState
 from gateway.responses.request import ResponsesRequest
 from gateway.responses.store import MemoryStore, SQLiteStore, StoredResponse
 from gateway.responses.tools import resolve_tools
-from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from protocol import Delta, Finished, SamplingParams, ToolCall
+
+
+def chat_messages(instructions: str | None, items: list[dict]) -> list[dict]:
+    """The chat messages the worker gets for a conversation of ``items``."""
+    body = ResponsesRequest(model="m", instructions=instructions)
+    generate = to_generate(to_request(body, items, resolve_tools(None, "auto", True)), "resp_test")
+    assert generate.messages is not None
+    return generate.messages
 
 
 def test_system_and_developer_messages_merge_into_one_leading_system_message():
@@ -81,12 +90,12 @@ def test_tools_function_custom_namespace_and_hosted():
         {"type": "namespace", "name": "ns", "tools": [{"type": "function", "name": "g"}]},
         {"type": "web_search"}, {"type": "mcp", "server_label": "x"},
     ], "auto", True)
-    assert [t["function"]["name"] for t in toolset.template_tools] == ["f", "apply_patch", "g"]
+    assert [t.name for t in toolset.tools] == ["f", "apply_patch", "g"]
     assert toolset.custom == {"apply_patch"} and toolset.namespaces == {"g": "ns"}
-    assert resolve_tools([{"type": "function", "name": "f"}], "none", True).template_tools == []
+    assert resolve_tools([{"type": "function", "name": "f"}], "none", True).tools == []
     named = resolve_tools([{"type": "function", "name": "f"}, {"type": "function", "name": "h"}],
                           {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "h"}]}, True)
-    assert [t["function"]["name"] for t in named.template_tools] == ["h"] and named.tool_choice == "required"
+    assert [t.name for t in named.tools] == ["h"] and named.tool_choice == "required"
 
 
 def test_events_for_reasoning_text_and_a_call():
@@ -123,26 +132,26 @@ def test_blank_text_before_a_call_makes_no_message():
 
 def test_compaction_content_round_trips_and_is_versioned():
     summary = "Le café, 日本, and a path: /tmp/x.py\n- next: run the tests"
-    encrypted = compaction.encode_summary(summary)
+    encrypted = compaction_item.encode_summary(summary)
     assert encrypted.startswith("mlxgw.compaction.v1:") and summary not in encrypted
-    assert compaction.decode_summary(encrypted) == summary
+    assert compaction_item.decode_summary(encrypted) == summary
     for foreign in ("gAAAAABo_opaque_bytes", "", None, "mlxgw.compaction.v1:!!!", "mlxgw.compaction.v1:e30="):
         with pytest.raises(ValueError):
-            compaction.decode_summary(foreign)
+            compaction_item.decode_summary(foreign)
 
 
 def test_a_compaction_item_becomes_a_user_message_in_its_place():
     items = normalize_input([
         {"role": "developer", "content": "Rules."},
         {"role": "user", "content": "Kept."},
-        {"type": "compaction", "encrypted_content": compaction.encode_summary("The user wants X.")},
+        {"type": "compaction", "encrypted_content": compaction_item.encode_summary("The user wants X.")},
         {"role": "user", "content": "New."},
     ])
     assert items[2]["id"].startswith("cmp_") and "status" not in items[2]
     assert chat_messages("Be terse.", items) == [
         {"role": "system", "content": "Be terse.\n\nRules."},
         {"role": "user", "content": "Kept."},
-        {"role": "user", "content": compaction.SUMMARY_PREFIX + "The user wants X."},
+        {"role": "user", "content": compaction_item.SUMMARY_PREFIX + "The user wants X."},
         {"role": "user", "content": "New."},
     ]
 
@@ -169,7 +178,7 @@ def test_compaction_events_give_exactly_one_item_in_order():
                      "response.compaction.compacting", "response.output_item.done", "response.completed"]
     added, done = events[2]["item"], events[4]["item"]
     assert added == {"id": done["id"], "type": "compaction", "encrypted_content": ""}
-    assert compaction.decode_summary(done["encrypted_content"]) == "The user wants X."
+    assert compaction_item.decode_summary(done["encrypted_content"]) == "The user wants X."
     assert state.output == [done] and state.status == "completed" and state.usage["output_tokens"] == 4
 
 
@@ -183,13 +192,13 @@ def test_compaction_events_when_the_model_writes_nothing_or_fails():
     # Failed before any output: no item. Failed after some: the announced item is closed.
     state = ResponseState("resp_2", ResponsesRequest(model="m", input="x"))
     builder = compaction.CompactionEvents(state)
-    events = builder.start() + builder.fail("worker_crashed", "gone")
+    events = builder.start() + builder.fail_with("worker_crashed", "gone")
     assert [e["type"] for e in events][2:] == ["response.failed"] and state.output == []
     state = ResponseState("resp_3", ResponsesRequest(model="m", input="x"))
     builder = compaction.CompactionEvents(state)
-    events = builder.start() + builder.add(Delta("r", text="Half")) + builder.fail("worker_crashed", "gone")
+    events = builder.start() + builder.add(Delta("r", text="Half")) + builder.fail_with("worker_crashed", "gone")
     assert [e["type"] for e in events][-2:] == ["response.output_item.done", "response.failed"]
-    assert compaction.decode_summary(state.output[0]["encrypted_content"]) == "Half"
+    assert compaction_item.decode_summary(state.output[0]["encrypted_content"]) == "Half"
 
 
 def test_a_chain_from_a_compacting_response_keeps_only_the_item_and_the_instructions():
@@ -199,10 +208,10 @@ def test_a_chain_from_a_compacting_response_keeps_only_the_item_and_the_instruct
         {"role": "assistant", "content": "Long answer."},
         {"type": "compaction_trigger"},
     ])
-    item = compaction.compaction_item("Summary.")
-    assert compaction.carried_history(context, [item]) == [context[0], item]
+    item = compaction_item.compaction_item("Summary.")
+    assert compaction_item.carried_history(context, [item]) == [context[0], item]
     answer = [{"type": "message", "role": "assistant", "content": []}]
-    assert compaction.carried_history(context, answer) == context + answer
+    assert compaction_item.carried_history(context, answer) == context + answer
     assert compaction.triggered(context) and not compaction.triggered(context[:-1]) and not compaction.triggered([])
 
 

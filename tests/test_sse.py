@@ -8,8 +8,8 @@ import httpx
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from gateway.routes.messages import PING
-from gateway.sse import SSE_COMMENT, EventStreamResponse, sse_event
+from gateway.anthropic.routes import PING
+from gateway.http.sse import SSE_COMMENT, EventStreamResponse, sse_event
 
 
 def body_with_keepalive(keepalive: bytes) -> bytes:

@@ -17,7 +17,9 @@ import pytest
 from conftest import SCRIPTED, TINY_LONG
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.structured_output import from_chat, from_messages, from_responses, with_instruction
+from gateway.api.family import CHAT
+from gateway.api.request import ModelRequest, text_message, to_generate
+from gateway.api.structured_output import from_chat, from_messages, from_responses
 
 openai = pytest.importorskip("openai")
 
@@ -176,5 +178,6 @@ def test_what_each_api_sends_becomes_one_constraint():
     assert from_chat({"type": "json_schema", "json_schema": {"name": "x"}}) == {"type": "json_schema", "schema": schema}
     assert from_messages({"effort": "high"}, None) is None
     assert from_messages(None, {"type": "json_schema", "schema": schema}) == {"type": "json_schema", "schema": schema}
-    messages = with_instruction([{"role": "user", "content": "hi"}], {"type": "json_object"})
+    request = ModelRequest(CHAT, "m", [text_message("user", "hi")], constraint={"type": "json_object"})
+    messages = to_generate(request, "chatcmpl-test").messages
     assert messages[0] == {"role": "system", "content": "Respond with only a valid JSON object."}

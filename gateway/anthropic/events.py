@@ -9,12 +9,10 @@
 
 Blocks are strictly sequential and ``index`` is the block's place in the final ``content``.
 ``message()`` gives the whole Message from the same state, so the JSON reply and the stream
-can never disagree. How events travel, and pings, are the route's business.
+can never disagree. It is the family's event builder (``api/events.py``); how events travel,
+and pings, are the transport's business.
 
-Thinking blocks need a ``signature`` that clients send back untouched. Ours is the thinking
-text itself, base64-encoded behind a prefix: ``conversation.py`` reads it back when the text
-is empty, which it is with ``thinking.display: "omitted"`` (Claude Code asks for that); the
-thinking then travels only in the signature, as Anthropic's does (encrypted there).
+Thinking blocks carry a ``signature`` (``signature.py``) that clients send back untouched.
 
 usage follows Anthropic: ``input_tokens`` is the prompt NOT served from cache, so that
 ``input_tokens + cache_read_input_tokens + cache_creation_input_tokens`` is the whole prompt.
@@ -22,40 +20,19 @@ usage follows Anthropic: ``input_tokens`` is the prompt NOT served from cache, s
 
 from __future__ import annotations
 
-import base64
-import binascii
 import copy
 import json
 import logging
-import uuid
-from collections.abc import Mapping
 from typing import Any
 
+from gateway.anthropic.signature import thinking_signature
+from gateway.api.errors import APIError, anthropic_type
+from gateway.api.ids import new_id
 from protocol import Delta, Finished, ToolCall
 
 log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
-_SIGNATURE_PREFIX = "mlxgw1."
-
-
-def new_id(prefix: str) -> str:
-    """``msg_…``, ``toolu_…``: Anthropic's prefixes, our random part."""
-    return f"{prefix}_{uuid.uuid4().hex[:24]}"
-
-
-def thinking_signature(thinking: str) -> str:
-    return _SIGNATURE_PREFIX + base64.b64encode(thinking.encode()).decode()
-
-
-def thinking_from_signature(signature: Any) -> str:
-    """The thinking one of our signatures carries; "" for any other (e.g. Anthropic's own)."""
-    if not isinstance(signature, str) or not signature.startswith(_SIGNATURE_PREFIX):
-        return ""
-    try:
-        return base64.b64decode(signature[len(_SIGNATURE_PREFIX):], validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
-        return ""
 
 
 def usage(prompt_tokens: int, cached_tokens: int, output_tokens: int, thinking_tokens: int = 0) -> dict[str, Any]:
@@ -68,15 +45,16 @@ def usage(prompt_tokens: int, cached_tokens: int, output_tokens: int, thinking_t
 
 
 class MessageEvents:
-    """One Message as it is built. ``tool_names`` maps a tool's name in the template to its
-    name for the client (``Prompt.tool_names``); ``parallel=False`` keeps only the first tool
-    call (``disable_parallel_tool_use``); ``omit_thinking`` sends thinking only in signatures."""
+    """One Message as it is built. ``prompt_tokens``: the prompt's length, known once the
+    worker accepted it; ``parallel=False`` keeps only the first tool call
+    (``disable_parallel_tool_use``); ``omit_thinking`` sends thinking only in signatures."""
 
-    def __init__(self, message_id: str, model: str, tool_names: Mapping[str, str] | None = None,
-                 parallel: bool = True, omit_thinking: bool = False):
+    def __init__(self, message_id: str, model: str, prompt_tokens: int = 0, parallel: bool = True,
+                 omit_thinking: bool = False):
         self.id = message_id
         self.model = model
-        self._tool_names = tool_names or {}
+        self.prompt_tokens = prompt_tokens
+        self.failure: APIError | None = None
         self._parallel = parallel
         self._omit_thinking = omit_thinking
         self.content: list[dict[str, Any]] = []
@@ -87,10 +65,10 @@ class MessageEvents:
         self._thinking = ""  # the open thinking block's text, for its signature
         self._calls = 0
 
-    def start(self, prompt_tokens: int, cached_tokens: int = 0) -> list[Event]:
+    def start(self, prompt_tokens: int | None = None, cached_tokens: int = 0) -> list[Event]:
         """``cached_tokens`` may not be known yet (the worker says in ``Finished``): the
         ``message_delta`` at the end carries the final usage, which clients take over."""
-        self.usage = usage(prompt_tokens, cached_tokens, 0)
+        self.usage = usage(self.prompt_tokens if prompt_tokens is None else prompt_tokens, cached_tokens, 0)
         return [{"type": "message_start", "message": self.message()}]
 
     def add(self, delta: Delta) -> list[Event]:
@@ -104,10 +82,11 @@ class MessageEvents:
         return events
 
     def finish(self, finished: Finished, stop_sequence_hit: str | None = None) -> list[Event]:
-        """``stop_sequence_hit``: the stop sequence that ended generation, if the caller knows
-        it (the worker stops on ``stop`` strings but does not say which matched; without it a
-        stop there reads as ``end_turn``). A tool call wins over every other reason: the
-        client must run it."""
+        """``stop_sequence_hit``: the stop sequence that ended generation (by default the one
+        the worker reports; without one a stop there reads as ``end_turn``). A tool call wins
+        over every other reason: the client must run it."""
+        if stop_sequence_hit is None:
+            stop_sequence_hit = finished.stop_sequence
         events = self._close()
         if self._calls:
             self.stop_reason = "tool_use"
@@ -123,6 +102,10 @@ class MessageEvents:
         delta = {"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence}
         return events + [{"type": "message_delta", "delta": delta, "usage": dict(self.usage)},
                          {"type": "message_stop"}]
+
+    def fail(self, error: APIError) -> list[Event]:
+        self.failure = error
+        return [self.error(anthropic_type(error), error.message)]
 
     def error(self, type: str, message: str) -> Event:
         """An in-stream error (e.g. ``overloaded_error``, ``api_error``); the stream ends after it."""
@@ -162,8 +145,7 @@ class MessageEvents:
         self._calls += 1
         events = self._close()
         tool_input = _tool_input(call.arguments)
-        name = self._tool_names.get(call.name, call.name)
-        events += self._start({"type": "tool_use", "id": new_id("toolu"), "name": name, "input": {}})
+        events += self._start({"type": "tool_use", "id": new_id("toolu", 24), "name": call.name, "input": {}})
         index = len(self.content) - 1
         self.content[index]["input"] = tool_input
         partial = {"type": "input_json_delta", "partial_json": json.dumps(tool_input, ensure_ascii=False)}

@@ -3,7 +3,7 @@
 Lenient on purpose: Claude Code sends fields a local model has no use for (``metadata``,
 ``context_management``, ``output_config``, ``thinking.display``, ``defer_loading`` on tools,
 new beta fields every few releases) and must never get a 400 for them. Content blocks, tools
-and ``tool_choice`` stay plain dicts here; ``conversation.py`` reads them leniently.
+and ``tool_choice`` stay plain dicts here; ``convert.py`` reads them leniently.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.schemas import TOKEN_LIMIT
+from gateway.api.request import TOKEN_LIMIT
 
 
 class MessagesBody(BaseModel):
-    """What both bodies hold; ``to_chat`` reads this."""
+    """What both bodies hold; ``convert.to_request`` reads this."""
 
     model_config = ConfigDict(extra="allow", strict=True)  # "4" is no number, "yes" no boolean
 

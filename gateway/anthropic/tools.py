@@ -16,38 +16,32 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from gateway.errors import APIError
-from gateway.json_schema import tool_schema
-from gateway.structured_output import strict_flag
+from gateway.api.errors import APIError
+from gateway.api.json_schema import tool_schema
+from gateway.api.request import Tool, choose_tools
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ToolSet:
-    template_tools: list[dict[str, Any]] | None = None  # None: offer none
-    tool_choice: str = "auto"  # for the worker: "auto" | "required"
+    tools: list[Tool] = field(default_factory=list)  # offered to the model
+    tool_choice: Literal["auto", "required"] = "auto"
     parallel: bool = True  # False: disable_parallel_tool_use
-    # The name each tool has in the template -> its name for the client. The same today;
-    # the one place a rename (a name some template cannot take) would go.
-    names: dict[str, str] = field(default_factory=dict)
 
 
 def resolve_tools(tools: list[dict[str, Any]] | None, tool_choice: dict[str, Any] | str | None,
                   messages: list[dict[str, Any]]) -> ToolSet:
     found = _read_tools(tools, _referenced_tools(messages))
     mode, named, parallel = _read_tool_choice(tool_choice)
-    offered = {name: tool for name, (tool, deferred) in found.items() if not deferred}
-    if named is not None:
-        if named not in found:
-            raise APIError(400, f"tool_choice names {named!r}, which is not a tool this model can call",
-                           param="tool_choice")
-        offered = {named: found[named][0]}
-    if mode == "none" or not offered:
-        return ToolSet(parallel=parallel)
-    return ToolSet(list(offered.values()), mode, parallel, {name: name for name in offered})
+    if named is None:  # a deferred tool is offered only when named
+        offered, choice = choose_tools([tool for tool, deferred in found.values() if not deferred], mode)
+    else:
+        offered, choice = choose_tools([tool for tool, _ in found.values()], mode, {named},
+                                       "tool_choice names a tool this model cannot call")
+    return ToolSet(offered, choice, parallel)
 
 
 def _referenced_tools(messages: list[dict[str, Any]]) -> set[str]:
@@ -63,9 +57,9 @@ def _referenced_tools(messages: list[dict[str, Any]]) -> set[str]:
     return names
 
 
-def _read_tools(tools: list[dict[str, Any]] | None, referenced: set[str]) -> dict[str, tuple[dict[str, Any], bool]]:
-    """name -> (template tool, deferred: not offered unless tool_choice names it)."""
-    found: dict[str, tuple[dict[str, Any], bool]] = {}
+def _read_tools(tools: list[dict[str, Any]] | None, referenced: set[str]) -> dict[str, tuple[Tool, bool]]:
+    """name -> (tool, deferred: not offered unless tool_choice names it)."""
+    found: dict[str, tuple[Tool, bool]] = {}
     for index, tool in enumerate(tools or []):
         if not isinstance(tool, dict):
             raise APIError(400, "each tool must be an object", param=f"tools.{index}")
@@ -76,11 +70,9 @@ def _read_tools(tools: list[dict[str, Any]] | None, referenced: set[str]) -> dic
         name = tool.get("name")
         if not isinstance(name, str) or not name:
             raise APIError(400, "a tool needs a name", param=f"tools.{index}.name")
-        function = {"name": name, "description": tool.get("description") or "",
-                    "parameters": tool_schema(tool.get("input_schema"), f"tools.{index}.input_schema"),
-                    **strict_flag(tool)}
+        schema = tool_schema(tool.get("input_schema"), f"tools.{index}.input_schema")
         deferred = bool(tool.get("defer_loading")) and name not in referenced
-        found[name] = ({"type": "function", "function": function}, deferred)
+        found[name] = (Tool(name, schema, tool.get("description") or "", tool.get("strict") is True), deferred)
     return found
 
 

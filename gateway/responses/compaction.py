@@ -3,27 +3,22 @@ later request that carries the item gets the summary back in the model's context
 
 Two ways in, one summarising path:
 
-- ``POST /v1/responses/compact`` (``compact``): answers a ``response.compaction`` object
+- ``POST /v1/responses/compact``: answers a ``response.compaction`` object
   (the SDK's ``CompactedResponse``) whose ``output`` is that one item.
 - A ``/v1/responses`` request whose input ends with ``{"type": "compaction_trigger"}``
   (Codex's newer form): an ordinary response, streamed or not, whose output is exactly one
   ``compaction`` item instead of an answer.
 
-``compact`` is the second form with the trigger appended and ``store: false``. Either way
-``ResponsesService.prepare`` renders the conversation as for any turn (so the worker's prefix
-cache already holds all of it), ``summarise_instead`` appends one user message asking for the
-summary, and ``CompactionEvents`` turns the reply into the item: ``output_item.added`` (with an
-empty ``encrypted_content``), ``response.compaction.compacting`` while the summary is written
+The route answers ``/compact`` as the second form with the trigger appended and ``store:
+false`` (``compact_body``). Either way ``ResponsesService.prepare`` renders the conversation as
+for any turn (so the worker's prefix cache already holds all of it), ``summary_run``
+appends one user message asking for the summary, and ``CompactionEvents`` turns the reply
+into the item: ``output_item.added`` (with an empty ``encrypted_content``),
+``response.compaction.compacting`` while the summary is written
 (at most one a second: it carries no text, and keeps idle timeouts away), ``output_item.done``
 with the whole item, then the terminal event.
 
-The item's ``encrypted_content`` is ``ENCRYPTED_PREFIX`` (``mlxgw.compaction.v1:``) followed
-by URL-safe base64 of the UTF-8 JSON ``{"summary": "<text>"}``. It is not encrypted: nothing
-secret is in it that the client did not send. It is opaque to clients, versioned by the prefix
-(a later format gets a new one) and self-contained, so any gateway of this kind can expand it
-and a client only has to send it back whole. Content without the prefix (another provider's
-encrypted compaction) cannot be read here and is refused with ``invalid_encrypted_content``,
-rather than silently dropping the history the client thinks it sent.
+The item itself, its content and its meaning as input: ``compaction_item.py``.
 
 OpenAI documents the compacted output as the user messages followed by the compaction item,
 but the SDK's types accept only assistant messages in ``output``, and a local model's window is
@@ -33,28 +28,25 @@ model to restate what the user asked for.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
+import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.errors import APIError
+from gateway.api.errors import APIError
+from gateway.api.ids import new_id
+from gateway.api.request import ModelRequest, text_message
+from gateway.responses.compaction_item import compaction_item
 from gateway.responses.events import Event, ResponseEvents
-from gateway.responses.objects import ResponseState, new_id
+from gateway.responses.objects import ResponseState
 from gateway.responses.request import ResponsesRequest
 from gateway.responses.tools import ToolSet
 from protocol import Delta
 
-if TYPE_CHECKING:
-    from gateway.responses.service import ResponsesService, Run
-
 log = logging.getLogger(__name__)
 
-ENCRYPTED_PREFIX = "mlxgw.compaction.v1:"
 TRIGGER = "compaction_trigger"
 SUMMARY_MAX_TOKENS = 4096  # unless the request sets max_output_tokens: a summary, not a novel
 PROGRESS_INTERVAL_S = 1.0
@@ -70,102 +62,37 @@ SUMMARY_PROMPT = (
     "- names, paths, values, errors and snippets needed to continue.\n"
     "Be concise and structured. Write only the summary, and do not call any tool."
 )
-# What the model reads before a summary when a compaction item comes back as input.
-SUMMARY_PREFIX = (
-    "[The earlier part of this conversation was compacted into the summary below, written to "
-    "hand the work over. The messages it replaces are no longer shown; continue from it.]\n\n"
-)
-
-
-# --- the item and its content --------------------------------------------------------
-
-
-def encode_summary(summary: str) -> str:
-    payload = json.dumps({"summary": summary}, ensure_ascii=False).encode()
-    return ENCRYPTED_PREFIX + base64.urlsafe_b64encode(payload).decode("ascii")
-
-
-def decode_summary(encrypted: Any) -> str:
-    """The summary inside ``encrypted_content``; ValueError if it is not ours or is damaged."""
-    if not isinstance(encrypted, str) or not encrypted.startswith(ENCRYPTED_PREFIX):
-        raise ValueError("not made by this server")
-    try:
-        payload = json.loads(base64.urlsafe_b64decode(encrypted[len(ENCRYPTED_PREFIX):].encode("ascii")))
-    except (binascii.Error, UnicodeError, ValueError):
-        raise ValueError("damaged") from None
-    if not isinstance(payload, dict) or not isinstance(payload.get("summary"), str):
-        raise ValueError("damaged")
-    return payload["summary"]
-
-
-def compaction_item(summary: str, item_id: str | None = None) -> dict[str, Any]:
-    """The SDK's ``ResponseCompactionItem``: ``{id, type: "compaction", encrypted_content}``."""
-    return {"id": item_id or new_id("cmp"), "type": "compaction", "encrypted_content": encode_summary(summary)}
-
-
-def checked_input_item(item: dict[str, Any], index: int) -> dict[str, Any]:
-    """A ``compaction`` input item, validated (a 400 before any work if we cannot read it), with an id."""
-    try:
-        decode_summary(item.get("encrypted_content"))
-    except ValueError as exc:
-        raise APIError(400, f"The compaction item's encrypted_content could not be read ({exc}); only "
-                       "compaction items made by this server can be sent back to it.",
-                       param=f"input[{index}].encrypted_content", code="invalid_encrypted_content") from None
-    return {**item, "type": "compaction", "id": item.get("id") or new_id("cmp")}
-
-
-def context_message(item: dict[str, Any]) -> dict[str, Any]:
-    """The chat message a ``compaction`` item becomes, in its place in the conversation.
-
-    A user message, prefixed with a note saying what it is. The summary is a handover written
-    for the model that continues, so it must read as information it is given, in the position
-    of the history it replaces (anything the client kept before it stays before it, what came
-    after it stays after). Not a system message: conversation.py folds those into the one
-    leading system message (most templates accept no other), which would move the summary out
-    of place; and not an assistant message: the model would take it for its own earlier reply
-    (some templates also rewrite or drop earlier assistant turns), and it would break the
-    user/assistant alternation some templates check less often than a second user message does.
-    """
-    return {"role": "user", "content": SUMMARY_PREFIX + decode_summary(item.get("encrypted_content"))}
 
 
 # --- summarising: shared by both forms -----------------------------------------------
 
 
-def triggered(items: list[dict[str, Any]]) -> bool:
-    """Whether a request's (normalized) input asks for a compaction: its last item is the trigger."""
-    return bool(items) and items[-1].get("type") == TRIGGER
-
-
-def summarise_instead(run: Run, body: ResponsesRequest) -> None:
-    """Turn a prepared run into a compaction: same context, plus the request for a summary.
+def summary_run(items: list[dict[str, Any]], context: list[dict[str, Any]], request: ModelRequest,
+                body: ResponsesRequest, state: ResponseState) -> tuple[ModelRequest, CompactionEvents] | None:
+    """If the input asks for a compaction (its last item is the trigger): the request for the
+    summary and the builder that turns it into the one item; else None.
 
     The conversation is rendered exactly as for an ordinary turn (instructions, tools and all),
     so its prompt extends the previous turn's and the prefix cache serves everything but the
     summary request. ``tool_choice`` goes back to "auto": the model must write text.
     """
-    if not any(item.get("type") != TRIGGER for item in run.context):
+    if not triggered(items):
+        return None
+    if not any(item.get("type") != TRIGGER for item in context):
         raise APIError(400, "There is nothing to compact: the input holds no conversation.", param="input")
-    generate = run.generate
-    generate.messages = [*(generate.messages or []), {"role": "user", "content": SUMMARY_PROMPT}]
-    generate.tool_choice = "auto"
-    generate.constraint = None  # a summary is text, whatever format the turn asked for
-    generate.max_tokens = body.max_output_tokens or SUMMARY_MAX_TOKENS
-    run.builder = CompactionEvents(run.state)
+    summary = dataclasses.replace(
+        request,
+        messages=[*request.messages, text_message("user", SUMMARY_PROMPT)],
+        tool_choice="auto",
+        constraint=None,  # a summary is text, whatever format the turn asked for
+        max_tokens=body.max_output_tokens or SUMMARY_MAX_TOKENS,
+    )
+    return summary, CompactionEvents(state)
 
 
-def carried_history(context: list[dict[str, Any]], output: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What a ``previous_response_id`` continuation inherits from the response it names.
-
-    Normally its whole context and output. When that response compacted (its output is a
-    compaction item), the item replaces the conversation it summarised, as in a client's
-    history after ``/responses/compact``; system and developer messages, the standing
-    instructions that the summary is not asked to restate, stay ahead of it.
-    """
-    if not any(item.get("type") == "compaction" for item in output):
-        return context + output
-    kept = [item for item in context if item.get("type") == "message" and item.get("role") in ("system", "developer")]
-    return kept + output
+def triggered(items: list[dict[str, Any]]) -> bool:
+    """Whether a request's (normalized) input asks for a compaction: its last item is the trigger."""
+    return bool(items) and items[-1].get("type") == TRIGGER
 
 
 class CompactionEvents(ResponseEvents):
@@ -244,29 +171,21 @@ class CompactRequest(BaseModel):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-async def compact(service: ResponsesService, body: CompactRequest, response_id: str,
-                  trace_id: str | None = None, owner: str = "") -> dict[str, Any]:
-    """Summarise ``body``'s conversation: the ``response.compaction`` object.
-
-    Raises APIError for a bad request and EngineError when the engine fails (the app's
-    handlers render both in OpenAI's shape, with ``param`` "input" for the prompt)."""
+def compact_body(body: CompactRequest) -> ResponsesRequest:
+    """A ``/responses/compact`` body as the ``/responses`` request that answers it: its input
+    with the trigger appended, not stored, not streamed."""
     raw = body.input
     items = ([{"role": "user", "content": raw}] if raw else []) if isinstance(raw, str) else list(raw)
     fields = body.model_dump(exclude_unset=True)
     fields.update(input=[*items, {"type": TRIGGER}], stream=False, background=False, store=False)
     try:
-        request = ResponsesRequest.model_validate(fields)
+        return ResponsesRequest.model_validate(fields)
     except ValidationError as exc:  # a field of ours the compact body left loose
         raise APIError(400, f"invalid request: {exc.errors()[0].get('msg')}") from None
-    run = await service.prepare(request, response_id, trace_id, owner=owner)
-    async for _ in service.events(run):
-        pass
-    if run.failure is not None:
-        raise run.failure
-    state = run.state
-    if state.status == "failed":  # a gateway bug, already logged
-        raise APIError(500, (state.error or {}).get("message") or "compaction failed", "server_error",
-                       code="server_error")
+
+
+def compacted_response(state: ResponseState) -> dict[str, Any]:
+    """The ``response.compaction`` object (the SDK's ``CompactedResponse``)."""
     return {
         "id": state.id,
         "object": "response.compaction",

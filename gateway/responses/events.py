@@ -9,8 +9,8 @@
 
 Items are strictly sequential, ``output_index`` counts every item, ``content_index`` is per
 item. The same builder serves non-streaming requests (the events are dropped and the final
-``state`` is returned), so JSON and stream can never disagree. How events travel (SSE today,
-a WebSocket later) is the route's business.
+``state`` is returned), so JSON and stream can never disagree. It is the family's event
+builder (``api/events.py``); how events travel (SSE, WebSocket) is the transport's business.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.responses.objects import ResponseState, new_id, usage
+from gateway.api.errors import APIError
+from gateway.api.ids import new_id
+from gateway.responses.objects import ResponseState, usage
 from gateway.responses.tools import ToolSet
 from protocol import Delta, Finished, ToolCall
 
@@ -40,6 +42,7 @@ class ResponseEvents:
         self.state = state
         self._tools = tools
         self._reasoning_round_trip = reasoning_round_trip  # include=["reasoning.encrypted_content"]
+        self.failure: APIError | None = None  # why it failed, if the engine said so
         self._sequence = 0
         self._open: _OpenItem | None = None
         self._calls = 0
@@ -82,7 +85,11 @@ class ResponseEvents:
         self.state.status = "cancelled"
         return events
 
-    def fail(self, code: str, message: str) -> list[Event]:
+    def fail(self, error: APIError) -> list[Event]:
+        self.failure = error
+        return self.fail_with(error.code or "server_error", error.message)
+
+    def fail_with(self, code: str, message: str) -> list[Event]:
         events = self._close(incomplete=True)
         self.state.status = "failed"
         self.state.error = {"code": code, "message": message}

@@ -7,15 +7,10 @@ so ``ResponseState.to_dict`` always emits the full set.
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.responses.request import ResponsesRequest
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 @dataclass

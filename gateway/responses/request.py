@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.schemas import TOKEN_LIMIT
+from gateway.api.request import TOKEN_LIMIT
 
 
 class ResponsesRequest(BaseModel):

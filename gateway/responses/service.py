@@ -15,37 +15,44 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.engine_client import EngineClient, RequestStream
-from gateway.errors import APIError, EngineError, api_error
+from gateway.api.errors import APIError
+from gateway.api.family import RESPONSES
+from gateway.api.generation import event_batches
+from gateway.api.request import ModelRequest, to_generate
+from gateway.engine.client import EngineClient, RequestStream
 from gateway.responses import compaction
-from gateway.responses.conversation import chat_messages, item_type, normalize_input
+from gateway.responses.compaction_item import carried_history
+from gateway.responses.convert import item_type, normalize_input, to_request
 from gateway.responses.events import Event, ResponseEvents
 from gateway.responses.objects import ResponseState
 from gateway.responses.request import ResponsesRequest
 from gateway.responses.store import INTERRUPTED, ResponseStore, StoredResponse
 from gateway.responses.tools import resolve_tools
-from gateway.structured_output import from_responses, instruction
-from protocol import Finished, Generate, SamplingParams
+from protocol import Finished
 
 log = logging.getLogger(__name__)
-
-# reasoning.effort -> the chat template's thinking switch
-_THINKING_OFF = {"none", "minimal"}
 
 
 @dataclass
 class Run:
     state: ResponseState
-    generate: Generate
+    request: ModelRequest
     input_items: list[dict[str, Any]]
     context: list[dict[str, Any]]  # everything the model sees before its output
     builder: ResponseEvents
-    failure: EngineError | None = None  # why it failed, if it did
+    trace_id: str | None = None  # the id its logs go under (the client's x-request-id, if any)
     owner: str = ""  # who may see it: a hash of the API key that made it ("" with no keys)
     task: asyncio.Task | None = None  # background runs only
     events: list[Event] = field(default_factory=list)  # background runs keep theirs for streaming GETs
     stream: RequestStream | None = None  # submitted already (constrained runs: see ResponsesService.prepare)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def remembered(self) -> StoredResponse | None:
+        """What a WebSocket connection keeps for ``previous_response_id``: a response that
+        ended well, whether or not it was stored."""
+        if self.state.status not in ("completed", "incomplete"):
+            return None
+        return StoredResponse(self.state.to_dict(), self.input_items, self.context, self.owner)
 
 
 class ResponsesService:
@@ -79,46 +86,27 @@ class ResponsesService:
             if previous is None:
                 raise APIError(400, f"Previous response with id '{body.previous_response_id}' not found.",
                                param="previous_response_id", code="previous_response_not_found")
-            earlier = compaction.carried_history(previous.context, previous.response.get("output", []))
+            earlier = carried_history(previous.context, previous.response.get("output", []))
         items = await self._resolve_references(normalize_input(body.input), owner)
         context = earlier + items
         tools = resolve_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
-        constraint = from_responses(body.text)
-        template_kwargs = {}
-        effort = (body.reasoning or {}).get("effort")
-        if effort is not None:
-            template_kwargs["enable_thinking"] = effort not in _THINKING_OFF
-        template_kwargs.update(body.chat_template_kwargs or {})
-
-        messages = chat_messages(body.instructions, context, instruction(constraint))
-        if not messages:
-            unknown = sorted({str(item_type(item)) for item in context})
-            raise APIError(400, "input holds nothing the model can read" + (f" (item types: {', '.join(unknown)})"
-                                                                             if unknown else ""), param="input")
+        request = to_request(body, context, tools)
         state = ResponseState(response_id, body, status="queued")
-        generate = Generate(
-            request_id=state.id,
-            messages=messages,
-            tools=tools.template_tools or None,
-            tool_choice=tools.tool_choice,
-            parallel_tool_calls=tools.parallel,
-            max_tokens=body.max_output_tokens,
-            sampling=SamplingParams(temperature=body.temperature, top_p=body.top_p,
-                                    presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty),
-            chat_template_kwargs=template_kwargs,
-            prompt_cache_key=body.prompt_cache_key,
-            trace_id=trace_id,
-            constraint=constraint,
-        )
-        round_trip = "reasoning.encrypted_content" in (body.include or [])
-        run = Run(state, generate, items, context, ResponseEvents(state, tools, round_trip), owner=owner)
-        if compaction.triggered(items):  # the answer is one compaction item: see compaction.py
-            compaction.summarise_instead(run, body)
-        if run.generate.constraint is not None or tools.strict:
+        builder: ResponseEvents
+        compacting = compaction.summary_run(items, context, request, body, state)
+        if compacting is not None:  # the answer is one compaction item: see compaction.py
+            request, builder = compacting
+        else:
+            builder = ResponseEvents(state, tools, "reasoning.encrypted_content" in (body.include or []))
+        run = Run(state, request, items, context, builder, trace_id, owner)
+        if request.constraint is not None or request.strict_tools:
             # A schema the worker cannot apply is a 400 even for a stream, whose first event would
             # otherwise go out before the worker has seen the request.
-            run.stream = await self.engine.submit(body.model, run.generate)
+            run.stream = await self._submit(run)
         return run
+
+    async def _submit(self, run: Run) -> RequestStream:
+        return await self.engine.submit(run.request.model, to_generate(run.request, run.state.id, run.trace_id))
 
     async def _resolve_references(self, items: list[dict[str, Any]], owner: str) -> list[dict[str, Any]]:
         resolved = []
@@ -134,33 +122,18 @@ class ResponsesService:
     async def events(self, run: Run) -> AsyncGenerator[list[Event], None]:
         """Generate, yielding the events in batches (what one wake-up produced, so a transport
         can write them at once); store the result when it ends (not if abandoned)."""
-        builder = run.builder
-        yield builder.start()
         if run.state.request.generate is False:
             # Codex's WebSocket prewarm: the response exists (to continue from), nothing runs.
-            yield builder.finish(Finished(run.state.id, "stop", 0, 0))
+            yield run.builder.start()
+            yield run.builder.finish(Finished(run.state.id, "stop", 0, 0))
             await self._save(run)
             return
-        stream: RequestStream | None = None
+        batches = event_batches(run.builder, RESPONSES, run.stream or self._submit(run))
         try:
-            stream = run.stream or await self.engine.submit(run.state.request.model, run.generate)
-            async for batch in stream.batches():
-                events = [event for delta in batch for event in builder.add(delta)]
-                if events:
-                    yield events
-            assert stream.finished is not None  # batches() ends only at Finished
-            closing = builder.finish(stream.finished)
-        except EngineError as exc:
-            run.failure = exc
-            error = api_error(exc, "input", "text.format")
-            closing = builder.fail(error.code or "server_error", error.message)
-        except Exception:  # a bug of ours: the client still gets a terminal event, not a cut stream
-            log.exception("response %s failed", run.state.id)
-            closing = builder.fail("server_error", "the gateway had an internal error")
+            async for batch in batches:
+                yield batch
         finally:
-            if stream is not None:
-                stream.close()
-        yield closing
+            await batches.aclose()
         await self._save(run)
 
     async def _save(self, run: Run) -> None:
@@ -188,7 +161,7 @@ class ResponsesService:
                 run.changed.set()
         except asyncio.CancelledError:
             if self._closing:  # not the client's doing: the gateway is stopping
-                run.events.extend(run.builder.fail(INTERRUPTED["code"], INTERRUPTED["message"]))
+                run.events.extend(run.builder.fail_with(INTERRUPTED["code"], INTERRUPTED["message"]))
             else:
                 run.builder.cancel()
             await self._save(run)

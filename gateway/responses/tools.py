@@ -11,42 +11,32 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from gateway.errors import APIError
-from gateway.json_schema import tool_schema
-from gateway.structured_output import strict_flag
+from gateway.api.errors import APIError
+from gateway.api.json_schema import tool_schema
+from gateway.api.request import Tool, choose_tools
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ToolSet:
-    template_tools: list[dict[str, Any]] = field(default_factory=list)
+    """The tools offered, and what the model's calls map back to."""
+
+    tools: list[Tool] = field(default_factory=list)
     custom: set[str] = field(default_factory=set)  # names of freeform tools
     namespaces: dict[str, str] = field(default_factory=dict)  # member name -> namespace
-    tool_choice: str = "auto"  # for the worker: "auto" | "required"
+    tool_choice: Literal["auto", "required"] = "auto"
     parallel: bool = True
-    strict: bool = False  # a function tool asked for strict arguments (the worker constrains them)
 
 
 def resolve_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: bool | None) -> ToolSet:
     toolset = ToolSet(parallel=parallel is not False)
     for index, tool in enumerate(tools or []):
         _add_tool(toolset, tool, f"tools[{index}]", namespace=None)
-
-    choice, allowed = _read_tool_choice(tool_choice)
-    if choice == "none" or not toolset.template_tools:
-        toolset.template_tools = []
-        return toolset
-    if allowed is not None:
-        known = {t["function"]["name"] for t in toolset.template_tools}
-        missing = allowed - known
-        if missing:
-            raise APIError(400, f"tool_choice names unknown tools: {', '.join(sorted(missing))}", param="tool_choice")
-        toolset.template_tools = [t for t in toolset.template_tools if t["function"]["name"] in allowed]
-    toolset.tool_choice = choice
-    toolset.strict = any(t["function"].get("strict") for t in toolset.template_tools)
+    mode, allowed = _read_tool_choice(tool_choice)
+    toolset.tools, toolset.tool_choice = choose_tools(toolset.tools, mode, allowed)
     return toolset
 
 
@@ -56,9 +46,8 @@ def _add_tool(toolset: ToolSet, tool: dict[str, Any], where: str, namespace: str
         name = tool.get("name")
         if not isinstance(name, str) or not name:
             raise APIError(400, "a function tool needs a name", param=f"{where}.name")
-        function = {"name": name, "description": tool.get("description") or "",
-                    "parameters": tool_schema(tool.get("parameters"), f"{where}.parameters"), **strict_flag(tool)}
-        toolset.template_tools.append({"type": "function", "function": function})
+        schema = tool_schema(tool.get("parameters"), f"{where}.parameters")
+        toolset.tools.append(Tool(name, schema, tool.get("description") or "", tool.get("strict") is True))
     elif kind == "custom":
         name = tool.get("name")
         if not isinstance(name, str) or not name:
@@ -69,8 +58,7 @@ def _add_tool(toolset: ToolSet, tool: dict[str, Any], where: str, namespace: str
             "properties": {"input": {"type": "string", "description": "The raw text input for this tool."}},
             "required": ["input"],
         }
-        toolset.template_tools.append({"type": "function", "function": {
-            "name": name, "description": description, "parameters": parameters}})
+        toolset.tools.append(Tool(name, parameters, description))
         toolset.custom.add(name)
     elif kind == "namespace":
         for index, member in enumerate(tool.get("tools") or []):
@@ -81,7 +69,7 @@ def _add_tool(toolset: ToolSet, tool: dict[str, Any], where: str, namespace: str
         log.info("tool type %r runs on OpenAI's servers; not offered to a local model", kind)
         return
     if namespace:
-        toolset.namespaces[toolset.template_tools[-1]["function"]["name"]] = namespace
+        toolset.namespaces[toolset.tools[-1].name] = namespace
 
 
 def _read_tool_choice(tool_choice: Any) -> tuple[str, set[str] | None]:

@@ -1,0 +1,113 @@
+"""Prometheus metrics for ``GET /metrics``: the gateway's own, and every worker's engine figures.
+
+Counters and histograms are updated as requests are served (the engine client reports token
+timings through ``GatewayMetrics`` as its observer). Gauges (live workers, queues, the store,
+each worker's batch, throughput and memory from its last heartbeat) are read when scraped, so
+a worker that is gone leaves no stale series behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gateway.engine.client import EngineClient
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("mlxgw_requests", "HTTP requests served", ["route", "model", "status"],
+                                registry=self.registry)
+        self.time_to_first_token = Histogram("mlxgw_time_to_first_token_seconds",
+                                             "From dispatch to the first output", ["model"],
+                                             buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.inter_token_latency = Histogram("mlxgw_inter_token_latency_seconds",
+                                             "Between consecutive output tokens of a request", ["model"],
+                                             buckets=TOKEN_BUCKETS, registry=self.registry)
+        self.output_tokens = Counter("mlxgw_output_tokens", "Tokens generated", ["model"], registry=self.registry)
+        self.worker_restarts = Counter("mlxgw_worker_restarts", "Workers that registered after one of the same "
+                                       "model was lost", ["model"], registry=self.registry)
+        self.worker_losses = Counter("mlxgw_worker_losses", "Workers declared gone", ["model", "reason"],
+                                     registry=self.registry)
+        self._lost: dict[str, int] = {}  # model -> losses not yet made up by a new registration
+        self._token_metrics: dict[str, tuple] = {}
+
+    def attach(self, engine: EngineClient, stored_responses: Callable[[], int]) -> None:
+        """Read when scraped: the engine's state, and how many responses the store holds."""
+        self.registry.register(_LiveState(engine, stored_responses))
+
+    def count_request(self, route: str, model: str, status: str) -> None:
+        self.requests.labels(route, model, status).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # --- the engine client's observer interface ---------------------------------------
+
+    def first_token(self, model: str, seconds: float) -> None:
+        self.time_to_first_token.labels(model).observe(seconds)
+
+    def tokens(self, model: str, count: int, seconds_since_previous: float | None) -> None:
+        # Once per token: the labelled children are looked up once per model.
+        children = self._token_metrics.get(model)
+        if children is None:
+            children = self._token_metrics[model] = (self.output_tokens.labels(model),
+                                                     self.inter_token_latency.labels(model))
+        children[0].inc(count)
+        if seconds_since_previous is not None and count:
+            children[1].observe(seconds_since_previous / count)
+
+    def worker_registered(self, model: str) -> None:
+        if self._lost.get(model, 0) > 0:
+            self._lost[model] -= 1
+            self.worker_restarts.labels(model).inc()
+
+    def worker_lost(self, model: str, reason: str) -> None:
+        self._lost[model] = self._lost.get(model, 0) + 1
+        self.worker_losses.labels(model, reason).inc()
+
+
+class _LiveState(Collector):
+    def __init__(self, engine: EngineClient, stored_responses: Callable[[], int]):
+        self._engine = engine
+        self._stored_responses = stored_responses
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        engine = self._engine
+        workers = engine.registry.all()
+        models = sorted({w.model for w in workers} | engine.models_with_requests())
+        live = GaugeMetricFamily("mlxgw_live_workers", "Workers taking requests", labels=["model"])
+        in_flight = GaugeMetricFamily("mlxgw_in_flight_requests", "Requests running or queued", labels=["model"])
+        queued = GaugeMetricFamily("mlxgw_queue_depth", "Requests waiting for a slot or a worker", labels=["model"])
+        for model in models:
+            mine = [w for w in workers if w.model == model]
+            live.add_metric([model], sum(1 for w in mine if w.serving))
+            in_flight.add_metric([model], engine.load(model))
+            queued.add_metric([model], sum(w.queued for w in mine) + engine.waiting_for_worker(model))
+        yield from (live, in_flight, queued)
+        yield GaugeMetricFamily("mlxgw_stored_responses", "Responses in the store", value=self._stored_responses())
+
+        per_worker = {
+            "batch_size": ("mlxgw_worker_batch_size", "Sequences the worker is decoding"),
+            "tokens_per_second": ("mlxgw_worker_tokens_per_second", "Output tokens/s over the last heartbeat"),
+            "generated_tokens": ("mlxgw_worker_generated_tokens", "Tokens generated since the worker started"),
+            "prompt_tokens": ("mlxgw_worker_prompt_tokens", "Prompt tokens accepted since the worker started"),
+            "cached_tokens": ("mlxgw_worker_cached_prompt_tokens", "Prompt tokens served from the prefix cache"),
+            "active_memory_bytes": ("mlxgw_worker_active_memory_bytes", "MLX memory in use"),
+            "peak_memory_bytes": ("mlxgw_worker_peak_memory_bytes", "MLX peak memory"),
+        }
+        families = {key: GaugeMetricFamily(name, doc, labels=["model", "worker"])
+                    for key, (name, doc) in per_worker.items()}
+        for worker in workers:
+            stats = {**worker.stats, "batch_size": worker.active}
+            for key, family in families.items():
+                if key in stats:
+                    family.add_metric([worker.model, worker.worker_id], float(stats[key]))
+        yield from families.values()
