@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import ErrorResponse, Message, RawMessageStreamEvent, Usage
 from pydantic import TypeAdapter, ValidationError
+from request_fixtures import PROJECT_FIXTURES, SHARED_FIXTURES
 
 from gateway.anthropic.convert import omits_thinking, to_request
 from gateway.anthropic.events import MessageEvents
@@ -22,9 +24,44 @@ from gateway.api.errors import APIError
 from gateway.api.request import to_generate
 from protocol import Delta, Finished, Generate, ToolCall
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "claude-code"
-SAY_HI, TURN1, TURN2 = "001-print-say-hi-stream.json", "002-tool-turn1-stream.json", "003-tool-turn2-tool-result-stream.json"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir() and not os.environ.get("CI"), reason=f"no {FIXTURES}")
+SAY_HI, TURN1, TURN2 = "say-hi", "turn1", "turn2"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A set of Claude Code requests: a say-hi, a tool call's first turn and its second turn
+    (the tool's result), and what their content says."""
+
+    folder: Path
+    files: dict[str, str]
+    system_says: str
+    tools: int  # offered: the deferred placeholder is not
+    placeholder: str
+    call: tuple[str, dict[str, Any], str]  # the turn-2 call's id, input and the tool's result
+
+
+SOURCES = {
+    # The project's own (tests/fixtures/requests/claude-code), in every clone.
+    "project": Source(PROJECT_FIXTURES / "claude-code", {SAY_HI: "001-print-stream.json", TURN1: "002-tool-turn1-stream.json",
+                                                         TURN2: "003-tool-turn2-result-stream.json"},
+                      "You are a coding assistant.", 5, "Placeholder",
+                      ("toolu_01", {"command": "touch notes.txt", "description": "make the file"}, "(no output)")),
+    # What Claude Code 2.1.328 sent (../shared, never in the repository; request_fixtures.py).
+    "captures": Source(SHARED_FIXTURES / "claude-code", {SAY_HI: "001-print-say-hi-stream.json",
+                                                          TURN1: "002-tool-turn1-stream.json",
+                                                          TURN2: "003-tool-turn2-tool-result-stream.json"},
+                       "You are a Claude agent", 11, "DeferredToolPlaceholder",
+                       ("toolu_1", {"command": "echo hi > made_by_tool.txt", "description": "write a file"},
+                        "(Bash completed with no output)")),
+}
+
+
+@pytest.fixture(params=list(SOURCES))
+def source(request) -> Source:
+    found = SOURCES[request.param]
+    if not found.folder.is_dir() and not os.environ.get("CI"):
+        pytest.skip(f"no {found.folder}")
+    return found
 
 # ChatML, as SmolLM2's and Qwen's templates render it: enough to compare prompts as text.
 CHATML = jinja2.Environment().from_string(
@@ -38,8 +75,8 @@ def to_chat(body: MessagesBody) -> Generate:
     return to_generate(to_request(body), "msg_test")
 
 
-def fixture(name: str) -> MessagesRequest:
-    return MessagesRequest.model_validate(json.loads((FIXTURES / name).read_text())["body"])
+def fixture(source: Source, name: str) -> MessagesRequest:
+    return MessagesRequest.model_validate(json.loads((source.folder / source.files[name]).read_text())["body"])
 
 
 def body(messages: list[dict[str, Any]], **extra: Any) -> MessagesRequest:
@@ -88,44 +125,41 @@ def test_unknown_fields_are_accepted_and_max_tokens_is_required_only_to_generate
 # --- Claude Code's requests ---------------------------------------------------------
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name", [SAY_HI, TURN1, TURN2])
-def test_claude_code_requests_convert(name):
-    prompt = to_chat(fixture(name))
+def test_claude_code_requests_convert(source: Source, name: str):
+    prompt = to_chat(fixture(source, name))
     system, first_user = prompt.messages[0], prompt.messages[1]
-    assert system["role"] == "system" and "You are a Claude agent" in system["content"]
+    assert system["role"] == "system" and source.system_says in system["content"]
     assert "x-anthropic-billing-header" not in CHATML.render(messages=prompt.messages)
     # The system message Claude Code puts in `messages` stays in the first user turn, marked.
-    assert first_user["role"] == "user" and first_user["content"].startswith("<system-reminder>\nAttribution")
+    assert first_user["role"] == "user" and first_user["content"].startswith("<system-reminder>\n")
     assert "<system-reminder>\n# Environment" in first_user["content"]
     roles = [m["role"] for m in prompt.messages]
     assert all(a != b or a == "tool" for a, b in zip(roles, roles[1:], strict=False)), roles
     offered = names(prompt)
-    assert "Bash" in offered and "DeferredToolPlaceholder" not in offered and len(offered) == 11
+    assert "Bash" in offered and source.placeholder not in offered and len(offered) == source.tools
     assert prompt.tool_choice == "auto" and prompt.parallel_tool_calls
-    assert prompt.chat_template_kwargs == {"enable_thinking": True} and omits_thinking(fixture(name))
+    assert prompt.chat_template_kwargs == {"enable_thinking": True} and omits_thinking(fixture(source, name))
 
 
-@needs_fixtures
-def test_tool_use_and_tool_result_pair_by_id():
-    messages = to_chat(fixture(TURN2)).messages
+def test_tool_use_and_tool_result_pair_by_id(source: Source):
+    messages = to_chat(fixture(source, TURN2)).messages
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool"]
     (call,) = messages[2]["tool_calls"]
-    assert call["id"] == "toolu_1" and call["function"]["name"] == "Bash"
-    assert json.loads(call["function"]["arguments"]) == {"command": "echo hi > made_by_tool.txt", "description": "write a file"}
-    assert messages[3] == {"role": "tool", "tool_call_id": "toolu_1", "name": "Bash",
-                           "content": "(Bash completed with no output)"}
+    call_id, arguments, result = source.call
+    assert call["id"] == call_id and call["function"]["name"] == "Bash"
+    assert json.loads(call["function"]["arguments"]) == arguments
+    assert messages[3] == {"role": "tool", "tool_call_id": call_id, "name": "Bash", "content": result}
 
 
-@needs_fixtures
-def test_a_growing_conversation_renders_a_growing_prompt():
-    request = fixture(TURN2)
-    turn1, turn2 = to_chat(fixture(TURN1)), to_chat(request)
+def test_a_growing_conversation_renders_a_growing_prompt(source: Source):
+    request = fixture(source, TURN2)
+    turn1, turn2 = to_chat(fixture(source, TURN1)), to_chat(request)
     assert turn2.messages[:len(turn1.messages)] == turn1.messages
     assert CHATML.render(messages=turn2.messages).startswith(CHATML.render(messages=turn1.messages))
     assert turn1.tools == turn2.tools
     # Another session (another billing line) starts with the same system prompt and tools.
-    other = to_chat(fixture(SAY_HI))
+    other = to_chat(fixture(source, SAY_HI))
     assert other.messages[0] == turn1.messages[0] and other.tools == turn1.tools
     # A system message added in a later turn lands at the end, not in the first message.
     later = request.messages + [{"role": "assistant", "content": [{"type": "text", "text": "Done."}]},

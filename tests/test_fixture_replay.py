@@ -1,29 +1,31 @@
-"""Every request captured from seven real clients, replayed against the gateway.
+"""Requests recorded from real clients, replayed against the gateway.
 
-The captures (../shared/fixtures/clients) were answered by a mock server; later captures
-refer to its ids (previous_response_id, item_reference, GET paths). We make our (scripted)
-model produce the same kinds of output the mock returned, map the mock's ids to ours by
-position, and require a 200 and a valid stream or object for every request.
+Two sources (tests/request_fixtures.py), one case each: the project's own request fixtures
+(tests/fixtures/requests/responses: the shapes seven clients send, in our own words; always)
+and the captures of those clients (../shared/fixtures/clients, when ../shared is beside the
+clone). ``MLXGW_SHARED_FIXTURES=<dir>`` stands for ../shared/fixtures;
+``MLXGW_SHARED_FIXTURES=/nonexistent`` runs as a clone without it: the captures' case skips.
+
+Every request was answered by a mock server; later requests refer to its ids
+(previous_response_id, item_reference, GET paths; our fixtures name the files they refer to in
+``needs``). We make our (scripted) model produce the same kinds of output the mock returned,
+map the mock's ids to ours by position, and require a 200 and a valid stream or object for
+every request.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import httpx
 import pytest
 from conftest import SCRIPTED
-from processes import REPO_ROOT, Stack
+from processes import Stack
+from request_fixtures import RESPONSES, forwarded_headers, load, request_files, sources
 from responses_sse import check_stream, read_events, sdk_validate_response
 
 MODEL = SCRIPTED
-FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "clients"
-CAPTURES = sorted(FIXTURES.glob("*.json"))
-
-# CI always has shared/ beside the checkout; a developer's machine may not.
-pytestmark = pytest.mark.skipif(not CAPTURES and not os.environ.get("CI"), reason=f"no captures in {FIXTURES}")
 
 
 @pytest.fixture(scope="module")
@@ -67,17 +69,25 @@ def remap(value: Any, ids: dict[str, str]) -> Any:
     return value
 
 
-def test_every_captured_request_is_served(stack):
+@pytest.mark.parametrize("source", sources(RESPONSES))
+def test_every_request_is_served(stack, source):
+    files = request_files(RESPONSES, source)
+    assert files, f"no {source} requests"  # on CI, where the captures must be there
     ids: dict[str, str] = {}  # the mock server's ids -> ours
     seen_clients = set()
-    for path in CAPTURES:
-        capture = json.loads(path.read_text())
+    replayed: set[str] = set()  # file numbers, for ``needs``
+    for path in files:
+        capture = load(path)
         seen_clients.add(capture["client"].split("-")[0])
+        missing = set(capture.get("needs") or []) - replayed
+        assert not missing, f"{path.name} refers to the replies of {sorted(missing)}, not replayed before it"
+        replayed.add(path.name.split("-")[0])
         url = stack.base_url + remap(capture["path"], {k: v for k, v in ids.items()})
         for mock_id, our_id in ids.items():
             url = url.replace(mock_id, our_id)
+        headers = forwarded_headers(capture["headers"])
         if capture["method"] == "GET":
-            r = httpx.get(url, params=capture.get("query") or None, timeout=60)
+            r = httpx.get(url, params=capture.get("query") or None, headers=headers, timeout=60)
             assert r.status_code == 200, f"{path.name}: {r.status_code} {r.text}"
             sdk_validate_response(r.json())
             continue
@@ -86,8 +96,7 @@ def test_every_captured_request_is_served(stack):
         body = remap(capture["body"], ids)
         body["model"] = MODEL
         body["chat_template_kwargs"] = {"test_script": script_for(expected), "enable_thinking": False}
-        with httpx.stream("POST", url, json=body, headers={"accept": capture["headers"].get("accept", "*/*")},
-                          timeout=120) as r:
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=120) as r:
             assert r.status_code == 200, f"{path.name}: {r.status_code} {r.read()}"
             if body.get("stream"):
                 assert r.headers["content-type"].startswith("text/event-stream"), path.name

@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx
 import pytest
+from anthropic.types import Message, RawMessageStreamEvent
 from conftest import SCRIPTED
 from processes import Stack
+from pydantic import TypeAdapter
+from request_fixtures import CLAUDE_CODE, load, request_params
 
 MODEL = SCRIPTED
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "claude-code"
 NO_THINKING = {"type": "disabled"}
 WEATHER_TOOL = {
     "name": "get_weather",
@@ -166,18 +169,93 @@ def test_malformed_json_and_unknown_fields(stack):
     assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES.glob("*.json")))
-def test_captured_claude_code_requests_replay(stack, name):
-    """What Claude Code 2.1.328 really sent, against the scripted model (whose context fits it)."""
-    captured = json.loads((FIXTURES / name).read_text())
-    body = {**captured["body"], "model": MODEL, "max_tokens": 16}
-    headers = {k: v for k, v in captured["headers"].items()
+def script_for(blocks: list[dict[str, Any]], thinking_open: bool) -> str:
+    """Model text our parsers turn into these content blocks. With thinking on, the template
+    has opened the thinking block already: the reply starts inside it."""
+    assert not thinking_open or blocks[0]["type"] == "thinking", "with thinking on, a reply starts with thinking"
+    parts = []
+    for index, block in enumerate(blocks):
+        if block["type"] == "thinking":
+            parts.append(f"{block['thinking']}</think>" if thinking_open and index == 0
+                         else f"<think>{block['thinking']}</think>")
+        elif block["type"] == "text":
+            parts.append(block["text"])
+        elif block["type"] == "tool_use":
+            parts.append(f"<tool_call>{json.dumps({'name': block['name'], 'arguments': block['input']})}</tool_call>")
+        else:
+            raise AssertionError(f"no script for a {block['type']} block")
+    return "".join(parts)
+
+
+def streamed_blocks(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The content blocks a stream builds: each block's start, with its deltas applied."""
+    blocks: list[dict[str, Any]] = []
+    inputs: dict[int, str] = {}
+    for event in events:
+        if event["type"] == "content_block_start":
+            blocks.append(dict(event["content_block"]))
+        elif event["type"] == "content_block_delta":
+            block, delta = blocks[event["index"]], event["delta"]
+            if delta["type"] == "input_json_delta":
+                inputs[event["index"]] = inputs.get(event["index"], "") + delta["partial_json"]
+            else:
+                key = {"text_delta": "text", "thinking_delta": "thinking", "signature_delta": "signature"}[delta["type"]]
+                block[key] = block.get(key, "") + delta[key]
+    for index, text in inputs.items():
+        blocks[index]["input"] = json.loads(text)
+    return blocks
+
+
+@pytest.mark.parametrize("path", request_params(CLAUDE_CODE))
+def test_claude_code_requests_replay(stack, path: Path):
+    """What Claude Code sends, against the scripted model (whose context fits it): the project's
+    fixtures (tests/fixtures/requests/claude-code), and what Claude Code 2.1.328 really sent
+    (../shared/fixtures/claude-code; see request_fixtures.py for MLXGW_SHARED_FIXTURES).
+
+    A fixture with a ``mock_reply`` gets those content blocks from the model (a script), and
+    they must come back; a capture has none, and its reply is sampled, 16 tokens at most."""
+    assert path.is_file(), f"no captures in {path}"  # on CI, where they must be there
+    request = load(path)
+    body = {**request["body"], "model": MODEL}
+    expected = (request.get("mock_reply") or {}).get("content")
+    if expected:
+        thinking_open = (body.get("thinking") or {}).get("type") in ("enabled", "adaptive")
+        body["chat_template_kwargs"] = {"test_script": script_for(expected, thinking_open)}
+    elif "max_tokens" in body:
+        body["max_tokens"] = 16
+    headers = {k: v for k, v in request["headers"].items()
                if k.lower().startswith(("anthropic-", "x-claude", "x-app", "user-agent"))}
-    with httpx.stream("POST", f"{stack.base_url}{captured['path']}", json=body, headers=headers, timeout=120) as r:
-        assert r.status_code == 200, r.read()
-        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
-    assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
-    assert events[-2]["delta"]["stop_reason"] in ("end_turn", "max_tokens", "tool_use")
+    url = f"{stack.base_url}{request['path']}"
+    if "/count_tokens" in request["path"]:
+        r = httpx.post(url, json=body, headers=headers, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["input_tokens"] > 100
+        return
+    if body.get("stream"):
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=120) as r:
+            assert r.status_code == 200, r.read()
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        for event in events:
+            if event["type"] != "ping":  # the SDK reads pings apart from its event union
+                TypeAdapter(RawMessageStreamEvent).validate_python(event)
+        assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
+        blocks = streamed_blocks(events)
+        stop_reason = events[-2]["delta"]["stop_reason"]
+    else:
+        r = httpx.post(url, json=body, headers=headers, timeout=120)
+        assert r.status_code == 200, r.text
+        message = Message.model_validate(r.json())
+        blocks, stop_reason = [b.model_dump() for b in message.content], message.stop_reason
+    if not expected:
+        assert stop_reason in ("end_turn", "max_tokens", "tool_use")
+        return
+    assert [b["type"] for b in blocks] == [b["type"] for b in expected]
+    assert stop_reason == ("tool_use" if any(b["type"] == "tool_use" for b in expected) else "end_turn")
+    for ours, mock in zip(blocks, expected, strict=True):
+        if ours["type"] == "thinking":
+            assert ours["signature"]
+        elif ours["type"] == "tool_use":
+            assert (ours["name"], ours["input"]) == (mock["name"], mock["input"])
 
 
 def test_a_killed_worker_mid_stream_gives_an_error_event(fresh_stack, tiny_model_dir):
