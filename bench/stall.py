@@ -71,7 +71,7 @@ def long_messages(tokenizer: Any, seed: int, target: int = LONG_PROMPT_TOKENS) -
 
 
 def prompt_tokens(tokenizer: Any, messages: list[dict]) -> list[int]:
-    """The chat prompt's tokens, as the worker builds them (worker/engine.py's _tokenize)."""
+    """The chat prompt's tokens, as the worker builds them (worker/prompts.py's PromptBuilder.tokenize)."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return list(tokenizer.encode(text, add_special_tokens=False))
 
@@ -245,13 +245,13 @@ def summarize_stall(results: dict) -> dict:
 # --- in process: the sweep behind the default chunk ---------------------------------------------
 
 
-def engine_stall(loaded: Any, chunk: int, long: list[dict]) -> dict:
+def engine_stall(loaded: Any, prefill_chunk: int, long: list[dict]) -> dict:
     """The stall on the engine itself (no HTTP): per-step timings, and the prefill's own time."""
     from protocol import Generate, SamplingParams
     from worker.engine import Engine
 
     greedy = SamplingParams(temperature=0.0)
-    engine = Engine(loaded, prefill_chunk=chunk, prompt_cache_bytes=0)
+    engine = Engine(loaded, prefill_chunk=prefill_chunk, prompt_cache_bytes=0)
     engine.submit(Generate("stream", messages=STREAM_MESSAGES, max_tokens=6000, sampling=greedy))
     token_times: list[float] = []
     while len(token_times) < STREAM_WARMUP_TOKENS:
@@ -269,7 +269,7 @@ def engine_stall(loaded: Any, chunk: int, long: list[dict]) -> dict:
             first = now
     ttft = first - sent
     prefill_tokens = counters.prompt_tokens - prompt_tokens
-    row = {"chunk": chunk, "prompt_tokens": accepted.prompt_tokens, "ttft_s": round(ttft, 2), "steps": steps,
+    row = {"chunk": prefill_chunk, "prompt_tokens": accepted.prompt_tokens, "ttft_s": round(ttft, 2), "steps": steps,
            "prefill_only_s": round(counters.prompt_time - prompt_time, 2),
            "prefill_tokens_per_s": round(prefill_tokens / (counters.prompt_time - prompt_time), 1)}
     row.update(_gap_figures(_gaps_during(token_times, sent, first), ttft))

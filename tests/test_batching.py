@@ -344,7 +344,7 @@ def agent_turns(loaded) -> tuple[list[Generate], list[int]]:
     requests = [Generate(f"t{i}", messages=m, max_tokens=8, sampling=GREEDY)
                 for i, m in enumerate((turn1, turn2, edited), start=1)]
     engine = Engine(loaded)
-    prompts = [engine._tokenize(r, False) for r in requests]
+    prompts = [engine.prompts.tokenize(r, False) for r in requests]
     common = next(i for i, (x, y) in enumerate(zip(prompts[1], prompts[2], strict=False)) if x != y)
     assert len(prompts[0]) + 100 < common < len(prompts[2]) - 10
     assert prompts[2][: len(prompts[0])] == prompts[0]
@@ -388,15 +388,15 @@ def test_an_edited_history_reuses_a_cached_prefix_with_sliding_window_caches(sli
 
 
 def test_the_peek_agrees_with_what_the_cache_supplies(model):
-    from worker.batching import cached_prefix_length
-
     engine = Engine(model, prefill_chunk=32)
     base = words(200, 13)
     outputs(engine, chat("a", base), chat("b", base + " more words"), chat("c", "Hello"))
+    prefix_cache = engine.prefix_cache
+    assert prefix_cache is not None
     for text in [base, base + " more", base + " more words and then some", base[:300], "Hello", "Other", words(50, 14)]:
-        prompt = engine._tokenize(chat("q", text), False)
-        peeked = cached_prefix_length(engine._prompt_cache, "model", prompt)
-        cache, rest = engine._cached_prefix(prompt)
+        prompt = engine.prompts.tokenize(chat("q", text), False)
+        peeked = prefix_cache.cached_length(prompt)  # cached_prefix_length over mlx-lm's trie
+        cache, rest = prefix_cache.fetch(prompt)
         assert peeked == len(prompt) - len(rest), text
 
 

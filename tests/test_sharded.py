@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,13 +54,24 @@ def logged_pids(group: Process) -> dict[int, int]:
     return {int(r): int(p) for r, p in re.findall(r"rank (\d+) \([^)]*\) of \d+, pid (\d+)", group.log())}
 
 
-def rank_pids(group: Process, ranks: int = 2, timeout: float = 60) -> dict[int, int]:
+def rank_pids(group: Process, ranks: int = 2, timeout: float = 120) -> dict[int, int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if len(found := logged_pids(group)) == ranks:
             return found
         time.sleep(0.2)
     raise TimeoutError(f"the ranks did not start:\n{group.log()}")
+
+
+def wait_for_log(group: Process, text: str, timeout: float) -> bool:
+    """Whether ``text`` reached the group's log within ``timeout``: mlx.launch relays each rank's
+    lines a little later, later still on a busy machine."""
+    deadline = time.monotonic() + timeout
+    while text not in group.log():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def kill_pids(pids: Iterator[int] | list[int]) -> None:
@@ -89,9 +101,11 @@ def sharded(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
         kill_pids([pid for group in groups for pid in logged_pids(group).values()])
 
 
-def complete(stack: Stack, model: str, prompt: str, tokens: int = TOKENS) -> str:
+def complete(stack: Stack, model: str, prompt: str, tokens: int = TOKENS, request_id: str | None = None) -> str:
+    """``request_id``: sent as x-request-id, under which the worker logs the request."""
     body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0}
-    response = httpx.post(f"{stack.base_url}/v1/completions", json=body, timeout=120)
+    headers = {"x-request-id": request_id} if request_id else {}
+    response = httpx.post(f"{stack.base_url}/v1/completions", json=body, headers=headers, timeout=120)
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["text"]
 
@@ -156,7 +170,8 @@ def test_cancel_frees_the_slot(sharded):
 
 
 class LongStream(threading.Thread):
-    """A long streaming chat request to the group; ``producing`` once text reached the client."""
+    """A long streaming chat request to the group; ``producing`` once text reached the client,
+    ``ended`` once the stream ended (however it did)."""
 
     def __init__(self, stack: Stack):
         super().__init__(daemon=True)
@@ -177,7 +192,16 @@ class LongStream(threading.Thread):
                             self.producing.set()  # output reached the client: no retry elsewhere
         finally:
             self.ended.set()
-            self.producing.set()
+
+    def wait_for_output(self, timeout: float = 120) -> bool:
+        """Whether text reached the client: False if the stream ended first (a group that broke
+        before its first token fails no request: the gateway retries it, then gives up), or
+        after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not self.producing.wait(0.2):
+            if self.ended.is_set() or time.monotonic() > deadline:
+                return self.producing.is_set()
+        return True
 
     @property
     def error_code(self) -> str | None:
@@ -207,7 +231,7 @@ def test_a_killed_rank_fails_in_flight_requests_and_the_restarted_group_serves(s
     pids = rank_pids(group)
     stream = LongStream(stack)
     stream.start()
-    assert stream.producing.wait(60), group.log()
+    assert stream.wait_for_output(), (stream.events[-1:], group.log())
     killed_at = time.monotonic()
     os.kill(pids[1], signal.SIGKILL)
     assert stream.ended.wait(15), "the stream did not end after a rank was killed"
@@ -226,20 +250,21 @@ def test_a_hung_rank_stops_the_group_after_the_group_timeout(sharded, tiny_model
     pids = rank_pids(group)
     stream = LongStream(stack)
     stream.start()
-    assert stream.producing.wait(60), group.log()
-    stopped_at = time.monotonic()
+    assert stream.wait_for_output(), (stream.events[-1:], group.log())
+    assert not stream.ended.is_set(), ("the stream ended before a rank hung", stream.events[-1:], group.log())
     os.kill(pids[1], signal.SIGSTOP)  # hung: alive, its sockets open, silent
     try:
-        assert stream.ended.wait(20), "the stream did not end after a rank hung"
-        assert time.monotonic() - stopped_at < 15  # --group-timeout 5, then the connection closes
+        # Rank 0's watchdog ends it after --group-timeout (5 s), its connection closes, and the
+        # gateway fails the stream. The limits are generous: a busy machine is slow, not wrong.
+        assert stream.ended.wait(120), "the stream did not end after a rank hung"
         assert stream.error_code == "worker_crashed", stream.events[-1:]
-        assert wait_gone(pids[0], 10), "rank 0 outlived its group"
-        assert "no answer from the group for 5s" in group.log()
+        assert wait_gone(pids[0], 60), "rank 0 outlived its group"
+        assert wait_for_log(group, "no answer from the group for 5s", 30), group.log()
     finally:
         # mlx.launch waits for a stopped rank (SIGTERM is held while it is stopped); a
         # supervisor's stop escalates to SIGKILL, as here.
         os.kill(pids[1], signal.SIGKILL)
-    group.popen.wait(20)
+    group.popen.wait(60)
     restart_group(stack, group, tiny_model_dir)
 
 
@@ -248,18 +273,19 @@ def test_sigterm_to_the_process_group_drains_the_group(sharded):
     group = next(p for p in stack.processes if p.name.startswith("group"))
     pids = rank_pids(group)
     result: dict[str, str] = {}
-    thread = threading.Thread(target=lambda: result.update(text=complete(stack, SHARDED, "Hello", 8)))
+    request_id = f"drain-{uuid.uuid4().hex}"
+    thread = threading.Thread(target=lambda: result.update(text=complete(stack, SHARDED, "Hello", 8, request_id)))
     thread.start()
-    accepted = group.log().count("accepted:")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and group.log().count("accepted:") == accepted:
-        time.sleep(0.05)
+    # Wait until rank 0 has the request (one sent after the SIGTERM is refused, and waits for a
+    # worker that never comes): its "accepted" line, logged under our x-request-id.
+    assert wait_for_log(group, f"[{request_id}]: accepted", 120), group.log()
     # supervisord's stopasgroup: SIGTERM to every process of the group. mlx.launch dies at once
     # (and with it the ranks' log relay); rank 0 drains, then tells the other ranks to stop.
     os.killpg(group.popen.pid, signal.SIGTERM)
-    thread.join(60)
+    thread.join(120)
+    assert not thread.is_alive(), "the request did not end"
     assert result.get("text") == complete(stack, SINGLE, "Hello", 8)  # the running request finished
-    assert wait_gone(pids[0], 30) and wait_gone(pids[1], 30), group.log()
+    assert wait_gone(pids[0], 60) and wait_gone(pids[1], 60), group.log()
 
 
 def _alive(pid: int) -> bool:

@@ -172,7 +172,7 @@ class ChunkedBatchGenerator(BatchGenerator):
             raise ValueError("prefill_chunk must be at least 1")
         # mlx-lm's prompt() feeds at most prefill_step_size tokens per model call: one call per chunk.
         super().__init__(model, prefill_step_size=max(prefill_chunk, ChunkSizer.LARGEST if sizer else 0), **kwargs)
-        self._fixed_chunk = prefill_chunk
+        self._fixed_prefill_chunk = prefill_chunk
         self._sizer = sizer
         self._chunk_tokens = 0  # the padded prompt tokens of the current step's chunk
         self._chunk_shape = (0, 0)  # its rows, and the furthest row's position before it
@@ -185,7 +185,7 @@ class ChunkedBatchGenerator(BatchGenerator):
     def prefill_chunk(self) -> int:
         """This step's budget of prompt tokens (padded), for the prefill batch as it stands."""
         if self._sizer is None:
-            return self._fixed_chunk
+            return self._fixed_prefill_chunk
         tokens = self._prompt_batch.tokens
         return self._sizer.budget(max(len(tokens), 1), max((len(t) for t in tokens), default=0))
 

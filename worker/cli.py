@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="output tokens for a request that sets no max_tokens (it ends with finish_reason "
                              "'length'); a small model may otherwise never stop until its context is full "
                              "(0: no cap but the context; default 8192)")
-    parser.add_argument("--prefill-chunk", "--prefill-step-size", dest="prefill_step_size", type=_prefill_chunk,
+    parser.add_argument("--prefill-chunk", "--prefill-step-size", dest="prefill_chunk", type=_parse_prefill_chunk,
                         default=None, metavar="auto|N",
                         help="prompt tokens per engine step, all waiting prompts together: a running stream waits "
                              "at most one chunk between two tokens while a long prompt is prefilled. auto (the "
@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _prefill_chunk(text: str) -> int | None:
+def _parse_prefill_chunk(text: str) -> int | None:
     """``auto`` (None: sized as the worker runs) or a token count."""
     return None if text == "auto" else int(text)
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
     if args.max_output_tokens < 0:
         log.error("--max-output-tokens must be 0 (no cap) or more")
         return 2
-    if args.prefill_step_size is not None and args.prefill_step_size < 0:
+    if args.prefill_chunk is not None and args.prefill_chunk < 0:
         log.error("--prefill-chunk must be 0 (mlx-lm's own prefill) or more")
         return 2
     if args.cpu_threads is not None and args.cpu_threads < 1:
@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
         return 2
     log.info("BLAS: %s", enable_fast_blas(args.cpu_threads))
     if args.distributed:  # one rank of a sharded worker
-        from worker.sharded import main_sharded
+        from worker.rank import run_rank
 
-        return main_sharded(args, make_logits_processors)
+        return run_rank(args, make_logits_processors)
     from worker.gguf import ModelLoadError
     from worker.models import load
 
@@ -112,10 +112,11 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
         log.error("%s", exc)
         return 2
     from worker.config import WorkerConfig
-    from worker.core import Worker
+    from worker.core import Worker, build_engine
 
+    config = WorkerConfig.from_args(args)
     processors = make_logits_processors(loaded) if make_logits_processors else None
-    return Worker(loaded, address, WorkerConfig.from_args(args), processors, curve).run()
+    return Worker(build_engine(loaded, config, processors), address, config, curve).run()
 
 
 if __name__ == "__main__":

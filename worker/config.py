@@ -11,7 +11,7 @@ class WorkerConfig:
     max_sequences: int = 16  # sequences decoded together
     # Prompt tokens per engine step, all prompts together (--prefill-chunk; worker/batching.py): None,
     # auto (sized from measured step times); 0, mlx-lm's own prefill scheduling.
-    prefill_step_size: int | None = None
+    prefill_chunk: int | None = None
     prompt_cache_mb: int = 1024  # KV cache kept for later prompts with the same prefix (0: off)
     memory_limit_gb: float | None = None  # MLX memory limit
     cache_limit_gb: float | None = None  # MLX buffer cache limit
@@ -28,7 +28,7 @@ class WorkerConfig:
     def from_args(cls, args: argparse.Namespace) -> WorkerConfig:
         return cls(
             max_sequences=args.max_sequences,
-            prefill_step_size=args.prefill_step_size,
+            prefill_chunk=args.prefill_chunk,
             prompt_cache_mb=args.prompt_cache_mb,
             memory_limit_gb=args.memory_limit,
             cache_limit_gb=args.cache_limit,

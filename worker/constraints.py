@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from protocol.messages import ERROR_INVALID_REQUEST, ERROR_INVALID_SCHEMA, ERROR_INVALID_TOOL_SCHEMA
-from worker.tool_formats import LLAMA_JSON, ToolFormat
+from worker.tool_formats import CallSyntax, ToolFormat
 
 log = logging.getLogger(__name__)
 
@@ -163,36 +163,6 @@ def _short_error(error: str) -> str:
 # --- what to constrain -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CallSyntax:
-    """How one tool-call format writes calls, as far as a grammar needs it."""
-
-    open: str  # the marker that opens a call ("" for a bare JSON reply)
-    close: str  # the marker that closes it ("" when the call runs to the end of the reply)
-    arguments_key: str  # "arguments" or "parameters"
-    json_list: bool = False  # Mistral: [call, call]
-
-
-HERMES = CallSyntax("<tool_call>", "</tool_call>", "arguments")
-MISTRAL = CallSyntax("[TOOL_CALLS]", "", "arguments", json_list=True)
-LLAMA = CallSyntax("<|python_tag|>", "", "parameters")
-
-
-def call_syntax(tool_format: ToolFormat | None) -> CallSyntax | None:
-    """The grammar-ready syntax of a tool-call format, or None where calls are not JSON we can
-    write a grammar for."""
-    if tool_format is None:
-        return None
-    if tool_format is LLAMA_JSON:
-        return LLAMA
-    module = getattr(tool_format.parse, "__module__", "") or ""
-    if module.endswith(".json_tools") and tool_format.start == HERMES.open and tool_format.end == HERMES.close:
-        return HERMES
-    if module.endswith(".mistral") and tool_format.start == MISTRAL.open:
-        return MISTRAL
-    return None
-
-
 def check_constraint(constraint: dict[str, Any]) -> None:
     """The shape of a Generate's ``constraint`` (the gateway builds it; a bad one is our bug or a
     foreign client's)."""
@@ -273,14 +243,14 @@ def plan(request: Any, tool_format: ToolFormat | None, grammars: Grammars, force
     """The request's constraint as a logits processor (None: nothing to constrain); raises
     ConstraintError for anything the engine cannot apply, before the request is queued.
 
-    ``forced_tool_call``: tool_choice "required" and a format ``call_syntax`` knows: the whole
+    ``forced_tool_call``: tool_choice "required" and a format with a ``call_syntax``: the whole
     output is one or more calls (in place of prefilling the opening marker). ``initial_state``:
     the output parser's ("reasoning" when the template left a thinking block open)."""
     constraint = getattr(request, "constraint", None)
     tools = request.tools or []
     parallel = getattr(request, "parallel_tool_calls", True)
     strict = [t for t in tools if isinstance(t, dict) and (t.get("function") or {}).get("strict") is True]
-    syntax = call_syntax(tool_format) if tools else None
+    syntax = tool_format.call_syntax if tools and tool_format is not None else None
     if constraint is not None:
         check_constraint(constraint)
     if strict and tool_format is not None and syntax is None:
@@ -320,7 +290,7 @@ def plan(request: Any, tool_format: ToolFormat | None, grammars: Grammars, force
         body = "\n".join(["start: calls", *_calls_grammar(grammars, syntax, tools, True, parallel)])
         # After a call closes the reply goes on freely (another call may follow, if parallel).
         triggers.append(Trigger(syntax.open.encode(), body, then_free=bool(syntax.close) and parallel))
-        if syntax is LLAMA:
+        if tool_format is not None and tool_format.bare_json:  # Llama: a reply that opens with "{" is a call
             triggers.append(Trigger(b"", body, then_free=False))
     if whole is None and not triggers:
         return None

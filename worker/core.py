@@ -34,19 +34,10 @@ class Worker:
     up to ``drain_timeout`` to finish, the rest fail cleanly; a second signal stops at once.
     """
 
-    def __init__(
-        self,
-        loaded: LoadedModel,
-        address: str,
-        config: WorkerConfig,
-        logits_processors: LogitsProcessorsFactory | None = None,
-        curve: CurveClient | None = None,
-        make_engine: Callable[..., Engine] = Engine,  # rank 0 of a sharded worker: worker/sharded.py's
-    ):
-        self.engine = make_engine(loaded, config.max_sequences, config.prefill_step_size, logits_processors,
-                                  prompt_cache_bytes=config.prompt_cache_mb << 20,
-                                  max_output_tokens=config.max_output_tokens)
-        _apply_memory_limits(config)  # after the engine: its BatchGenerator sets mlx-lm's wired limit
+    def __init__(self, engine: Engine, address: str, config: WorkerConfig, curve: CurveClient | None = None):
+        """``engine``: from ``build_engine`` (rank 0 of a sharded worker: its GroupEngine)."""
+        self.engine = engine
+        loaded = engine.loaded
         worker_id = f"{loaded.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         ready = Ready(worker_id, loaded.name, PROTOCOL_VERSION, config.max_sequences, loaded.context_length,
                       os.getpid(), tool_calls=loaded.tool_calls, thinking=loaded.thinking)
@@ -214,7 +205,18 @@ class Worker:
             log.warning("failed (%s): %s", message.code, message.message, extra={"request_id": log_id})
 
 
-def _apply_memory_limits(config: WorkerConfig) -> None:
+def build_engine(loaded: LoadedModel, config: WorkerConfig, logits_processors: LogitsProcessorsFactory | None = None,
+                 engine_type: Callable[..., Engine] = Engine) -> Engine:
+    """The engine ``config`` describes, then MLX's memory limits (after the engine: its
+    BatchGenerator sets mlx-lm's wired limit). Every rank of a sharded worker builds its own
+    (``engine_type``: a GroupEngine, worker/sharded.py)."""
+    engine = engine_type(loaded, config.max_sequences, config.prefill_chunk, logits_processors,
+                         prompt_cache_bytes=config.prompt_cache_mb << 20, max_output_tokens=config.max_output_tokens)
+    apply_memory_limits(config)
+    return engine
+
+
+def apply_memory_limits(config: WorkerConfig) -> None:
     import mlx.core as mx
 
     limits = {"memory": (config.memory_limit_gb, mx.set_memory_limit),

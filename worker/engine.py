@@ -1,24 +1,22 @@
 """Continuous batching over mlx-lm's ``BatchGenerator``.
 
-``Engine`` turns Generate requests into token ids, admits them into the running batch
-(up to ``max_sequences`` at once, the rest wait in arrival order), and on each ``step()``
-advances every admitted sequence by one token (or one prefill chunk), returning the new
-text per request and the requests that finished. Everything here runs on the one thread
-that loaded the model.
+``Engine`` admits requests into the running batch (up to ``max_sequences`` at once, the rest
+wait in arrival order), and on each ``step()`` advances every admitted sequence by one token (or
+one prefill chunk), returning the new text per request and the requests that finished. Prompts
+are built by ``worker/prompts.py``, and reuse the KV caches of earlier ones through
+``worker/prefix_cache.py``. Everything here but ``prepare`` and ``count`` runs on the one
+thread that loaded the model.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
@@ -26,7 +24,6 @@ from protocol.messages import (
     ERROR_CONTEXT_LENGTH,
     ERROR_INTERNAL,
     ERROR_INVALID_REQUEST,
-    ERROR_TEMPLATE,
     Accepted,
     Delta,
     Error,
@@ -38,12 +35,13 @@ from worker.batching import (
     UNCHUNKED_PREFILL_STEP,
     ChunkedBatchGenerator,
     ChunkSizer,
-    cached_prefix_length,
     default_prefill_chunk,
 )
-from worker.constraints import ConstraintError, ConstraintProcessor, Grammars, call_syntax, plan
+from worker.constraints import ConstraintError, ConstraintProcessor, Grammars, plan
 from worker.models import LoadedModel
 from worker.output_parser import OutputParser
+from worker.prefix_cache import PrefixCache
+from worker.prompts import PromptBuilder
 from worker.text_stream import StopStrings
 
 log = logging.getLogger(__name__)
@@ -74,7 +72,6 @@ class StepResult:
 
 
 LogitsProcessorsFactory = Callable[[Generate], list[Any]]
-_MODEL_KEY = "model"  # LRUPromptCache keys entries by model; a worker has one
 
 
 class Engine:
@@ -88,23 +85,19 @@ class Engine:
         # runs (ChunkSizer); 0: mlx-lm's own prefill (512 tokens of every waiting prompt per step).
         prefill_chunk: int | None = None,
         logits_processors: LogitsProcessorsFactory | None = None,
-        prompt_cache_bytes: int = 1 << 30,
+        prompt_cache_bytes: int = 1 << 30,  # the prefix cache's budget (0: off; worker/prefix_cache.py)
         max_output_tokens: int | None = None,  # for a request with no max_tokens (None: up to the context)
     ):
         self.loaded = loaded
         self._max_output_tokens = max_output_tokens
-        # KV caches of finished requests, by token prefix (mlx-lm's LRUPromptCache): an agent's
-        # next turn resends the whole conversation, and only its new tail needs prefilling.
-        self._cache_budget = prompt_cache_bytes
-        self._prompt_cache = LRUPromptCache(max_size=256, max_bytes=prompt_cache_bytes) if prompt_cache_bytes else None
+        self.prefix_cache = PrefixCache(prompt_cache_bytes) if prompt_cache_bytes else None
         self.max_sequences = max_sequences
         self._prefill_chunk = default_prefill_chunk() if prefill_chunk is None else prefill_chunk
         # Kept across generators: what it measured still holds after a failed step's fresh start.
         self._chunk_sizer = ChunkSizer(self._prefill_chunk) if prefill_chunk is None and self.timed_chunks else None
-        self._peeks: dict[int, tuple[int, int]] = {}  # uid -> (prefix cache version, cached tokens)
-        self._cache_version = 0  # bumped whenever the prefix cache changes
         self._logits_processors = logits_processors
         self._tool_format = tool_formats.detect(loaded.tokenizer)
+        self.prompts = PromptBuilder(loaded.tokenizer, self._tool_format)
         self._grammars = Grammars(loaded.tokenizer)  # structured output (worker/constraints.py)
         self._warned_no_tools = False
         self._eos = StopSequences([(t,) for t in loaded.tokenizer.eos_token_ids])
@@ -132,13 +125,12 @@ class Engine:
 
     def prepare(self, request: Generate) -> Sequence | Error:
         """Build and tokenize the prompt: all a request needs before it can wait for a slot.
-        Touches no MLX state, so the worker runs it off the engine thread: a 4 MB prompt takes
-        seconds to tokenize, and running sequences keep decoding meanwhile."""
+        Touches no MLX state, so the worker runs it off the engine thread (worker/prompts.py)."""
         if request.tools and self._tool_format is None and not self._warned_no_tools:
             self._warned_no_tools = True
             log.warning("%s has no tool-call format mlx-lm knows; tools go to its template, calls stay text",
                         self.loaded.name)
-        forced = self._forces_tool_call(request)
+        forced = self.prompts.forces_tool_call(request)
         prompt = self._prompt(request, forced)
         if isinstance(prompt, Error):
             return prompt
@@ -151,7 +143,7 @@ class Engine:
         if request.max_tokens is not None and request.max_tokens < 1:
             return Error(ERROR_INVALID_REQUEST, "max_tokens must be at least 1", request.request_id)
         room = context - len(prompt)
-        initial_state = self._initial_state(prompt) if request.messages is not None else "normal"
+        initial_state = self.prompts.initial_state(prompt) if request.messages is not None else "normal"
         try:  # compiles the request's grammar, if new: here too, off the engine thread
             constraint = plan(request, self._tool_format if request.messages is not None else None, self._grammars,
                               forced_tool_call=request.tool_choice == "required" and not forced,
@@ -186,21 +178,12 @@ class Engine:
 
     def count(self, request: Generate) -> Accepted | Error:
         """The prompt's length in tokens, exactly as ``submit`` would build it; nothing runs."""
-        prompt = self._prompt(request, self._forces_tool_call(request))
+        prompt = self._prompt(request, self.prompts.forces_tool_call(request))
         return prompt if isinstance(prompt, Error) else Accepted(request.request_id, len(prompt))
 
-    def _forces_tool_call(self, request: Generate) -> bool:
-        """tool_choice "required" by prefilling the format's opening marker: for formats with no
-        grammar (elsewhere the constraint makes the whole reply a call, thinking first if on)."""
-        return (request.tool_choice == "required" and bool(request.tools) and self._tool_format is not None
-                and call_syntax(self._tool_format) is None)
-
     def _prompt(self, request: Generate, forced_tool_call: bool) -> list[int] | Error:
-        try:
-            return self._tokenize(request, forced_tool_call)
-        except Exception as exc:  # jinja and tokenizer errors come in many types
-            code = ERROR_TEMPLATE if request.messages is not None else ERROR_INVALID_REQUEST
-            return Error(code, f"could not build the prompt: {exc}", request.request_id)
+        """The request's prompt (a sharded worker's other ranks take rank 0's instead)."""
+        return self.prompts.build(request, forced_tool_call)
 
     def cancel(self, request_id: str) -> Finished | None:
         """Drop a request wherever it is; its slot is free for the next step."""
@@ -212,7 +195,8 @@ class Engine:
         else:  # decoding, prefilling or waiting to: its KV cache goes with it
             self._generator.remove([sequence.uid])
             del self._running[sequence.uid]
-            self._peeks.pop(sequence.uid, None)
+            if self.prefix_cache is not None:
+                self.prefix_cache.drop_peek(sequence.uid)
         return self._finished(sequence, "cancelled")
 
     def cancel_all(self, code: str, message: str) -> list[Error]:
@@ -236,7 +220,8 @@ class Engine:
                 self._by_request.pop(sequence.request.request_id, None)
                 result.errors.append(Error(ERROR_INTERNAL, f"generation failed: {exc}", sequence.request.request_id))
             self._running.clear()
-            self._peeks.clear()
+            if self.prefix_cache is not None:
+                self.prefix_cache.drop_peeks()
             self._generator = self._new_generator()
             return result
         if isinstance(generator := self._generator, ChunkedBatchGenerator):
@@ -259,7 +244,7 @@ class Engine:
             del self._by_request[running.request.request_id]
             result.finished.append(self._finished(running, finish_reason))
         if stopped_early:
-            caches = self._generator.remove(stopped_early, return_prompt_caches=self._prompt_cache is not None)
+            caches = self._generator.remove(stopped_early, return_prompt_caches=self.prefix_cache is not None)
             for cache, tokens in caches.values():
                 self._remember(tokens, cache)
         return result
@@ -292,22 +277,16 @@ class Engine:
 
     def _remember(self, tokens: list[int] | None, cache: list[Any] | None) -> None:
         """Keep a finished sequence's KV cache for later prompts that share its prefix."""
-        if self._prompt_cache is None or not tokens or cache is None:
+        if self.prefix_cache is None or not tokens or cache is None:
             return
-        # The extracted cache is a lazy copy of a slice of the batch's KV arrays; until it is
-        # evaluated it keeps those whole arrays alive (~5x the bytes the cache accounts for).
-        mx.eval([layer.state for layer in cache])
-        self._prompt_cache.insert_cache(_MODEL_KEY, list(tokens), cache)
-        # The running batch's caches count against the same budget.
-        self._prompt_cache.trim_to(n_bytes=self._cache_budget - self._generator.prompt_cache_nbytes)
-        self._cache_version += 1
+        self.prefix_cache.store(tokens, cache, running_bytes=self._generator.prompt_cache_nbytes)
 
     def _prompts_prefilled(self, uids: list[int]) -> None:
         """Prompts finished their (chunked) prefill: each is cached at once, for requests that share
         its prefix while it still decodes, or that waited behind it."""
         fresh = [uid for uid in uids if uid in self._running
                  and self._running[uid].cached_tokens < len(self._running[uid].prompt) - 1]
-        if self._prompt_cache is None or not fresh:
+        if self.prefix_cache is None or not fresh:
             return
         for cache, tokens in self._generator.extract_cache(fresh).values():
             self._remember(tokens, cache)
@@ -325,7 +304,7 @@ class Engine:
 
     @property
     def prompt_cache_bytes(self) -> int:
-        return self._prompt_cache.nbytes if self._prompt_cache is not None else 0
+        return self.prefix_cache.nbytes if self.prefix_cache is not None else 0
 
     def _admit(self) -> None:
         """Move waiting requests into the batch while there are free slots."""
@@ -359,17 +338,14 @@ class Engine:
     def _peek_prefix(self, uid: int) -> int:
         """How many of a waiting prompt's tokens the prefix cache would supply now (nothing copied)."""
         sequence = self._running.get(uid)
-        if self._prompt_cache is None or sequence is None:
+        if self.prefix_cache is None or sequence is None:
             return 0
-        version, cached = self._peeks.get(uid, (-1, 0))
-        if version != self._cache_version:
-            cached = cached_prefix_length(self._prompt_cache, _MODEL_KEY, sequence.prompt)
-            self._peeks[uid] = (self._cache_version, cached)
-        return cached
+        return self.prefix_cache.peek(uid, sequence.prompt)
 
     def _fetch_prefix(self, uid: int, prompt: list[int]) -> tuple[list[Any] | None, int]:
         """A prompt starts its prefill: (a copy of its longest cached prefix or None, that prefix's length)."""
-        self._peeks.pop(uid, None)
+        if self.prefix_cache is not None:
+            self.prefix_cache.drop_peek(uid)
         cache, rest = self._cached_prefix(prompt)
         cached = len(prompt) - len(rest)
         sequence = self._running.get(uid)
@@ -379,33 +355,7 @@ class Engine:
 
     def _cached_prefix(self, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
         """(a KV cache for the longest cached prefix of ``prompt`` or None, the tokens still to prefill)."""
-        if self._prompt_cache is None:
-            return None, prompt
-        cache, rest = self._prompt_cache.fetch_nearest_cache(_MODEL_KEY, prompt)
-        if cache is not None and not rest:
-            # The whole prompt is cached, but the model must see one token to predict the next.
-            if not can_trim_prompt_cache(cache):
-                return None, prompt
-            trim_prompt_cache(cache, 1)
-            rest = prompt[-1:]
-        return cache, rest
-
-    def _tokenize(self, request: Generate, forced_tool_call: bool) -> list[int]:
-        tokenizer = self.loaded.tokenizer
-        if request.messages is None:
-            return list(tokenizer.encode(request.prompt or ""))
-        text = tokenizer.apply_chat_template(
-            [_template_message(m) for m in request.messages],
-            tools=request.tools or None,
-            add_generation_prompt=True,
-            tokenize=False,
-            **request.chat_template_kwargs,
-        )
-        if forced_tool_call and self._tool_format is not None:
-            # tool_choice "required": the reply starts inside a tool call.
-            text += self._tool_format.forced_prefix
-        # The template writes any BOS itself.
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return (None, prompt) if self.prefix_cache is None else self.prefix_cache.fetch(prompt)
 
     def _detokenizer(self, raw: bool) -> Any:
         detokenizer = self.loaded.tokenizer.detokenizer
@@ -414,13 +364,6 @@ class Engine:
             # continues the prompt, where " Paris" after "The capital is" must keep it.
             detokenizer.__class__ = _UntrimmedBPEDetokenizer
         return detokenizer
-
-    def _initial_state(self, prompt: list[int]) -> str:
-        """"reasoning" when the template left a thinking block open for the reply."""
-        tokenizer = self.loaded.tokenizer
-        if tokenizer.has_thinking and tokenizer.rfind_think_start(prompt) > tokenizer.rfind_think_end(prompt):
-            return "reasoning"
-        return tokenizer.response_initial_state or "normal"
 
     def _sampler(self, request: Generate) -> Any:
         asked, default = request.sampling, self.loaded.sampling
@@ -465,24 +408,6 @@ class Engine:
                                      peek_prefix=self._peek_prefix, fetch_prefix=self._fetch_prefix,
                                      prompt_done=self._prompts_prefilled,
                                      completion_batch_size=batch, prefill_batch_size=prefill_batch)
-
-
-def _template_message(message: dict[str, Any]) -> dict[str, Any]:
-    """Chat templates index tool-call arguments as a mapping; the APIs carry them as JSON text."""
-    calls = message.get("tool_calls")
-    if not calls:
-        return message
-    fixed = []
-    for call in calls:
-        function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-            try:
-                arguments = json.loads(function["arguments"])
-            except json.JSONDecodeError:
-                arguments = function["arguments"]
-            call = {**call, "function": {**function, "arguments": arguments}}
-        fixed.append(call)
-    return {**message, "tool_calls": fixed}
 
 
 class _UntrimmedBPEDetokenizer(BPEStreamingDetokenizer):

@@ -98,7 +98,7 @@ def load(
 ) -> LoadedModel:
     """Load ``spec``. Sampling defaults: ``sampling`` (the operator's), then the model's own
     (generation_config.json, or a built-in model's card), then OpenAI's. ``loader(location)``
-    replaces mlx-lm's ``load`` (a sharded worker loads its share: worker/sharded.py)."""
+    replaces mlx-lm's ``load`` (a sharded worker loads its share: worker/rank.py)."""
     import mlx.core as mx
     from mlx_lm.utils import dequantize_model
     from mlx_lm.utils import load as mlx_lm_load

@@ -16,25 +16,22 @@ lost"); one that hangs leaves them waiting, and the watchdog (``--group-timeout`
 Either way every rank exits at once, with no answer of its own to any request: the gateway sees
 rank 0's connection close and fails or retries its requests as for any crashed worker, and the
 supervisor restarts ``mlx.launch``, which starts the whole group again.
+
+Each rank starts in ``worker/rank.py``; ``worker/distributed.py`` holds the group itself.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import socket
 import time
 import zlib
-from collections.abc import Callable
 from typing import Any, cast
 
 import msgpack
 
 from protocol.codec import decode, encode
-from protocol.logs import configure as configure_logging
 from protocol.messages import ERROR_INTERNAL, Accepted, Error, Finished, Generate
-from worker.distributed import EXIT_STARTUP_FAILED, Group, GroupFailed, describe_rank, fatal, in_launched_group
+from worker.distributed import Group, GroupFailed, describe_rank, fatal
 from worker.engine import Engine, Sequence, StepResult
 
 log = logging.getLogger("worker")
@@ -62,6 +59,8 @@ class GroupEngine(Engine):
         # The engine's settings (batch size, prefill chunk, cache budget, output cap, …): rank 0
         # sends its own with the first broadcast, and a rank built otherwise refuses to start.
         settings = sorted((k, v) for k, v in vars(self).items() if isinstance(v, (bool, int, float, str, type(None))))
+        # The cache budget lives in the prefix cache, not among the scalars above.
+        settings.append(("prefix_cache_bytes", self.prefix_cache.budget_bytes if self.prefix_cache is not None else 0))
         self._settings = zlib.crc32(repr(settings).encode())
 
     # Rank 0: what the worker does to the engine is recorded for the others.
@@ -194,104 +193,3 @@ def _digest(result: StepResult) -> int:
                         for d in result.deltas]
     parts += [[f.request_id, f.finish_reason, f.completion_tokens] for f in result.finished]
     return zlib.crc32(msgpack.packb(parts, use_bin_type=True))
-
-
-def main_sharded(args: argparse.Namespace, make_logits_processors: Callable | None = None) -> int:
-    """Run one rank of a sharded worker (cli.main hands over here with ``--distributed``)."""
-    from worker.config import WorkerConfig
-    from worker.gguf import ModelLoadError
-    from worker.models import load, resolve
-
-    if not in_launched_group():
-        log.error("--distributed runs one rank of a group: start every rank with mlx.launch "
-                  "(e.g. mlx.launch --hostfile hosts.json -- worker --distributed tensor …); see deploy/README.md")
-        return EXIT_STARTUP_FAILED
-    group = Group.join(args.group_timeout)
-    rank, size = group.rank, group.size
-    configure_logging("worker" if rank == 0 else f"worker-rank{rank}", args.log_level, args.log_format)
-    if size < 2:
-        log.error("--distributed needs a group of at least 2 ranks: start it with mlx.launch "
-                  "(e.g. mlx.launch --hostfile hosts.json -- worker --distributed tensor …); see deploy/README.md")
-        return EXIT_STARTUP_FAILED
-    log.info("%s of %d, pid %d on %s", describe_rank(rank), size, os.getpid(), socket.gethostname())
-
-    # Every rank finds its model files first, and rank 0 reports each rank's problem by rank.
-    problem = ""
-    try:
-        resolve(args.model)
-    except (ModelLoadError, ValueError, OSError) as exc:
-        problem = str(exc)
-    statuses = _gather(group, not problem, problem)
-    if not all(ok for ok, _ in statuses):
-        for other, (ok, message) in enumerate(statuses):
-            if not ok:
-                log.error("%s cannot serve %s: %s", describe_rank(other), args.model, message)
-        return EXIT_STARTUP_FAILED
-
-    operator = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
-    try:
-        loaded = load(args.model, args.served_name, args.context_length, operator,
-                      loader=_sharded_loader(group, args.distributed))
-    except ModelLoadError as exc:
-        fatal(f"{describe_rank(rank)}: {exc}")
-    log.info("%s holds its share of %s (%s parallel over %d ranks)", describe_rank(rank), loaded.name,
-             args.distributed, size)
-
-    config = WorkerConfig.from_args(args)
-    processors = make_logits_processors(loaded) if make_logits_processors else None
-
-    def make_engine(*engine_args: Any, **engine_kwargs: Any) -> Engine:
-        return GroupEngine(*engine_args, group=group, **engine_kwargs)
-
-    if rank == 0:
-        from protocol.security import CurveClient
-        from protocol.transport import check_address, default_address
-        from worker.core import Worker
-
-        curve = None
-        if args.curve_secret_key and args.curve_server_key:
-            curve = CurveClient.load(args.curve_secret_key, args.curve_server_key)
-        address = check_address(args.gateway or default_address())
-        worker = Worker(loaded, address, config, processors, curve, make_engine=make_engine)
-
-        def drain() -> None:  # the launcher is gone (a supervisor stopped mlx.launch): drain, then stop all
-            if worker.drain_deadline is None:
-                log.info("draining (up to %.0fs), then stopping the group", worker.drain_timeout)
-                worker.drain_deadline = time.monotonic() + worker.drain_timeout
-
-        group.watchdog.on_orphaned = drain
-        return worker.run()
-
-    import signal
-
-    # The other ranks stop when rank 0 says so (it drains first), when the group breaks, or when
-    # their launcher is gone; a SIGTERM of their own (a supervisor stopping the process group)
-    # waits for rank 0's word.
-    signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: stopping when rank 0 does"))
-    signal.signal(signal.SIGINT, lambda *_: log.info("SIGINT: stopping when rank 0 does"))
-    engine = GroupEngine(loaded, config.max_sequences, config.prefill_step_size, processors,
-                         prompt_cache_bytes=config.prompt_cache_mb << 20,
-                         max_output_tokens=config.max_output_tokens, group=group)
-    from worker.core import _apply_memory_limits
-
-    _apply_memory_limits(config)
-    return engine.follow()
-
-
-def _gather(group: Group, ok: bool, message: str) -> list[tuple[bool, str]]:
-    try:
-        return group.gather_status(ok, message)
-    except GroupFailed as exc:
-        fatal(f"{describe_rank(group.rank)}: lost the group while starting ({exc})")
-
-
-def _sharded_loader(group: Group, mode: str) -> Callable[[str], tuple[Any, Any, dict[str, Any]]]:
-    def load_share(location: str) -> tuple[Any, Any, dict[str, Any]]:
-        from mlx_lm.utils import sharded_load
-
-        # Not under the watchdog: a large model takes minutes to read. A rank that fails to load
-        # exits, and the others' closing all_sum in sharded_load then fails.
-        groups = {"pipeline_group" if mode == "pipeline" else "tensor_group": group.group}
-        return cast(tuple[Any, Any, dict[str, Any]], sharded_load(location, return_config=True, **groups))
-
-    return load_share

@@ -1,4 +1,5 @@
-"""How a model writes tool calls: markers, a parser, and what to prefill to force a call.
+"""How a model writes tool calls: markers, a parser, what to prefill to force a call, and the
+call syntax a grammar can write (worker/constraints.py).
 
 mlx-lm's tokenizer wrapper already knows most formats (Hermes/Qwen ``<tool_call>``, Mistral
 ``[TOOL_CALLS]``, Gemma, GLM, Kimi, ...) from the chat template and brings the matching
@@ -15,6 +16,21 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class CallSyntax:
+    """How one tool-call format writes calls, as far as a grammar needs it."""
+
+    open: str  # the marker that opens a call ("" for a bare JSON reply)
+    close: str  # the marker that closes it ("" when the call runs to the end of the reply)
+    arguments_key: str  # "arguments" or "parameters"
+    json_list: bool = False  # Mistral: [call, call]
+
+
+HERMES_CALLS = CallSyntax("<tool_call>", "</tool_call>", "arguments")
+MISTRAL_CALLS = CallSyntax("[TOOL_CALLS]", "", "arguments", json_list=True)
+LLAMA_CALLS = CallSyntax("<|python_tag|>", "", "parameters")
+
+
+@dataclass(frozen=True)
 class ToolFormat:
     start: str  # the marker that opens a call ("" when there is none)
     end: str  # the marker that closes one ("" when a call runs to the end of the reply)
@@ -22,6 +38,9 @@ class ToolFormat:
     native: bool  # mlx-lm's own format: its TextStateMachine knows the transitions
     bare_json: bool = False  # a reply that starts with "{" is a call
     prefill: str = ""  # appended to the prompt to force a call (tool_choice "required")
+    # Calls as a grammar writes them (strict tools, tool_choice "required"); None: not JSON a
+    # grammar is written for, so "required" prefills the opening marker instead.
+    call_syntax: CallSyntax | None = None
 
     @property
     def forced_prefix(self) -> str:
@@ -52,14 +71,28 @@ def parse_llama_json(text: str, tools: Any = None) -> list[dict[str, Any]]:
 
 
 LLAMA_JSON = ToolFormat(
-    start="<|python_tag|>", end="", parse=parse_llama_json, native=False, bare_json=True, prefill='{"name": "'
+    start="<|python_tag|>", end="", parse=parse_llama_json, native=False, bare_json=True, prefill='{"name": "',
+    call_syntax=LLAMA_CALLS,
 )
 
 
 def detect(tokenizer: Any) -> ToolFormat | None:
     if tokenizer.has_tool_calling:
-        return ToolFormat(tokenizer.tool_call_start, tokenizer.tool_call_end or "", tokenizer.tool_parser, native=True)
+        start, end, parse = tokenizer.tool_call_start, tokenizer.tool_call_end or "", tokenizer.tool_parser
+        return ToolFormat(start, end, parse, native=True, call_syntax=_native_call_syntax(parse, start, end))
     template = tokenizer.chat_template
     if isinstance(template, str) and ("<|python_tag|>" in template or '"parameters": ' in template):
         return LLAMA_JSON
+    return None
+
+
+def _native_call_syntax(parse: Any, start: str, end: str) -> CallSyntax | None:
+    """The call syntax of an mlx-lm format, known by its parser: only Hermes JSON and Mistral's
+    JSON list are calls a grammar is written for."""
+    from mlx_lm.tool_parsers import json_tools, mistral  # here: the rest of this module needs no mlx
+
+    if parse is json_tools.parse_tool_call and (start, end) == (HERMES_CALLS.open, HERMES_CALLS.close):
+        return HERMES_CALLS
+    if parse is mistral.parse_tool_call and start == MISTRAL_CALLS.open:
+        return MISTRAL_CALLS
     return None

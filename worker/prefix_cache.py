@@ -1,0 +1,70 @@
+"""KV caches of finished prompts, by token prefix (mlx-lm's ``LRUPromptCache``): an agent's next
+turn resends the whole conversation, and only its new tail needs prefilling.
+
+The engine stores a prompt's cache when its prefill ends and a sequence's when it finishes, and
+hands a new prompt the longest cached prefix. Runs on the engine thread.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+
+from worker.batching import cached_prefix_length
+
+MODEL_KEY = "model"  # LRUPromptCache keys entries by model; a worker has one
+
+
+class PrefixCache:
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self._cache = LRUPromptCache(max_size=256, max_bytes=budget_bytes)
+        self._version = 0  # bumped whenever an entry is stored
+        self._peeks: dict[int, tuple[int, int]] = {}  # uid -> (version, cached tokens)
+
+    @property
+    def nbytes(self) -> int:
+        return self._cache.nbytes
+
+    def store(self, tokens: list[int], cache: list[Any], running_bytes: int) -> None:
+        """Keep a KV cache for later prompts that share the prefix ``tokens``. ``running_bytes``:
+        the running batch's caches, which count against the same budget."""
+        # The extracted cache is a lazy copy of a slice of the batch's KV arrays; until it is
+        # evaluated it keeps those whole arrays alive (~5x the bytes the cache accounts for).
+        mx.eval([layer.state for layer in cache])
+        self._cache.insert_cache(MODEL_KEY, list(tokens), cache)
+        self._cache.trim_to(n_bytes=self.budget_bytes - running_bytes)
+        self._version += 1
+
+    def fetch(self, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
+        """(a KV cache for the longest cached prefix of ``prompt`` or None, the tokens still to prefill)."""
+        cache, rest = self._cache.fetch_nearest_cache(MODEL_KEY, prompt)
+        if cache is not None and not rest:
+            # The whole prompt is cached, but the model must see one token to predict the next.
+            if not can_trim_prompt_cache(cache):
+                return None, prompt
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, rest
+
+    def cached_length(self, prompt: list[int]) -> int:
+        """How many of ``prompt``'s tokens ``fetch`` would supply now, nothing copied."""
+        return cached_prefix_length(self._cache, MODEL_KEY, prompt)
+
+    def peek(self, uid: int, prompt: list[int]) -> int:
+        """``cached_length`` for a waiting prompt, recomputed only once the cache has changed:
+        the scheduler asks every step."""
+        version, cached = self._peeks.get(uid, (-1, 0))
+        if version != self._version:
+            cached = self.cached_length(prompt)
+            self._peeks[uid] = (self._version, cached)
+        return cached
+
+    def drop_peek(self, uid: int) -> None:
+        """The prompt started its prefill or left: no more peeks for it."""
+        self._peeks.pop(uid, None)
+
+    def drop_peeks(self) -> None:
+        self._peeks.clear()
