@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 # --- worker -> gateway -------------------------------------------------------------
@@ -138,6 +138,9 @@ class Generate:
     stop: list[str] = field(default_factory=list)
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     prompt_cache_key: str | None = None  # the client's conversation id: a prefix-cache hint
+    # Whose prefix cache this request may read and add to: the gateway's hash of the caller's API
+    # key ("" with no keys: one shared scope). A prompt never hits another scope's entries.
+    cache_scope: str = ""
     trace_id: str | None = None  # the id the gateway logs this request under (x-request-id)
     count_only: bool = False  # only count the prompt's tokens: Accepted, then Finished; nothing runs
     # Structured output: the whole reply must match (protocol/README.md, "Constraints"):

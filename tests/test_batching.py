@@ -395,9 +395,24 @@ def test_the_peek_agrees_with_what_the_cache_supplies(model):
     assert prefix_cache is not None
     for text in [base, base + " more", base + " more words and then some", base[:300], "Hello", "Other", words(50, 14)]:
         prompt = engine.prompts.tokenize(chat("q", text), False)
-        peeked = prefix_cache.cached_length(prompt)  # cached_prefix_length over mlx-lm's trie
-        cache, rest = prefix_cache.fetch(prompt)
+        peeked = prefix_cache.cached_length("", prompt)  # cached_prefix_length over mlx-lm's trie
+        cache, rest = prefix_cache.fetch("", prompt)
         assert peeked == len(prompt) - len(rest), text
+
+
+@pytest.mark.parametrize("chunk", [0, 32])  # the prefix cache is read at admission, or as a chunked prefill starts
+def test_a_prompt_is_served_only_from_its_own_scopes_cache(model, chunk):
+    """One API key's prompt must not hit another's cached prefix (the scope is its key's hash)."""
+    engine = Engine(model, prefill_chunk=chunk)
+    secret = words(150, 21)
+    outputs(engine, chat("a1", secret, cache_scope="key-a"))
+    _, done = outputs(engine, chat("b1", secret, cache_scope="key-b"))
+    assert done["b1"].cached_tokens == 0
+    _, done = outputs(engine, chat("a2", secret, cache_scope="key-a"))
+    assert done["a2"].cached_tokens >= done["a2"].prompt_tokens - 1
+    # B's own entry now serves B's repeats, and the shared scope ("", no keys) is a scope too.
+    _, done = outputs(engine, chat("b2", secret, cache_scope="key-b"), chat("n1", secret))
+    assert done["b2"].cached_tokens >= done["b2"].prompt_tokens - 1 and done["n1"].cached_tokens == 0
 
 
 def test_chunked_generator_gives_mlx_lm_batch_generators_tokens(model):

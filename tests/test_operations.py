@@ -213,3 +213,60 @@ def test_stored_responses_belong_to_the_key_that_made_them(keyed):
                    headers=a, timeout=30)
     assert r.status_code == 200, r.text
     assert httpx.delete(f"{url}/{rid}", headers=a).json()["deleted"] is True
+
+
+# --- one key never reaches another's data ------------------------------------------------
+
+OTHER_KEY = "sk-from-file"
+
+
+def as_key(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_an_item_id_another_key_reuses_stays_mine(keyed):
+    """Item ids come from clients: key B storing an item under key A's id must not take A's."""
+    url = f"{keyed.base_url}/v1/responses"
+    mine = {"type": "message", "id": "msg_shared_id", "role": "user", "content": "A's words"}
+    r = httpx.post(url, json={"model": TINY, "input": [mine], "max_output_tokens": 2}, headers=as_key(KEY), timeout=60)
+    assert r.status_code == 200, r.text
+    theirs = {**mine, "content": "B's words"}
+    r = httpx.post(url, json={"model": TINY, "input": [theirs], "max_output_tokens": 2}, headers=as_key(OTHER_KEY),
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    for key, words in ((KEY, "A's words"), (OTHER_KEY, "B's words")):
+        reference = {"model": TINY, "input": [{"type": "item_reference", "id": "msg_shared_id"}], "max_output_tokens": 2}
+        r = httpx.post(url, json=reference, headers=as_key(key), timeout=60)
+        assert r.status_code == 200, r.text
+        items = httpx.get(f"{url}/{r.json()['id']}/input_items", headers=as_key(key), timeout=10).json()["data"]
+        assert items[0]["content"][0]["text"] == words
+
+
+@pytest.mark.parametrize("api", ["chat", "responses", "messages"])
+def test_prefix_cache_hits_stay_within_a_key(keyed, api):
+    """Key B must learn nothing of key A's prompt from cache hits: B's first request on A's
+    prompt is served from no cache of A's, and A's own repeat is served from its cache."""
+    secret = f"The vault PIN for {api} is 48213. " + " ".join(f"word{i}" for i in range(30))  # the tiny window: 256
+    question = [{"role": "user", "content": "What is the PIN?"}]
+    path, body = {
+        "chat": ("/v1/chat/completions", {"max_tokens": 1, "messages": [{"role": "system", "content": secret}, *question]}),
+        "responses": ("/v1/responses", {"max_output_tokens": 1, "instructions": secret, "input": question}),
+        "messages": ("/v1/messages", {"max_tokens": 1, "system": secret, "messages": question}),
+    }[api]
+
+    def cached(key: str) -> tuple[int, int]:
+        r = httpx.post(f"{keyed.base_url}{path}", json={"model": TINY, **body}, headers=as_key(key), timeout=60)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        if api == "chat":
+            return usage["prompt_tokens_details"]["cached_tokens"], usage["prompt_tokens"]
+        if api == "responses":
+            return usage["input_tokens_details"]["cached_tokens"], usage["input_tokens"]
+        hit = usage["cache_read_input_tokens"]
+        return hit, hit + usage["input_tokens"]
+
+    cached(KEY)  # A's prompt, now in A's cache
+    seen_by_other, prompt_tokens = cached(OTHER_KEY)
+    assert seen_by_other < 16, "B was served from A's cache"  # at most a template's shared opening
+    hit, _ = cached(KEY)
+    assert hit >= prompt_tokens - 2

@@ -295,3 +295,49 @@ def test_sqlite_store_persists(tmp_path):
         await reopened.close()
 
     asyncio.run(scenario())
+
+
+def test_item_ids_are_per_key(make_store):
+    """A client names its input items: another key's item with the same id must not replace it."""
+    async def scenario():
+        store = make_store()
+        mine = StoredResponse({"id": "resp_a", "output": []}, [{"id": "msg_x", "type": "message", "text": "A's"}], [],
+                              owner="key-a")
+        theirs = StoredResponse({"id": "resp_b", "output": []}, [{"id": "msg_x", "type": "message", "text": "B's"}], [],
+                                owner="key-b")
+        await store.put(mine)
+        await store.put(theirs)
+        assert (await store.get_item("msg_x", "key-a"))["text"] == "A's"
+        assert (await store.get_item("msg_x", "key-b"))["text"] == "B's"
+        assert await store.delete("resp_b", "key-b")
+        assert (await store.get_item("msg_x", "key-a"))["text"] == "A's" and await store.get_item("msg_x", "key-b") is None
+        # One key sending the same id again: the later response holds it, deleting the earlier keeps it.
+        await store.put(StoredResponse({"id": "resp_a2", "output": []}, [{"id": "msg_x", "type": "message", "text": "A2"}],
+                                       [], owner="key-a"))
+        assert await store.delete("resp_a", "key-a")
+        assert (await store.get_item("msg_x", "key-a"))["text"] == "A2"
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_store_from_before_per_key_items_keeps_its_items(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE responses (id TEXT PRIMARY KEY, seq INTEGER NOT NULL, size INTEGER NOT NULL, response TEXT NOT NULL,
+                                input_items TEXT NOT NULL, context TEXT NOT NULL, owner TEXT NOT NULL DEFAULT '');
+        CREATE TABLE items (id TEXT PRIMARY KEY, response_id TEXT NOT NULL, item TEXT NOT NULL);
+        INSERT INTO responses VALUES ('resp_1', 1, 10, '{"id": "resp_1", "output": []}', '[]', '[]', 'key-a');
+        INSERT INTO items VALUES ('msg_1', 'resp_1', '{"id": "msg_1", "type": "message"}');
+    """)
+    db.close()
+
+    async def scenario():
+        store = SQLiteStore(path)
+        assert (await store.get_item("msg_1", "key-a"))["id"] == "msg_1" and await store.get_item("msg_1") is None
+        await store.close()
+
+    asyncio.run(scenario())

@@ -228,6 +228,7 @@ class Engine:
             self._fail_prefills(generator, result)
 
         stopped_early: list[int] = []
+        scopes: dict[int, Sequence] = {}  # stopped early: whose caches come back below
         for response in responses:
             running = self._running.get(response.uid)
             if running is None:
@@ -239,14 +240,16 @@ class Engine:
             if hit_stop and response.finish_reason is None:
                 stopped_early.append(response.uid)  # still in the batch: removed below
             else:
-                self._remember(response.all_tokens, response.prompt_cache)
+                self._remember(running, response.all_tokens, response.prompt_cache)
+            if hit_stop and response.finish_reason is None:
+                scopes[response.uid] = running
             del self._running[response.uid]
             del self._by_request[running.request.request_id]
             result.finished.append(self._finished(running, finish_reason))
         if stopped_early:
             caches = self._generator.remove(stopped_early, return_prompt_caches=self.prefix_cache is not None)
-            for cache, tokens in caches.values():
-                self._remember(tokens, cache)
+            for uid, (cache, tokens) in caches.items():
+                self._remember(scopes[uid], tokens, cache)
         return result
 
     def _advance(self, sequence: Sequence, response: Any) -> tuple[Delta, str | None, bool]:
@@ -275,11 +278,12 @@ class Engine:
                       tool_calls=parsed.tool_calls, token_count=1)
         return delta, finish_reason, hit_stop
 
-    def _remember(self, tokens: list[int] | None, cache: list[Any] | None) -> None:
-        """Keep a finished sequence's KV cache for later prompts that share its prefix."""
+    def _remember(self, sequence: Sequence, tokens: list[int] | None, cache: list[Any] | None) -> None:
+        """Keep a sequence's KV cache for later prompts of its scope that share its prefix."""
         if self.prefix_cache is None or not tokens or cache is None:
             return
-        self.prefix_cache.store(tokens, cache, running_bytes=self._generator.prompt_cache_nbytes)
+        self.prefix_cache.store(sequence.request.cache_scope, tokens, cache,
+                                running_bytes=self._generator.prompt_cache_nbytes)
 
     def _prompts_prefilled(self, uids: list[int]) -> None:
         """Prompts finished their (chunked) prefill: each is cached at once, for requests that share
@@ -288,8 +292,8 @@ class Engine:
                  and self._running[uid].cached_tokens < len(self._running[uid].prompt) - 1]
         if self.prefix_cache is None or not fresh:
             return
-        for cache, tokens in self._generator.extract_cache(fresh).values():
-            self._remember(tokens, cache)
+        for uid, (cache, tokens) in self._generator.extract_cache(fresh).items():
+            self._remember(self._running[uid], tokens, cache)
 
     def _fail_prefills(self, generator: ChunkedBatchGenerator, result: StepResult) -> None:
         """After a chunked step: prompts whose prefill raised fail alone (the generator dropped them
@@ -318,7 +322,7 @@ class Engine:
         chunked = isinstance(self._generator, ChunkedBatchGenerator)
         for sequence in batch:
             # Chunked, the prefix cache is read when the prompt's prefill starts (_fetch_prefix).
-            cache, rest = (None, sequence.prompt) if chunked else self._cached_prefix(sequence.prompt)
+            cache, rest = (None, sequence.prompt) if chunked else self._cached_prefix(sequence)
             sequence.cached_tokens = len(sequence.prompt) - len(rest)
             caches.append(cache)
             rests.append(rest)
@@ -340,22 +344,25 @@ class Engine:
         sequence = self._running.get(uid)
         if self.prefix_cache is None or sequence is None:
             return 0
-        return self.prefix_cache.peek(uid, sequence.prompt)
+        return self.prefix_cache.peek(uid, sequence.request.cache_scope, sequence.prompt)
 
     def _fetch_prefix(self, uid: int, prompt: list[int]) -> tuple[list[Any] | None, int]:
         """A prompt starts its prefill: (a copy of its longest cached prefix or None, that prefix's length)."""
         if self.prefix_cache is not None:
             self.prefix_cache.drop_peek(uid)
-        cache, rest = self._cached_prefix(prompt)
-        cached = len(prompt) - len(rest)
         sequence = self._running.get(uid)
-        if sequence is not None:
-            sequence.cached_tokens = cached
+        if sequence is None or self.prefix_cache is None:
+            return None, 0
+        cache, rest = self.prefix_cache.fetch(sequence.request.cache_scope, prompt)
+        sequence.cached_tokens = cached = len(prompt) - len(rest)
         return cache, cached
 
-    def _cached_prefix(self, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
-        """(a KV cache for the longest cached prefix of ``prompt`` or None, the tokens still to prefill)."""
-        return (None, prompt) if self.prefix_cache is None else self.prefix_cache.fetch(prompt)
+    def _cached_prefix(self, sequence: Sequence) -> tuple[list[Any] | None, list[int]]:
+        """(a KV cache for the longest cached prefix of its prompt, in its scope, or None; the
+        tokens still to prefill)."""
+        if self.prefix_cache is None:
+            return None, sequence.prompt
+        return self.prefix_cache.fetch(sequence.request.cache_scope, sequence.prompt)
 
     def _detokenizer(self, raw: bool) -> Any:
         detokenizer = self.loaded.tokenizer.detokenizer

@@ -3,6 +3,11 @@ turn resends the whole conversation, and only its new tail needs prefilling.
 
 The engine stores a prompt's cache when its prefill ends and a sequence's when it finishes, and
 hands a new prompt the longest cached prefix. Runs on the engine thread.
+
+Entries belong to a scope (``Generate.cache_scope``: the gateway's hash of the caller's API
+key): a prompt is served only from its own scope's entries, so that one key cannot learn
+another's prompt from cache hits (``cached_tokens``) or from how fast its first token comes.
+mlx-lm's cache keys entries by model; a worker has one model, so the scope takes that place.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prom
 
 from worker.batching import cached_prefix_length
 
-MODEL_KEY = "model"  # LRUPromptCache keys entries by model; a worker has one
+
+def _key(scope: str) -> str:
+    return f"scope:{scope}"
 
 
 class PrefixCache:
@@ -28,19 +35,20 @@ class PrefixCache:
     def nbytes(self) -> int:
         return self._cache.nbytes
 
-    def store(self, tokens: list[int], cache: list[Any], running_bytes: int) -> None:
+    def store(self, scope: str, tokens: list[int], cache: list[Any], running_bytes: int) -> None:
         """Keep a KV cache for later prompts that share the prefix ``tokens``. ``running_bytes``:
         the running batch's caches, which count against the same budget."""
         # The extracted cache is a lazy copy of a slice of the batch's KV arrays; until it is
         # evaluated it keeps those whole arrays alive (~5x the bytes the cache accounts for).
         mx.eval([layer.state for layer in cache])
-        self._cache.insert_cache(MODEL_KEY, list(tokens), cache)
+        self._cache.insert_cache(_key(scope), list(tokens), cache)
         self._cache.trim_to(n_bytes=self.budget_bytes - running_bytes)
         self._version += 1
 
-    def fetch(self, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
-        """(a KV cache for the longest cached prefix of ``prompt`` or None, the tokens still to prefill)."""
-        cache, rest = self._cache.fetch_nearest_cache(MODEL_KEY, prompt)
+    def fetch(self, scope: str, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
+        """(a KV cache for the longest prefix of ``prompt`` cached in ``scope``, or None; the
+        tokens still to prefill)."""
+        cache, rest = self._cache.fetch_nearest_cache(_key(scope), prompt)
         if cache is not None and not rest:
             # The whole prompt is cached, but the model must see one token to predict the next.
             if not can_trim_prompt_cache(cache):
@@ -49,16 +57,16 @@ class PrefixCache:
             rest = prompt[-1:]
         return cache, rest
 
-    def cached_length(self, prompt: list[int]) -> int:
+    def cached_length(self, scope: str, prompt: list[int]) -> int:
         """How many of ``prompt``'s tokens ``fetch`` would supply now, nothing copied."""
-        return cached_prefix_length(self._cache, MODEL_KEY, prompt)
+        return cached_prefix_length(self._cache, _key(scope), prompt)
 
-    def peek(self, uid: int, prompt: list[int]) -> int:
+    def peek(self, uid: int, scope: str, prompt: list[int]) -> int:
         """``cached_length`` for a waiting prompt, recomputed only once the cache has changed:
         the scheduler asks every step."""
         version, cached = self._peeks.get(uid, (-1, 0))
         if version != self._version:
-            cached = self.cached_length(prompt)
+            cached = self.cached_length(scope, prompt)
             self._peeks[uid] = (self._version, cached)
         return cached
 

@@ -25,6 +25,7 @@ from gateway.api.errors import APIError, EngineError
 from gateway.api.family import ApiFamily
 from gateway.api.request import ModelRequest, to_generate
 from gateway.engine.client import EngineClient, RequestStream
+from gateway.http.middleware import caller
 from protocol import Delta, Finished
 from protocol.logs import current_request_id
 
@@ -55,7 +56,8 @@ def engine(request: Request) -> EngineClient:
 
 async def submit(request: Request, model_request: ModelRequest, request_id: str, trace_id: str | None) -> RequestStream:
     """Start it on a worker of its model; raises EngineError if it cannot run."""
-    return await engine(request).submit(model_request.model, to_generate(model_request, request_id, trace_id))
+    generate = to_generate(model_request, request_id, trace_id, cache_scope=caller(request.scope))
+    return await engine(request).submit(model_request.model, generate)
 
 
 class EventBuilder(Protocol):

@@ -96,7 +96,9 @@ class ModelRequest:
         return any(tool.strict for tool in self.tools)
 
 
-def to_generate(request: ModelRequest, request_id: str, trace_id: str | None = None) -> Generate:
+def to_generate(request: ModelRequest, request_id: str, trace_id: str | None = None, cache_scope: str = "") -> Generate:
+    """``cache_scope``: the caller (``http.middleware.caller``); its prompts hit only its own
+    prefix-cache entries."""
     if request.prompt is not None:
         messages = None
     else:
@@ -116,6 +118,7 @@ def to_generate(request: ModelRequest, request_id: str, trace_id: str | None = N
         stop=list(request.stop),
         chat_template_kwargs=dict(request.chat_template_kwargs),
         prompt_cache_key=request.prompt_cache_key,
+        cache_scope=cache_scope,
         trace_id=trace_id,
         count_only=request.count_only,
         constraint=None if request.count_only else request.constraint,  # counting compiles no grammar

@@ -106,7 +106,8 @@ class ResponsesService:
         return run
 
     async def _submit(self, run: Run) -> RequestStream:
-        return await self.engine.submit(run.request.model, to_generate(run.request, run.state.id, run.trace_id))
+        generate = to_generate(run.request, run.state.id, run.trace_id, cache_scope=run.owner)
+        return await self.engine.submit(run.request.model, generate)
 
     async def _resolve_references(self, items: list[dict[str, Any]], owner: str) -> list[dict[str, Any]]:
         resolved = []

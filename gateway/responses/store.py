@@ -49,8 +49,9 @@ class MemoryStore:
         self.max_responses = max_responses
         self.max_bytes = max_bytes
         self._responses: OrderedDict[str, tuple[StoredResponse, int]] = OrderedDict()
-        self._items: dict[str, tuple[str, dict[str, Any]]] = {}  # item id -> (owner, item)
-        self._item_ids: dict[str, list[str]] = {}  # response id -> its item ids
+        # (owner, item id) -> (response id, item): item ids come from clients, so each key has its own
+        self._items: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+        self._item_ids: dict[str, list[tuple[str, str]]] = {}  # response id -> its items' keys
         self._bytes = 0
 
     async def put(self, stored: StoredResponse) -> None:
@@ -60,8 +61,8 @@ class MemoryStore:
         self._responses[response_id] = (stored, size)
         self._bytes += size
         items = [i for i in (*stored.input_items, *stored.response.get("output", [])) if i.get("id")]
-        self._items.update((item["id"], (stored.owner, item)) for item in items)
-        self._item_ids[response_id] = [item["id"] for item in items]
+        self._items.update(((stored.owner, item["id"]), (response_id, item)) for item in items)
+        self._item_ids[response_id] = [(stored.owner, item["id"]) for item in items]
         while len(self._responses) > self.max_responses or (self._bytes > self.max_bytes and len(self._responses) > 1):
             await self.delete(next(iter(self._responses)))
 
@@ -70,8 +71,8 @@ class MemoryStore:
         return entry[0] if entry and entry[0].owner == owner else None
 
     async def get_item(self, item_id: str, owner: str = "") -> dict[str, Any] | None:
-        found = self._items.get(item_id)
-        return found[1] if found and found[0] == owner else None
+        found = self._items.get((owner, item_id))
+        return found[1] if found else None
 
     async def delete(self, response_id: str, owner: str | None = None) -> bool:
         """``owner`` None: whoever owns it (eviction)."""
@@ -80,8 +81,9 @@ class MemoryStore:
             return False
         del self._responses[response_id]
         self._bytes -= entry[1]
-        for item_id in self._item_ids.pop(response_id, []):
-            self._items.pop(item_id, None)
+        for key in self._item_ids.pop(response_id, []):
+            if self._items.get(key, ("",))[0] == response_id:  # not if a later response holds it now
+                self._items.pop(key, None)
         return True
 
     @property
@@ -109,15 +111,25 @@ CREATE TABLE IF NOT EXISTS responses (
     context TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS responses_seq ON responses (seq);
-CREATE TABLE IF NOT EXISTS items (
-    id TEXT PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS owned_items (
+    owner TEXT NOT NULL,
+    id TEXT NOT NULL,
     response_id TEXT NOT NULL,
-    item TEXT NOT NULL
+    item TEXT NOT NULL,
+    PRIMARY KEY (owner, id)
 );
-CREATE INDEX IF NOT EXISTS items_response ON items (response_id);
+CREATE INDEX IF NOT EXISTS owned_items_response ON owned_items (response_id);
 """
 # Databases made before responses were scoped to their key gain the column (their rows: "").
 _MIGRATIONS = ("ALTER TABLE responses ADD COLUMN owner TEXT NOT NULL DEFAULT ''",)
+# Item ids come from clients: rows keyed by the id alone let one key's item replace another's.
+# Databases made before then move their items into owned_items, each under its response's owner.
+_ITEMS_MIGRATION = """
+INSERT OR REPLACE INTO owned_items (owner, id, response_id, item)
+    SELECT responses.owner, items.id, items.response_id, items.item
+    FROM items JOIN responses ON responses.id = items.response_id;
+DROP TABLE items;
+"""
 
 
 class SQLiteStore:
@@ -143,6 +155,8 @@ class SQLiteStore:
             for statement in _MIGRATIONS:
                 self._db.execute(statement)
             self._db.commit()
+        if self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'items'").fetchone():
+            self._db.executescript("BEGIN;" + _ITEMS_MIGRATION + "COMMIT;")
         self.size = self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 
     async def _run(self, function, *args):
@@ -165,8 +179,8 @@ class SQLiteStore:
                        (response_id, seq, size, response_json, json.dumps(stored.input_items), context_json,
                         stored.owner))
             db.executemany(
-                "INSERT OR REPLACE INTO items VALUES (?, ?, ?)",
-                [(item["id"], response_id, json.dumps(item))
+                "INSERT OR REPLACE INTO owned_items (owner, id, response_id, item) VALUES (?, ?, ?, ?)",
+                [(stored.owner, item["id"], response_id, json.dumps(item))
                  for item in (*stored.input_items, *stored.response.get("output", [])) if item.get("id")],
             )
             while True:
@@ -192,8 +206,7 @@ class SQLiteStore:
         return await self._run(self._get_item, item_id, owner)
 
     def _get_item(self, item_id: str, owner: str) -> dict[str, Any] | None:
-        row = self._db.execute("SELECT item FROM items JOIN responses ON responses.id = items.response_id "
-                               "WHERE items.id = ? AND responses.owner = ?", (item_id, owner)).fetchone()
+        row = self._db.execute("SELECT item FROM owned_items WHERE owner = ? AND id = ?", (owner, item_id)).fetchone()
         return json.loads(row[0]) if row else None
 
     async def delete(self, response_id: str, owner: str | None = None) -> bool:
@@ -210,7 +223,7 @@ class SQLiteStore:
 
     def _delete(self, response_id: str) -> bool:
         deleted = self._db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount
-        self._db.execute("DELETE FROM items WHERE response_id = ?", (response_id,))
+        self._db.execute("DELETE FROM owned_items WHERE response_id = ?", (response_id,))
         return deleted > 0
 
     async def count(self) -> int:
