@@ -111,4 +111,7 @@ def test_every_request_is_served(stack, source):
             ids[mock_response["id"]] = response["id"]
         for mock_item, our_item in zip(expected, response["output"], strict=False):
             ids[mock_item["id"]] = our_item["id"]
+            if mock_item.get("call_id") and our_item.get("call_id"):
+                # A later output answers this call by its id: ours, as a real client would send.
+                ids[mock_item["call_id"]] = our_item["call_id"]
     assert seen_clients >= {"openai", "agents", "aisdk", "litellm", "llm", "codex"}, seen_clients

@@ -101,6 +101,22 @@ def test_tool_round_trip_with_function_call_output(client):
     assert second.usage.input_tokens > first.usage.input_tokens
 
 
+@pytest.mark.parametrize("kind", ["function_call_output", "custom_tool_call_output"])
+def test_a_tool_output_for_a_call_that_does_not_exist_is_refused(client, kind):
+    """OpenAI refuses an output whose call is neither in the input nor in the chain it continues."""
+    first = create(client, input=f"SCRIPT:{WEATHER_CALL}", tools=[WEATHER_TOOL])
+    dangling = [{"role": "user", "content": "Hi"}, {"type": kind, "call_id": "call_nowhere", "output": "sunny"}]
+    for extra in ({}, {"previous_response_id": first.id}):
+        with pytest.raises(openai.BadRequestError) as caught:
+            create(client, tools=[WEATHER_TOOL], input=dangling, **extra)
+        error = caught.value.body
+        assert "call_nowhere" in error["message"] and error["param"] == "input[1]", error
+    # The real call, from the chain it continues: accepted.
+    answer = create(client, tools=[WEATHER_TOOL], previous_response_id=first.id, max_output_tokens=4,
+                    input=[{"type": "function_call_output", "call_id": first.output[0].call_id, "output": "sunny"}])
+    assert answer.status in ("completed", "incomplete")
+
+
 def test_streamed_tool_call(stack):
     body = {"model": MODEL, "input": f"SCRIPT:Checking.{WEATHER_CALL}", "tools": [WEATHER_TOOL], **NO_THINKING}
     final = check_stream(post_stream(stack.base_url, body))

@@ -89,6 +89,7 @@ class ResponsesService:
             earlier = carried_history(previous.context, previous.response.get("output", []))
         items = await self._resolve_references(normalize_input(body.input), owner)
         context = earlier + items
+        _check_tool_outputs(context, len(earlier))
         tools = resolve_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
         request = to_request(body, context, tools)
         state = ResponseState(response_id, body, status="queued")
@@ -222,6 +223,23 @@ class ResponsesService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _check_tool_outputs(context: list[dict[str, Any]], first_input: int) -> None:
+    """Every tool output answers a call made earlier in the conversation (this input, or the
+    ``previous_response_id`` chain), as OpenAI requires: an output for a call that does not
+    exist is a client's bug, not something to show the model. A compaction item hides the calls
+    it summarised, so a conversation holding one is taken as it is."""
+    if any(item_type(item) == "compaction" for item in context):
+        return
+    calls: set[str] = set()
+    for index, item in enumerate(context):
+        kind = item_type(item)
+        if kind in ("function_call", "custom_tool_call"):
+            calls.add(item["call_id"])
+        elif kind in ("function_call_output", "custom_tool_call_output") and item["call_id"] not in calls:
+            raise APIError(400, f"No tool call found for function call output with call_id {item['call_id']}.",
+                           param=f"input[{index - first_input}]" if index >= first_input else "input")
 
 
 def response_not_found(response_id: str) -> APIError:
