@@ -111,13 +111,29 @@ def test_codex_configured_by_mlx_gateway_codex_knows_the_model_and_applies_a_fre
 def configure_codex(stack: Stack, home: Path) -> None:
     """``mlx-gateway-codex``: the provider (with WebSockets) and a catalog from the live workers."""
     configured = subprocess.run([sys.executable, "-m", "gateway.agents.codex", "--url", stack.base_url, "--codex-home",
-                                 str(home)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+                                 str(home), "--no-run"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert configured.returncode == 0, configured.stderr
 
 
 def gateway_log(stack: Stack) -> tuple[Path, int]:
     log = next(p for p in stack.processes if p.name == "gateway").log_path
     return log, len(log.read_text())
+
+
+def test_mlx_gateway_codex_configures_and_runs_codex_with_the_arguments_after_dashes(stack, tmp_path):
+    """One command starts Codex on the gateway's model, as mlx-gateway-claude starts Claude Code."""
+    home, workdir = tmp_path / "codex-home", tmp_path / "work"
+    workdir.mkdir()
+    path = f"{Path(CODEX).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.agents.codex", "--url", stack.base_url, "--codex-home", str(home), "--",
+         "exec", "--skip-git-repo-check", "--dangerously-bypass-approvals-and-sandbox", "SCRIPT:Launched and answering."],
+        cwd=workdir, env={**os.environ, "PATH": path, "PYTHONPATH": str(REPO_ROOT)}, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Launched and answering." in output.split("codex\n", 1)[-1], output
+    assert (home / "config.toml").exists() and not any(warning in output for warning in FALLBACK_WARNINGS), output
 
 
 def test_codex_reads_the_catalog_the_gateway_serves(stack, tmp_path):

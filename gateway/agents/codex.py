@@ -1,8 +1,9 @@
-"""``mlx-gateway-codex``: set up OpenAI's Codex CLI for this gateway, with a model catalog.
+"""``mlx-gateway-codex``: set up OpenAI's Codex CLI for this gateway, with a model catalog, and run it.
 
-    mlx-gateway-codex                  # merge a provider into ~/.codex/config.toml, write the catalog
+    mlx-gateway-codex                  # merge a provider into ~/.codex/config.toml, write the catalog, run codex
+    mlx-gateway-codex -- exec "..."    # the same, then codex with these arguments
+    mlx-gateway-codex --no-run         # configure only (then run codex yourself)
     mlx-gateway-codex --print          # write the catalog, print the config.toml lines instead
-    codex                              # then Codex runs on the gateway's model
 
 Codex knows its own models only; for any other name it prints "Model metadata for `NAME` not
 found. Defaulting to fallback metadata", assumes a 272,000-token window, compacts too late and
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import urllib.error
 import urllib.request
@@ -143,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="supports_websockets = false: Codex talks HTTP/SSE only (for a gateway without "
                              "the Responses WebSocket)")
     parser.add_argument("--print", action="store_true",
-                        help="write the catalog, but print the config.toml lines instead of merging them")
+                        help="write the catalog, but print the config.toml lines instead of merging them; run nothing")
+    parser.add_argument("--no-run", action="store_true", help="configure Codex, but do not run it")
+    parser.add_argument("codex_args", nargs=argparse.REMAINDER, help="after --: arguments for codex")
     args = parser.parse_args(argv)
+    codex_args = args.codex_args[1:] if args.codex_args[:1] == ["--"] else args.codex_args
 
     home = (args.codex_home or Path(os.environ.get("CODEX_HOME") or Path.home() / ".codex")).expanduser()
     catalog_path = (args.catalog or home / CATALOG_FILE).expanduser().absolute()
@@ -184,7 +189,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.print:
         print(block, end="")
         return 0
-    return _write_config(config_path, top, args.provider, table)
+    written = _write_config(config_path, top, args.provider, table)
+    if written != 0 or args.no_run:
+        return written
+    return _run_codex(home, codex_args, args.api_key)
+
+
+def _run_codex(home: Path, codex_args: list[str], api_key: str | None) -> int:
+    """Become ``codex`` with ``codex_args``, reading the configuration just written."""
+    codex = shutil.which("codex")
+    if codex is None:
+        print("mlx-gateway-codex: codex not found; install it with: npm install -g @openai/codex", file=sys.stderr)
+        return 2
+    env = {**os.environ, "CODEX_HOME": str(home)}
+    if api_key:
+        env[API_KEY_ENV] = api_key
+    os.execve(codex, [codex, *codex_args], env)
+    return 0  # not reached
 
 
 def _write_config(path: Path, top: dict[str, str], provider: str, table: str) -> int:
