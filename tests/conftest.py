@@ -54,7 +54,7 @@ def tiny_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
     try:
         stack.start_gateway()
         stack.start_worker(str(tiny_model_dir), TINY, "--max-sequences", "8")
-        stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000")
+        stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000", "--max-output-tokens", "0")
         stack.wait_for_models(TINY, TINY_LONG)
         yield stack
     finally:
@@ -95,7 +95,7 @@ def scripted_stack(tmp_path_factory: pytest.TempPathFactory, tiny_variant_dir) -
     stack = Stack(tmp_path_factory.mktemp("scripted"))
     try:
         stack.start_gateway()
-        stack.start_worker(str(tiny_variant_dir("qwen")), SCRIPTED, "--context-length", "200000", scripted=True)
+        stack.start_worker(str(tiny_variant_dir("qwen")), SCRIPTED, "--context-length", "200000", "--max-output-tokens", "0", scripted=True)
         stack.wait_for_models(SCRIPTED)
         yield stack
     finally:

@@ -54,14 +54,16 @@ def test_max_tokens_ends_with_length_and_counts_tokens(tiny_model):
     assert finished["a"].prompt_tokens > 3
 
 
-def test_a_request_without_max_tokens_stops_at_the_operators_output_cap(tiny_model):
+def test_the_operators_output_cap_is_a_ceiling(tiny_model):
     # The tiny model never ends its turn (greedy): uncapped, it would fill its context.
     _, finished = run(Engine(tiny_model, max_output_tokens=7), chat("a", "Hello", max_tokens=None))
     assert (finished["a"].finish_reason, finished["a"].completion_tokens) == ("length", 7)
-    # A request's own max_tokens is not capped; the context window still is.
+    # A request that asks for more gets the cap, and hears it ended at its length.
     _, finished = run(Engine(tiny_model, max_output_tokens=7), chat("b", "Hello", max_tokens=9))
-    assert finished["b"].completion_tokens == 9
-    _, finished = run(Engine(tiny_model), chat("c", "Hello", max_tokens=None))
+    assert (finished["b"].finish_reason, finished["b"].completion_tokens) == ("length", 7)
+    _, finished = run(Engine(tiny_model, max_output_tokens=7), chat("d", "Hello", max_tokens=3))
+    assert finished["d"].completion_tokens == 3
+    _, finished = run(Engine(tiny_model), chat("c", "Hello", max_tokens=None))  # no cap: the context window
     assert finished["c"].completion_tokens == tiny_model.context_length - finished["c"].prompt_tokens
 
 

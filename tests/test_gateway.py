@@ -206,7 +206,7 @@ def test_bad_frames_do_not_hurt_the_gateway(tiny_stack):
 
 def test_killed_worker_ends_its_streams_with_an_error(fresh_stack, tiny_model_dir):
     fresh_stack.start_gateway()
-    worker = fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000")
+    worker = fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000", "--max-output-tokens", "0")
     fresh_stack.wait_for_models(TINY_LONG)
     request = {"model": TINY_LONG, "messages": HELLO, "max_tokens": 50_000, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{fresh_stack.base_url}/v1/chat/completions", json=request, timeout=30) as r:
@@ -240,7 +240,7 @@ def test_worker_reports_a_missing_model_without_a_traceback(tmp_path):
 
 def test_killed_worker_fails_a_responses_stream(fresh_stack, tiny_model_dir):
     fresh_stack.start_gateway()
-    worker = fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000")
+    worker = fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000", "--max-output-tokens", "0")
     fresh_stack.wait_for_models(TINY_LONG)
     body = {"model": TINY_LONG, "input": "Tell me a story", "max_output_tokens": 50_000, "temperature": 0,
             "stream": True}
@@ -260,9 +260,9 @@ def test_killed_worker_fails_a_responses_stream(fresh_stack, tiny_model_dir):
 
 def test_replicas_share_load_and_a_dead_replicas_waiting_work_moves_over(fresh_stack, tiny_model_dir):
     fresh_stack.start_gateway()
-    first = fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000", "--max-sequences", "1")
+    first = fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000", "--max-output-tokens", "0", "--max-sequences", "1")
     fresh_stack.wait_for_models(TINY_LONG)
-    fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000", "--max-sequences", "1")
+    fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000", "--max-output-tokens", "0", "--max-sequences", "1")
     base = fresh_stack.base_url
     fresh_stack_wait(fresh_stack, lambda ws: len(ws) == 2)
 
@@ -293,7 +293,7 @@ def test_replicas_share_load_and_a_dead_replicas_waiting_work_moves_over(fresh_s
 
 def test_crash_fails_blocking_and_background_requests_that_had_output(fresh_stack, tiny_model_dir):
     fresh_stack.start_gateway()
-    worker = fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000")
+    worker = fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000", "--max-output-tokens", "0")
     fresh_stack.wait_for_models(TINY_LONG)
     base = fresh_stack.base_url
     background, blocking, results = start_background_and_blocking(fresh_stack, tokens=50_000)
@@ -348,9 +348,9 @@ def fresh_stack_wait(stack, predicate, timeout: float = 10.0) -> None:
 
 def test_prompt_cache_key_routes_a_conversation_back_to_its_cache(fresh_stack, tiny_model_dir):
     fresh_stack.start_gateway()
-    fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000")
+    fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000", "--max-output-tokens", "0")
     fresh_stack.wait_for_models(TINY_LONG)
-    fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000")
+    fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000", "--max-output-tokens", "0")
     fresh_stack_wait(fresh_stack, lambda ws: len(ws) == 2)
     base = fresh_stack.base_url
     turn = {"model": TINY_LONG, "input": "The same long conversation " * 10, "max_output_tokens": 4,

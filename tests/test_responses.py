@@ -483,3 +483,18 @@ def test_store_survives_a_gateway_restart(stack, client):
     assert client.responses.retrieve(kept.id).output_text == "Persistent."
     chained = create(client, previous_response_id=kept.id, input="SCRIPT:Still chained.")
     assert chained.output_text == "Still chained."
+
+
+def test_the_workers_output_cap_bounds_requests_and_compactions(fresh_stack, tiny_variant_dir):
+    """--max-output-tokens is a ceiling: a request asking for more, and a compaction (whose own
+    default is 4,096 tokens), end at the cap, reported as incomplete."""
+    fresh_stack.start_gateway()
+    fresh_stack.start_worker(str(tiny_variant_dir("qwen")), MODEL, "--context-length", "200000",
+                             "--max-output-tokens", "6", scripted=True)
+    fresh_stack.wait_for_models(MODEL)
+    client = openai.OpenAI(base_url=f"{fresh_stack.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    long_script = {"chat_template_kwargs": {"test_script": "SCRIPT:" + "word " * 40, "enable_thinking": False}}
+    response = client.responses.create(model=MODEL, input="Go on.", max_output_tokens=500, extra_body=long_script)
+    assert response.status == "incomplete" and response.usage.output_tokens == 6
+    compacted = client.responses.compact(model=MODEL, input=CONVERSATION, extra_body=long_script)
+    assert compacted.usage.output_tokens == 6

@@ -86,7 +86,7 @@ class Engine:
         prefill_chunk: int | None = None,
         logits_processors: LogitsProcessorsFactory | None = None,
         prompt_cache_bytes: int = 1 << 30,  # the prefix cache's budget (0: off; worker/prefix_cache.py)
-        max_output_tokens: int | None = None,  # for a request with no max_tokens (None: up to the context)
+        max_output_tokens: int | None = None,  # the most a request may generate (None: up to the context)
     ):
         self.loaded = loaded
         self._max_output_tokens = max_output_tokens
@@ -153,7 +153,8 @@ class Engine:
         sequence = Sequence(
             request=request,
             prompt=prompt,
-            max_tokens=min(request.max_tokens or self._max_output_tokens or room, room),
+            # The operator's cap is a ceiling, and what a request that names no max_tokens gets.
+            max_tokens=min(request.max_tokens or room, self._max_output_tokens or room, room),
             detokenizer=self._detokenizer(raw=request.messages is None),
             stops=StopStrings(request.stop),
             parser=OutputParser(
