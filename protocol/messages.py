@@ -90,6 +90,10 @@ class Error:
     code: str
     message: str
     request_id: str | None = None
+    # context_length_exceeded: the numbers, for APIs whose clients read them (Claude Code compacts
+    # by the gap in Anthropic's "prompt is too long: N tokens > M maximum").
+    prompt_tokens: int | None = None
+    context_length: int | None = None
 
 
 # --- both ways ---------------------------------------------------------------------

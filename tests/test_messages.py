@@ -8,6 +8,7 @@ The SDK parses every reply and every stream event into its types.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -147,12 +148,24 @@ def test_bad_requests_get_anthropic_errors(stack, body, status, kind):
         assert r.json()["type"] == "error" and r.json()["error"]["type"] == kind and r.json()["error"]["message"]
 
 
-def test_sdk_error_types(client):
+def test_sdk_error_types(client, stack):
     with pytest.raises(anthropic.NotFoundError):
         client.messages.create(model="nope", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
-    with pytest.raises(anthropic.BadRequestError) as error:
-        client.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "hi " * 300_000}])
-    assert "context window" in error.value.message
+    for stream in (False, True):
+        with pytest.raises(anthropic.BadRequestError) as error:
+            client.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "hi " * 300_000}],
+                                   stream=stream)
+        # Anthropic's words, which Claude Code reads to learn by how much to compact.
+        body = error.value.body
+        assert body["error"]["type"] == "invalid_request_error", body
+        match = re.fullmatch(r"prompt is too long: (\d+) tokens > (\d+) maximum", body["error"]["message"])
+        assert match and int(match[1]) > int(match[2]) == 200_000, body
+        assert re.search(r"prompt is too long[^0-9]*(\d+)\s*tokens?\s*>\s*(\d+)", body["error"]["message"])
+    # Other APIs keep OpenAI's code and name the prompt's field.
+    r = httpx.post(f"{stack.base_url}/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi " * 300_000}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert r.json()["error"]["param"] == "messages"
 
 
 def test_malformed_json_and_unknown_fields(stack):

@@ -139,7 +139,8 @@ class Engine:
         context = self.loaded.context_length
         if len(prompt) >= context:
             message = f"the prompt is {len(prompt)} tokens; this model's context window is {context} tokens"
-            return Error(ERROR_CONTEXT_LENGTH, message, request.request_id)
+            return Error(ERROR_CONTEXT_LENGTH, message, request.request_id, prompt_tokens=len(prompt),
+                         context_length=context)
         if request.max_tokens is not None and request.max_tokens < 1:
             return Error(ERROR_INVALID_REQUEST, "max_tokens must be at least 1", request.request_id)
         room = context - len(prompt)

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from gateway.api.errors import APIError, EngineError, anthropic_body, anthropic_status, api_error, openai_body
 from gateway.api.ids import new_id
+from protocol.messages import ERROR_CONTEXT_LENGTH
 
 
 @dataclass(frozen=True)
@@ -23,13 +24,21 @@ class ApiFamily:
     id_prefix: str
     id_separator: str = "_"
     id_length: int = 32
+    # The vendor's own words for a prompt over the window, which its clients parse (None: ours).
+    overflow_wording: str | None = None
 
     def new_id(self) -> str:
         return new_id(self.id_prefix, self.id_length, self.id_separator)
 
     def error(self, failure: EngineError) -> APIError:
         """An engine failure as this family's error, its fields named the family's way."""
-        return api_error(failure, self.prompt_param, self.format_param)
+        error = api_error(failure, self.prompt_param, self.format_param)
+        if (failure.code == ERROR_CONTEXT_LENGTH and self.overflow_wording is not None
+                and failure.prompt_tokens is not None and failure.context_length is not None):
+            error.message = self.overflow_wording.format(prompt_tokens=failure.prompt_tokens,
+                                                         context_length=failure.context_length)
+            error.param = None  # the message stands as the vendor writes it
+        return error
 
     def error_status_and_body(self, error: APIError) -> tuple[int, dict[str, Any]]:
         if self.error_shape == "anthropic":
@@ -41,7 +50,7 @@ RESPONSES = ApiFamily("responses", "/v1/responses", "input", "text.format", "ope
 CHAT = ApiFamily("chat", "/v1/chat/completions", "messages", "response_format", "openai", "chatcmpl", "-")
 COMPLETIONS = ApiFamily("completions", "/v1/completions", "prompt", None, "openai", "cmpl", "-")
 MESSAGES = ApiFamily("messages", "/v1/messages", "messages", "output_config.format", "anthropic", "msg",
-                     id_length=24)
+                     id_length=24, overflow_wording="prompt is too long: {prompt_tokens} tokens > {context_length} maximum")
 # Routes of no family (models, workers, health): OpenAI's error shape, no fields to name.
 OTHER = ApiFamily("other", "/", None, None, "openai", "req")
 

@@ -157,7 +157,9 @@ class RequestStream:
 
 
 def _as_failure(item: Error | EngineError) -> EngineError:
-    return item if isinstance(item, EngineError) else EngineError(item.code, item.message)
+    if isinstance(item, EngineError):
+        return item
+    return EngineError(item.code, item.message, item.prompt_tokens, item.context_length)
 
 
 class EngineClient:
