@@ -273,7 +273,8 @@ def test_claude_code_requests_replay(stack, path: Path):
 
 def test_a_killed_worker_mid_stream_gives_an_error_event(fresh_stack, tiny_model_dir):
     fresh_stack.start_gateway()
-    worker = fresh_stack.start_worker(str(tiny_model_dir), "tiny-long", "--context-length", "100000", "--max-output-tokens", "0")
+    worker = fresh_stack.start_worker(str(tiny_model_dir), "tiny-long", "--context-length", "100000",
+                                      "--max-output-tokens", "0")
     fresh_stack.wait_for_models("tiny-long")
     body = {"model": "tiny-long", "max_tokens": 50_000, "stream": True,
             "messages": [{"role": "user", "content": "go on forever"}]}

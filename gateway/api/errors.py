@@ -32,10 +32,12 @@ GATEWAY_SHUTTING_DOWN = "gateway_shutting_down"
 class EngineError(Exception):
     """A request failed in the engine, or could not be given to one; ``code`` says why."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, prompt_tokens: int | None = None, context_length: int | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.prompt_tokens = prompt_tokens  # with context_length_exceeded: the numbers, when known
+        self.context_length = context_length
 
 
 class APIError(Exception):
@@ -99,8 +101,15 @@ def api_error(failure: EngineError, prompt_param: str | None, format_param: str 
     return APIError(mapping.status, failure.message, mapping.type, param, mapping.code or failure.code, headers)
 
 
+MODEL_NAME_SHOWN = 256  # characters of an unknown model's name echoed in its 404
+
+
 def model_not_found(model: str) -> EngineError:
-    return EngineError(MODEL_NOT_FOUND, f"The model '{model}' does not exist or has no live worker.")
+    """The 404 for ``model``, its name cut to ``MODEL_NAME_SHOWN`` characters (a client's 1 MB
+    name is not sent back whole) and any lone surrogate escaped (the message must encode)."""
+    name = model if len(model) <= MODEL_NAME_SHOWN else model[:MODEL_NAME_SHOWN] + f"… ({len(model)} characters)"
+    name = name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return EngineError(MODEL_NOT_FOUND, f"The model '{name}' does not exist or has no live worker.")
 
 
 def openai_body(error: APIError) -> dict[str, Any]:
