@@ -43,6 +43,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-websockets", type=int, default=64,
                         help="open WebSocket connections (Responses over WebSocket) at once; more are closed with "
                              "1013 (default: 64)")
+    parser.add_argument("--max-websocket-queue", type=int, default=8,
+                        help="frames a WebSocket connection may queue behind its running response; more get an error "
+                             "frame (429, websocket_queue_full) and are dropped (default: 8)")
+    parser.add_argument("--max-websocket-queue-mb", type=float, default=None,
+                        help="megabytes those queued frames may hold together (default: --max-request-mb, one "
+                             "frame's worth)")
+    parser.add_argument("--websocket-send-timeout", type=float, default=30.0,
+                        help="seconds a WebSocket send may wait for a client that reads nothing; then its response "
+                             "is stopped and the connection closed with 1008 (default: 30; 0: wait forever)")
     parser.add_argument("--max-request-mb", type=int, default=4,
                         help="largest request body (413 beyond) and WebSocket frame (closed with 1009); 4 MB "
                              "holds ~1M tokens of text (default: 4)")
@@ -88,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     engine = EngineClient(address, heartbeat_interval=args.heartbeat_interval, misses_allowed=args.heartbeat_misses,
                           queue_timeout=args.queue_timeout, max_queue=args.max_queue, curve=curve,
                           aliases=aliases)
-    websockets = ConnectionLimit(args.max_websockets, args.max_request_mb << 20)
+    queue_mb = args.max_request_mb if args.max_websocket_queue_mb is None else args.max_websocket_queue_mb
+    websockets = ConnectionLimit(args.max_websockets, args.max_request_mb << 20, args.max_websocket_queue,
+                                 int(queue_mb * (1 << 20)), args.websocket_send_timeout)
     app = create_app(engine, store, api_keys, args.protect_metrics, websockets, args.max_request_mb << 20)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
                             timeout_graceful_shutdown=10, ws_max_size=websockets.max_frame_bytes + 1024,

@@ -95,7 +95,8 @@ def scripted_stack(tmp_path_factory: pytest.TempPathFactory, tiny_variant_dir) -
     stack = Stack(tmp_path_factory.mktemp("scripted"))
     try:
         stack.start_gateway()
-        stack.start_worker(str(tiny_variant_dir("qwen")), SCRIPTED, "--context-length", "200000", "--max-output-tokens", "0", scripted=True)
+        stack.start_worker(str(tiny_variant_dir("qwen")), SCRIPTED, "--context-length", "200000", "--max-output-tokens", "0",
+                           scripted=True)
         stack.wait_for_models(SCRIPTED)
         yield stack
     finally:

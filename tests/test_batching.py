@@ -491,7 +491,8 @@ def test_a_stream_keeps_receiving_tokens_through_a_long_prefill_end_to_end(fresh
     from conftest import TINY_LONG
 
     fresh_stack.start_gateway()
-    fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000", "--max-output-tokens", "0", "--prefill-chunk", "128")
+    fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000",
+                             "--max-output-tokens", "0", "--prefill-chunk", "128")
     fresh_stack.wait_for_models(TINY_LONG)
     received: list[float] = []
     started, stop = threading.Event(), threading.Event()

@@ -260,9 +260,11 @@ def test_killed_worker_fails_a_responses_stream(fresh_stack, tiny_model_dir):
 
 def test_replicas_share_load_and_a_dead_replicas_waiting_work_moves_over(fresh_stack, tiny_model_dir):
     fresh_stack.start_gateway()
-    first = fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000", "--max-output-tokens", "0", "--max-sequences", "1")
+    first = fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000",
+                                     "--max-output-tokens", "0", "--max-sequences", "1")
     fresh_stack.wait_for_models(TINY_LONG)
-    fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000", "--max-output-tokens", "0", "--max-sequences", "1")
+    fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000",
+                             "--max-output-tokens", "0", "--max-sequences", "1")
     base = fresh_stack.base_url
     fresh_stack_wait(fresh_stack, lambda ws: len(ws) == 2)
 

@@ -100,7 +100,8 @@ def test_closing_the_socket_stops_the_generation(tiny_stack):
 
 def test_a_worker_crash_fails_the_response_and_the_connection_stays(fresh_stack, tiny_model_dir):
     fresh_stack.start_gateway()
-    worker = fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000")
+    worker = fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000",
+                                      "--max-output-tokens", "0")
     fresh_stack.wait_for_models(TINY_LONG)
     with connect(ws_url(fresh_stack)) as socket:
         socket.send(json.dumps({"type": "response.create", "model": TINY_LONG, "input": "go on",
@@ -114,7 +115,8 @@ def test_a_worker_crash_fails_the_response_and_the_connection_stays(fresh_stack,
                 break
         assert events[-1]["response"]["error"]["code"] == "worker_crashed"
         fresh_stack.remove(worker)
-        fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000")
+        fresh_stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000",
+                                 "--max-output-tokens", "0")
         fresh_stack.wait_for_models(TINY_LONG)
         again = create(socket, model=TINY_LONG, input="hello", max_output_tokens=3)
         assert again[-1]["type"] == "response.incomplete"

@@ -43,6 +43,7 @@ from gateway.api.errors import APIError
 from gateway.api.family import MESSAGES
 from gateway.api.request import Message, ModelRequest, TextPart, ToolCall, text_message
 from gateway.api.structured_output import from_messages
+from gateway.http.json_body import quoted
 from protocol import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def omits_thinking(body: MessagesBody) -> bool:
 def _add_message(out: list[Message], message: dict[str, Any], where: str, call_names: dict[str, str]) -> None:
     role = message.get("role")
     if role not in ("user", "assistant", "system"):
-        raise APIError(400, f"unknown message role {role!r}", param=f"{where}.role")
+        raise APIError(400, f"unknown message role {quoted(role)}", param=f"{where}.role")
     content = message.get("content")
     if isinstance(content, str):
         content = [{"type": "text", "text": content}]
@@ -169,10 +170,20 @@ def _document_text(block: dict[str, Any], at: str) -> str:
         body = source["data"]
     elif source.get("type") == "content":
         inner = source.get("content")
-        body = inner if isinstance(inner, str) else "\n\n".join(
-            _block_text(b, f"{at}.source.content.{k}") for k, b in enumerate(inner or []) if isinstance(b, dict))
+        if isinstance(inner, str):
+            body = inner
+        elif isinstance(inner, list):
+            parts = []
+            for k, part in enumerate(inner):
+                if not isinstance(part, dict):
+                    raise APIError(400, "each content block must be an object", param=f"{at}.source.content.{k}")
+                parts.append(_block_text(part, f"{at}.source.content.{k}"))
+            body = "\n\n".join(parts)
+        else:
+            raise APIError(400, "a content document's source.content must be a string or a list of blocks",
+                           param=f"{at}.source.content")
     else:
-        raise APIError(400, f"document source {source.get('type')!r} is not supported: this model reads text only",
+        raise APIError(400, f"document source {quoted(source.get('type'))} is not supported: this model reads text only",
                        param=at)
     title = block.get("title")
     return f"{title}\n\n{body}" if isinstance(title, str) and title else body

@@ -3,7 +3,8 @@
 Lenient on purpose: Claude Code sends fields a local model has no use for (``metadata``,
 ``context_management``, ``output_config``, ``thinking.display``, ``defer_loading`` on tools,
 new beta fields every few releases) and must never get a 400 for them. Content blocks, tools
-and ``tool_choice`` stay plain dicts here; ``convert.py`` reads them leniently.
+and ``tool_choice`` stay plain dicts here; ``convert.py`` reads them leniently. Integer fields
+take ``463.0`` as 463, as the documented JSON Schema ``integer`` does.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.api.request import TOKEN_LIMIT
+from gateway.http.json_body import Integer, OptionalInteger
 
 
 class MessagesBody(BaseModel):
@@ -28,7 +30,7 @@ class MessagesBody(BaseModel):
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(default=None, ge=0, le=1)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    top_k: int | None = Field(default=None, ge=0, le=TOKEN_LIMIT)
+    top_k: OptionalInteger = Field(default=None, ge=0, le=TOKEN_LIMIT)
     metadata: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
     stream: bool | None = False
@@ -42,10 +44,10 @@ class MessagesBody(BaseModel):
 
 
 class MessagesRequest(MessagesBody):
-    max_tokens: int = Field(ge=1, le=TOKEN_LIMIT)
+    max_tokens: Integer = Field(ge=1, le=TOKEN_LIMIT)
 
 
 class CountTokensRequest(MessagesBody):
     """The same body, where ``max_tokens`` may be left out (nothing is generated)."""
 
-    max_tokens: int | None = Field(default=None, ge=1, le=TOKEN_LIMIT)
+    max_tokens: OptionalInteger = Field(default=None, ge=1, le=TOKEN_LIMIT)

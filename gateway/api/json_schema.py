@@ -2,7 +2,8 @@
 
 A tool whose ``parameters`` is not a valid schema is a client's mistake that would otherwise
 surface as a confused model or a template error; OpenAI answers it with a 400 naming the
-field, and so do we.
+field, and so do we. Bodies nest at most 64 levels (``http/json_body.py``), so a schema never
+recurses the checker past Python's limit; a RecursionError is a 400 here all the same.
 """
 
 from __future__ import annotations
@@ -29,4 +30,6 @@ def tool_schema(schema: Any, param: str) -> dict[str, Any]:
         where = "/".join(str(part) for part in exc.path)
         raise APIError(400, f"invalid JSON Schema{f' at {where}' if where else ''}: {exc.message}",
                        param=param) from None
+    except RecursionError:
+        raise APIError(400, "the JSON Schema nests too deeply to be checked", param=param) from None
     return schema

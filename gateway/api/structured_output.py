@@ -22,6 +22,7 @@ from typing import Any
 
 from gateway.api.errors import APIError
 from gateway.api.json_schema import tool_schema
+from gateway.http.json_body import quoted
 
 OBJECT: dict[str, Any] = {"type": "object"}
 
@@ -83,7 +84,7 @@ def _constraint(kind: Any, schema: Any, param: str, schema_param: str | None = N
             raise APIError(400, "a json_schema format needs a schema (a JSON Schema object)",
                            param=schema_param or f"{param}.schema")
         return {"type": "json_schema", "schema": tool_schema(schema, schema_param or f"{param}.schema")}
-    raise APIError(400, f"unsupported format type {kind!r}: use 'text', 'json_schema' or 'json_object'",
+    raise APIError(400, f"unsupported format type {quoted(kind)}: use 'text', 'json_schema' or 'json_object'",
                    param=f"{param}.type")
 
 

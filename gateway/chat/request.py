@@ -2,7 +2,8 @@
 
 Unknown fields are accepted and ignored, as OpenAI clients send many optional ones.
 Everything that reaches the worker is validated here, so a bad request is a 400 before
-any work starts.
+any work starts. Integer fields take ``463.0`` as 463, as the documented JSON Schema
+``integer`` does; ``"4"``, ``true`` and ``4.5`` are refused.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.api.request import TOKEN_LIMIT
+from gateway.http.json_body import Integer, OptionalInteger
 from protocol import SamplingParams
 
 
@@ -42,15 +44,15 @@ class SamplingFields(Lenient):
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1, le=TOKEN_LIMIT)
+    max_tokens: OptionalInteger = Field(default=None, ge=1, le=TOKEN_LIMIT)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0, le=TOKEN_LIMIT)
+    top_k: OptionalInteger = Field(default=None, ge=0, le=TOKEN_LIMIT)
     min_p: float | None = Field(default=None, ge=0, le=1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1, le=1)  # one choice per request: batch with concurrent requests instead
+    n: Integer = Field(default=1, ge=1, le=1)  # one choice per request: batch with concurrent requests instead
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.top_k, self.min_p,
@@ -64,7 +66,7 @@ class SamplingFields(Lenient):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=TOKEN_LIMIT)
+    max_completion_tokens: OptionalInteger = Field(default=None, ge=1, le=TOKEN_LIMIT)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None

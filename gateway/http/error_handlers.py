@@ -8,6 +8,7 @@ the prompt and format fields in ``param``.
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +20,9 @@ from gateway.api.errors import APIError, EngineError
 from gateway.api.family import family_for_path
 
 log = logging.getLogger(__name__)
+
+_PARAMETER = re.compile(r"\{[^}]*\}")
+_METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE"}
 
 
 def error_response(path: str, error: APIError) -> JSONResponse:
@@ -36,6 +40,24 @@ def validation_error(exc: RequestValidationError | ValidationError) -> APIError:
     param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
     message = f"{first.get('msg', 'invalid request')}" + (f" (at '{param}')" if param else "")
     return APIError(400, message, param=param)
+
+
+def allowed_methods(request: Request, fallback: str = "") -> str:
+    """The methods ``/openapi.json`` documents for this request's path (its ``Allow`` header),
+    GET with HEAD: those of the path itself if it is documented as is, else of every templated
+    path that matches it; ``fallback`` for a path it does not document."""
+    paths: dict[str, dict] = request.app.openapi().get("paths", {})
+    path = request.url.path
+    matching = [path] if path in paths else [
+        template for template in paths
+        if re.fullmatch("[^/]+".join(re.escape(part) for part in _PARAMETER.split(template)), path)]
+    methods: list[str] = []
+    for template in matching:
+        methods += [method.upper() for method in paths[template] if method.upper() in _METHODS
+                    and method.upper() not in methods]
+    if "GET" in methods:
+        methods.insert(methods.index("GET") + 1, "HEAD")
+    return ", ".join(methods) or fallback
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -56,6 +78,8 @@ def install_handlers(app: FastAPI) -> None:
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 405:  # Starlette lists the first route's methods only (GET, not DELETE)
+            headers = {**(headers or {}), "Allow": allowed_methods(request, (headers or {}).get("Allow", ""))}
         error = APIError(exc.status_code, str(exc.detail), kind, headers=headers)
         return error_response(request.url.path, error)
 

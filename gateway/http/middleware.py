@@ -8,22 +8,31 @@ A pure ASGI middleware (no buffering, streams pass straight through):
 - with API keys configured, ``/v1/*`` needs ``Authorization: Bearer <key>`` or Anthropic's
   ``x-api-key: <key>`` (compared in constant time); ``/health`` and ``/metrics`` stay open
   unless ``protect_metrics``;
+- the body is read whole (413 past ``max_body_bytes``) and, if it is JSON, checked once for
+  every route (``json_body.check_json``: nesting depth, lone surrogates: a 400 naming the field);
 - every request is counted by route, model and status (``count_request``).
+
+A WebSocket scope gets ``state["transport"]``: the connection's transport where the server is
+uvicorn (None elsewhere), which ASGI does not expose; ``websocket.py`` bounds its send buffer
+and drops it when its client stops reading.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import re
 import uuid
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api.errors import APIError, openai_body
 from gateway.http.error_handlers import error_response
+from gateway.http.json_body import check_json
 from protocol.logs import current_request_id
 
 _CLIENT_ID = re.compile(r"^[\w.:/+=@-]{1,128}$")
@@ -54,7 +63,9 @@ class RequestMiddleware:
             if self._needs_key(scope["path"]) and owner is None:
                 await _refuse_websocket(scope, receive, send)
                 return
-            scope.setdefault("state", {})["owner"] = owner or ""
+            state = scope.setdefault("state", {})
+            state["owner"] = owner or ""
+            state["transport"] = _transport_of(send)
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -86,6 +97,12 @@ class RequestMiddleware:
                                      code="request_too_large")
                 await error_response(scope["path"], too_large)(scope, receive, send_with_id)
                 return
+            if body and _is_json(headers):
+                try:
+                    check_json(body)
+                except APIError as refused:
+                    await error_response(scope["path"], refused)(scope, receive, send_with_id)
+                    return
             await self.app(scope, _replay(body, receive), send_with_id)
         finally:
             current_request_id.reset(token)
@@ -148,6 +165,20 @@ async def _refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "websocket.http.response.start", "status": 401,
                 "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
     await send({"type": "websocket.http.response.body", "body": body})
+
+
+def _is_json(headers: dict[bytes, bytes]) -> bool:
+    """Whether FastAPI will parse the body as JSON: its content type says so, or it has none
+    (FastAPI then reads JSON too)."""
+    media = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+    return not media or media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+def _transport_of(send: Send) -> asyncio.Transport | None:
+    """The transport under uvicorn's ``send`` (a method of its protocol object), or None."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    usable = all(callable(getattr(transport, name, None)) for name in ("abort", "get_extra_info"))
+    return cast(asyncio.Transport, transport) if usable else None
 
 
 def owner_of(key: bytes) -> str:

@@ -3,7 +3,10 @@
 FastAPI documents a 422 validation error that this server never sends (bad bodies are 400s
 in the API's own shape, ``error_handlers.py``) and none of the errors it does send. This
 rewrites every operation's responses: the errors of its API family (OpenAI's, or Anthropic's
-under ``/v1/messages``), and ``text/event-stream`` beside JSON where a route streams.
+under ``/v1/messages``), ``text/event-stream`` beside JSON where a route streams, and
+Prometheus' text format (not JSON) for ``/metrics``. Integer fields take ``463.0`` as JSON
+Schema's ``integer`` does (``json_body.Integer``); an undocumented method gets 405 with every
+documented method of the path in ``Allow`` (``error_handlers.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.api.family import family_for_path
 
@@ -40,6 +44,7 @@ _OPENAI_STATUSES = {
 }
 _ANTHROPIC_STATUSES = {**{k: v for k, v in _OPENAI_STATUSES.items() if k != "503"},
                        "529": "Overloaded: no live worker for the model, or the gateway is shutting down"}
+_NOT_JSON = {"/metrics": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}
 _STREAMING = {"/v1/responses", "/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses/{response_id}"}
 
 
@@ -69,6 +74,8 @@ def _rewrite(schema: dict[str, Any]) -> dict[str, Any]:
                 for status, description in statuses.items():
                     responses[status] = {"description": description, "content": {"application/json": {"schema": reference}}}
             ok = responses.get("200")
+            if ok is not None and path in _NOT_JSON:
+                ok["content"] = _NOT_JSON[path]
             if ok is not None and path in _STREAMING and method in ("post", "get"):
                 ok.setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"}}
     return schema

@@ -20,8 +20,10 @@ from typing import Any
 from gateway.api.errors import APIError
 from gateway.api.ids import new_id
 from gateway.api.request import Message, text_message
+from gateway.http.json_body import has_lone_surrogate, nesting_depth
 
 ENCRYPTED_PREFIX = "mlxgw.compaction.v1:"
+_PAYLOAD_DEPTH = 8  # ours is one object with a string in it; a forged one may nest no deeper
 
 # What the model reads before a summary when a compaction item comes back as input.
 SUMMARY_PREFIX = (
@@ -36,15 +38,24 @@ def encode_summary(summary: str) -> str:
 
 
 def decode_summary(encrypted: Any) -> str:
-    """The summary inside ``encrypted_content``; ValueError if it is not ours or is damaged."""
+    """The summary inside ``encrypted_content``; ValueError if it is not ours or is damaged.
+
+    The payload is the client's to forge: it is held to what we write (one shallow object whose
+    summary is Unicode text) before anything recurses into it or sends it to a worker."""
     if not isinstance(encrypted, str) or not encrypted.startswith(ENCRYPTED_PREFIX):
         raise ValueError("not made by this server")
     try:
-        payload = json.loads(base64.urlsafe_b64decode(encrypted[len(ENCRYPTED_PREFIX):].encode("ascii")))
-    except (binascii.Error, UnicodeError, ValueError):
+        raw = base64.urlsafe_b64decode(encrypted[len(ENCRYPTED_PREFIX):].encode("ascii"))
+        text = raw.decode("utf-8")  # strict: what we write is UTF-8, and surrogates' bytes are refused
+        if nesting_depth(raw) > _PAYLOAD_DEPTH:
+            raise ValueError("nested too deep")
+        payload = json.loads(text)
+    except (binascii.Error, UnicodeError, ValueError, RecursionError):
         raise ValueError("damaged") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("summary"), str):
         raise ValueError("damaged")
+    if has_lone_surrogate(payload["summary"]):
+        raise ValueError("damaged: the summary is not Unicode text")
     return payload["summary"]
 
 

@@ -25,6 +25,7 @@ from gateway.api.family import RESPONSES
 from gateway.api.ids import new_id
 from gateway.api.request import Message, ModelRequest, TextPart, ToolCall, text_message
 from gateway.api.structured_output import from_responses
+from gateway.http.json_body import quoted
 from gateway.responses import compaction_item
 from gateway.responses.request import ResponsesRequest
 from gateway.responses.tools import ToolSet
@@ -96,7 +97,7 @@ def normalize_input(raw: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _normalize_message(item: dict[str, Any], index: int) -> dict[str, Any]:
     role = item.get("role")
     if role not in ("user", "assistant", "system", "developer"):
-        raise APIError(400, f"unknown message role {role!r}", param=f"input[{index}].role")
+        raise APIError(400, f"unknown message role {quoted(role)}", param=f"input[{index}].role")
     content = item.get("content")
     part_type = "output_text" if role == "assistant" else "input_text"
     if isinstance(content, str):
@@ -122,7 +123,7 @@ def _normalize_message(item: dict[str, Any], index: int) -> dict[str, Any]:
             raise APIError(400, f"{kind} is not supported: this model reads text only",
                            param=f"input[{index}].content[{j}]")
         else:
-            raise APIError(400, f"unknown content part type {kind!r}", param=f"input[{index}].content[{j}]")
+            raise APIError(400, f"unknown content part type {quoted(kind)}", param=f"input[{index}].content[{j}]")
     return {**item, "type": "message", "role": role, "content": parts}
 
 

@@ -3,6 +3,7 @@
 Lenient on purpose: real clients send fields we do not use (Codex's ``client_metadata``, the
 agents SDK's ``prompt_cache_retention``, ...) and must never get a 400 for them. Input items
 and tools stay plain dicts here; ``conversation.py`` and ``tools.py`` read them leniently.
+Integer fields take ``463.0`` as 463, as the documented JSON Schema ``integer`` does.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.api.request import TOKEN_LIMIT
+from gateway.http.json_body import OptionalInteger
 
 
 class ResponsesRequest(BaseModel):
@@ -31,8 +33,8 @@ class ResponsesRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    max_output_tokens: int | None = Field(default=None, ge=1, le=TOKEN_LIMIT)
-    max_tool_calls: int | None = Field(default=None, ge=0, le=TOKEN_LIMIT)
+    max_output_tokens: OptionalInteger = Field(default=None, ge=1, le=TOKEN_LIMIT)
+    max_tool_calls: OptionalInteger = Field(default=None, ge=0, le=TOKEN_LIMIT)
     text: dict[str, Any] | None = None
     reasoning: dict[str, Any] | None = None
     include: list[str] | None = None
@@ -43,7 +45,7 @@ class ResponsesRequest(BaseModel):
     safety_identifier: str | None = None
     service_tier: str | None = None
     truncation: str | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: OptionalInteger = Field(default=None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None
     generate: bool | None = None  # false: only create the response (Codex's WebSocket prewarm)
     conversation: str | dict[str, Any] | None = None  # refused: see ResponsesService.prepare

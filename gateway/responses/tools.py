@@ -16,6 +16,7 @@ from typing import Any, Literal
 from gateway.api.errors import APIError
 from gateway.api.json_schema import tool_schema
 from gateway.api.request import Tool, choose_tools
+from gateway.http.json_body import quoted
 
 log = logging.getLogger(__name__)
 
@@ -88,4 +89,4 @@ def _read_tool_choice(tool_choice: Any) -> tuple[str, set[str] | None]:
             return mode, names or None
         log.info("tool_choice %r names a hosted tool; treated as auto", kind)
         return "auto", None
-    raise APIError(400, f"invalid tool_choice {tool_choice!r}", param="tool_choice")
+    raise APIError(400, f"invalid tool_choice {quoted(tool_choice)}", param="tool_choice")
