@@ -96,6 +96,15 @@ def test_a_tool_round_trip_with_tool_result(client):
     assert second.stop_reason == "end_turn" and second.content[0].text == "It is sunny in Paris."
     # The second turn's prompt starts with the first one's: served from the prefix cache.
     assert second.usage.cache_read_input_tokens > first.usage.input_tokens // 2
+    # A result for a call that was never made: Anthropic's 400, for a stream too.
+    for stream in (False, True):
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            client.messages.create(model=MODEL, max_tokens=8, tools=[WEATHER_TOOL], stream=stream, messages=[
+                {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_nowhere", "content": "x"}]}])
+        message = caught.value.body["error"]["message"]
+        assert "unexpected `tool_use_id` found in `tool_result` blocks: toolu_nowhere" in message, message
+        assert message.startswith("messages.2.content.0: ")
 
 
 def test_a_streamed_tool_call_arrives_as_input_json(client):

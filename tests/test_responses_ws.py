@@ -68,6 +68,22 @@ def test_a_prewarm_creates_a_response_without_generating(scripted_stack):
         assert then[-1]["type"] == "response.completed" and then[-1]["response"]["usage"]["input_tokens"] > 2000
 
 
+def test_a_failed_continuation_evicts_the_response_it_continued_from(scripted_stack):
+    """Open Responses' websocket-failed-continuation-evicts-cache: a tool output for no call,
+    continuing from the connection's last response, is refused over the WebSocket as over HTTP,
+    and that response can no longer be continued from."""
+    with connect(ws_url(scripted_stack)) as socket:
+        first = create(socket, input="SCRIPT:Ready.", store=False)
+        response_id = first[-1]["response"]["id"]
+        dangling = create(socket, previous_response_id=response_id, store=False,
+                          input=[{"type": "function_call_output", "call_id": "call_nowhere", "output": "x"}])
+        assert dangling[-1]["type"] == "error" and dangling[-1]["status"] == 400, dangling[-1]
+        assert "call_nowhere" in dangling[-1]["error"]["message"]
+        again = create(socket, input="SCRIPT:Again.", previous_response_id=response_id, store=False)
+        assert again[-1]["error"]["code"] == "previous_response_not_found", again[-1]
+        assert create(socket, input="SCRIPT:Still here.")[-1]["type"] == "response.completed"
+
+
 def test_bad_frames_get_error_frames_and_the_connection_stays(scripted_stack):
     with connect(ws_url(scripted_stack)) as socket:
         socket.send("{not json")

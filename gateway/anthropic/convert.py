@@ -43,7 +43,7 @@ from gateway.api.errors import APIError
 from gateway.api.family import MESSAGES
 from gateway.api.request import Message, ModelRequest, TextPart, ToolCall, text_message
 from gateway.api.structured_output import from_messages
-from gateway.http.json_body import quoted
+from gateway.http.json_body import quoted, shown
 from protocol import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -204,6 +204,9 @@ def _tool_result(block: dict[str, Any], at: str, call_names: dict[str, str]) -> 
     call_id = block.get("tool_use_id")
     if not isinstance(call_id, str) or not call_id:
         raise APIError(400, "a tool_result block needs a tool_use_id", param=f"{at}.tool_use_id")
+    if call_id not in call_names:  # Anthropic's words
+        raise APIError(400, f"{at}: unexpected `tool_use_id` found in `tool_result` blocks: {shown(call_id)}. Each "
+                       "`tool_result` block must have a corresponding `tool_use` block in the previous message.")
     content = block.get("content")
     if isinstance(content, str):
         text = content

@@ -195,12 +195,14 @@ class ResponsesConnection:
         try:
             run = await self.service.prepare(body, response_id, response_id, local=self.last,
                                              owner=caller(self.socket.scope))
-        except APIError as error:
-            if error.code == "previous_response_not_found":
+        except (APIError, EngineError) as failure:
+            # A continuation that fails (an unknown id, a tool output for no call, ...) evicts the
+            # response it continued from: continuing from it again is previous_response_not_found.
+            if body.previous_response_id is not None:
                 self.last = None
+            if isinstance(failure, EngineError):
+                raise RESPONSES.error(failure) from None
             raise
-        except EngineError as failure:
-            raise RESPONSES.error(failure) from None
         await send_batches(self.sender, self.service.events(run))
         self.last = run.remembered()
         log.info("response %s over WebSocket: %s", response_id, run.state.status)
