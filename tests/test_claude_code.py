@@ -7,6 +7,7 @@ question. Claude Code's own prompt, tools, permission checks and agent loop are 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -69,6 +70,19 @@ def test_claude_code_on_the_default_model(smol_stack, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip()
     assert "assumes a context window" not in result.stderr  # the launcher told it the real window
+
+
+def test_claude_code_discovers_the_served_models(scripted_stack, tmp_path):
+    """With the launcher's environment Claude Code asks GET /v1/models (Anthropic's shape) and
+    keeps what it found for its /model picker."""
+    result = run_claude(scripted_stack, tmp_path, "SCRIPT:</think>Found.", "--tools", "")
+    assert result.returncode == 0, result.stdout + result.stderr
+    home = tmp_path.parent / f"{tmp_path.name}-home"
+    cached = list(home.rglob("gateway-models.json"))
+    assert cached, sorted(str(p) for p in home.rglob("*"))[:50]
+    found = json.loads(cached[0].read_text())
+    assert [(m["id"], m.get("display_name")) for m in found["models"]] == [(f"claude-local/{SCRIPTED}", SCRIPTED)], found
+    assert found["baseUrl"].rstrip("/") == scripted_stack.base_url
 
 
 def test_a_five_turn_session_is_served_from_the_prefix_cache(scripted_stack, tmp_path):

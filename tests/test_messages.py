@@ -157,6 +157,20 @@ def test_bad_requests_get_anthropic_errors(stack, body, status, kind):
         assert r.json()["type"] == "error" and r.json()["error"]["type"] == kind and r.json()["error"]["message"]
 
 
+def test_the_sdk_lists_the_served_models_in_anthropics_shape(client):
+    """Claude Code's discovery keeps ids that say "claude": each model is listed as claude-local/NAME,
+    a name the gateway answers as NAME."""
+    page = client.models.list()
+    listed = f"claude-local/{MODEL}"
+    assert [(m.id, m.display_name) for m in page.data] == [(listed, MODEL)] and not page.has_more
+    assert page.first_id == page.last_id == listed and page.data[0].created_at.year >= 2026
+    assert page.data[0].max_input_tokens == 200_000
+    assert client.models.retrieve(listed).display_name == client.models.retrieve(MODEL).display_name == MODEL
+    reply = client.messages.create(model=listed, max_tokens=16, thinking=NO_THINKING,
+                                   messages=[{"role": "user", "content": "SCRIPT:Listed and served."}])
+    assert reply.content[0].text == "Listed and served."
+
+
 def test_sdk_error_types(client, stack):
     with pytest.raises(anthropic.NotFoundError):
         client.messages.create(model="nope", max_tokens=5, messages=[{"role": "user", "content": "hi"}])

@@ -40,6 +40,8 @@ def claude_code_env(base_url: str, model: str, context_window: int, api_key: str
         "ANTHROPIC_DEFAULT_HAIKU_MODEL": model,
         "ANTHROPIC_SMALL_FAST_MODEL": model,  # older Claude Code releases
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",  # no telemetry or update checks to the internet
+        # Claude Code asks the gateway's GET /v1/models and lists every served model in /model.
+        "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY": "1",
     }
     if context_window >= MIN_COMPACT_WINDOW:
         env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] = str(context_window)

@@ -4,12 +4,18 @@ Claude Code asks for its own model names (a main model and a small fast one) unl
 otherwise; ``--model-alias 'claude-*=qwen3-coder'`` lets an operator answer them with a local
 model. Patterns are shell-style (``fnmatch``), tried in the order given; a name a worker
 serves is never rewritten.
+
+Claude Code's model discovery keeps only ids that mention "claude" or "anthropic": the
+gateway lists each served model to it also as ``claude-local/<model>`` (``DISCOVERY_PREFIX``),
+and that name always means ``<model>``.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
+
+DISCOVERY_PREFIX = "claude-local/"
 
 
 class ModelAliases:
@@ -28,6 +34,8 @@ class ModelAliases:
         return cls(rules)
 
     def resolve(self, name: str) -> str:
+        if name.startswith(DISCOVERY_PREFIX):
+            return name[len(DISCOVERY_PREFIX):]
         for pattern, model in self.rules:
             if fnmatch.fnmatchcase(name, pattern):
                 return model

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -11,6 +12,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.api.errors import model_not_found
+from gateway.engine.aliases import DISCOVERY_PREFIX
 from gateway.engine.client import EngineClient
 from gateway.engine.registry import WorkerInfo
 from gateway.status.codex_catalog import model_catalog
@@ -24,31 +26,50 @@ def _engine(request: Request) -> EngineClient:
     return engine
 
 
-def _model_card(model: str, created: int) -> dict[str, Any]:
+def _model_card(model: str, workers: list[WorkerInfo], anthropic: bool = False) -> dict[str, Any]:
+    created = int(min(w.registered_at for w in workers))
+    if anthropic:  # Anthropic's Models API, under the name Claude Code's discovery keeps (engine/aliases.py)
+        stamp = datetime.fromtimestamp(created, timezone.utc).isoformat().replace("+00:00", "Z")
+        return {"type": "model", "id": DISCOVERY_PREFIX + model, "display_name": model, "created_at": stamp,
+                "lifecycle": "active",
+                "deprecated_at": None, "retires_at": None,
+                "max_input_tokens": min(w.context_length for w in workers)}
     return {"id": model, "object": "model", "created": created, "owned_by": "mlx-gateway"}
+
+
+def _asks_anthropic(request: Request) -> bool:
+    """Anthropic's SDKs and Claude Code (its gateway model discovery) send ``anthropic-version``."""
+    return "anthropic-version" in request.headers
 
 
 @router.get("/v1/models")
 async def list_models(request: Request, client_version: str | None = None) -> dict[str, Any]:
-    """OpenAI's model list; with ``?client_version=`` (Codex's request) Codex's model catalog."""
+    """OpenAI's model list; with ``?client_version=`` (Codex's request) Codex's model catalog;
+    with an ``anthropic-version`` header, Anthropic's (``data``, ``has_more``, ``first_id``,
+    ``last_id``), which Claude Code's ``/model`` picker lists."""
     engine = _engine(request)
     if client_version is not None:
         now = time.monotonic()
         return model_catalog(served_models(_worker_view(w, now) for w in engine.registry.all()))
-    created: dict[str, int] = {}
+    serving: dict[str, list[WorkerInfo]] = {}
     for worker in engine.registry.all():
-        if not worker.serving:
-            continue
-        created[worker.model] = min(created.get(worker.model, 1 << 62), int(worker.registered_at))
-    return {"object": "list", "data": [_model_card(m, created[m]) for m in sorted(created)]}
+        if worker.serving:
+            serving.setdefault(worker.model, []).append(worker)
+    names = sorted(serving)
+    if _asks_anthropic(request):
+        cards = [_model_card(m, serving[m], anthropic=True) for m in names]
+        return {"data": cards, "has_more": False, "first_id": cards[0]["id"] if cards else None,
+                "last_id": cards[-1]["id"] if cards else None}
+    return {"object": "list", "data": [_model_card(m, serving[m]) for m in names]}
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request) -> dict[str, Any]:
+    model = model.removeprefix(DISCOVERY_PREFIX)
     workers = [w for w in _engine(request).registry.all() if w.model == model and w.serving]
     if not workers:
         raise model_not_found(model)
-    return _model_card(model, int(min(w.registered_at for w in workers)))
+    return _model_card(model, workers, _asks_anthropic(request))
 
 
 def _worker_view(w: WorkerInfo, now: float) -> dict[str, Any]:
