@@ -34,6 +34,7 @@ def create_app(
     metrics = GatewayMetrics()
     metrics.attach(engine, lambda: store.size)
     engine.observer = metrics
+    service.on_compaction = metrics.compaction
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

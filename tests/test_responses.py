@@ -498,3 +498,7 @@ def test_the_workers_output_cap_bounds_requests_and_compactions(fresh_stack, tin
     assert response.status == "incomplete" and response.usage.output_tokens == 6
     compacted = client.responses.compact(model=MODEL, input=CONVERSATION, extra_body=long_script)
     assert compacted.usage.output_tokens == 6
+    # Compactions are counted and timed.
+    metrics = httpx.get(f"{fresh_stack.base_url}/metrics", timeout=10).text
+    assert f'mlxgw_compactions_total{{model="{MODEL}",outcome="incomplete"}} 1.0' in metrics, metrics  # cut at the cap
+    assert f'mlxgw_compaction_seconds_count{{model="{MODEL}"}} 1.0' in metrics

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator
+import time
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,8 @@ class ResponsesService:
         self.store = store
         self._background: dict[str, Run] = {}
         self._closing = False
+        # Told of each compaction: (model, outcome, seconds); the metrics count and time them.
+        self.on_compaction: Callable[[str, str, float], None] | None = None
 
     async def prepare(self, body: ResponsesRequest, response_id: str, trace_id: str | None = None,
                       local: StoredResponse | None = None, owner: str = "") -> Run:
@@ -131,12 +134,25 @@ class ResponsesService:
             await self._save(run)
             return
         batches = event_batches(run.builder, RESPONSES, run.stream or self._submit(run))
+        started = time.monotonic()
         try:
             async for batch in batches:
                 yield batch
         finally:
             await batches.aclose()
+            if isinstance(run.builder, compaction.CompactionEvents):
+                self._compacted(run, time.monotonic() - started)
         await self._save(run)
+
+    def _compacted(self, run: Run, seconds: float) -> None:
+        """A compaction can take minutes (a long prefill on a large model): each is logged and metered."""
+        state = run.state
+        usage = state.usage or {}
+        log.info("compaction %s: %s in %.1f s (%s prompt tokens, %s cached, %s summary tokens)", state.id, state.status,
+                 seconds, usage.get("input_tokens", "?"), (usage.get("input_tokens_details") or {}).get("cached_tokens", "?"),
+                 usage.get("output_tokens", "?"))
+        if self.on_compaction is not None:
+            self.on_compaction(state.request.model, state.status, seconds)
 
     async def _save(self, run: Run) -> None:
         if run.state.request.store is False:

@@ -36,6 +36,10 @@ class GatewayMetrics:
                                        "model was lost", ["model"], registry=self.registry)
         self.worker_losses = Counter("mlxgw_worker_losses", "Workers declared gone", ["model", "reason"],
                                      registry=self.registry)
+        self.compactions = Counter("mlxgw_compactions", "Conversations compacted (/responses/compact and "
+                                   "compaction_trigger), by outcome", ["model", "outcome"], registry=self.registry)
+        self.compaction_seconds = Histogram("mlxgw_compaction_seconds", "How long a compaction took, start to item",
+                                            ["model"], buckets=LATENCY_BUCKETS + (300, 600), registry=self.registry)
         self._lost: dict[str, int] = {}  # model -> losses not yet made up by a new registration
         self._token_metrics: dict[str, tuple] = {}
 
@@ -63,6 +67,10 @@ class GatewayMetrics:
         children[0].inc(count)
         if seconds_since_previous is not None and count:
             children[1].observe(seconds_since_previous / count)
+
+    def compaction(self, model: str, outcome: str, seconds: float) -> None:
+        self.compactions.labels(model, outcome).inc()
+        self.compaction_seconds.labels(model).observe(seconds)
 
     def worker_registered(self, model: str) -> None:
         if self._lost.get(model, 0) > 0:
