@@ -392,6 +392,37 @@ def test_frames_queued_behind_a_running_response_are_bounded(stack):
         assert create(ws, input="hi", max_output_tokens=2)[-1]["type"] == "response.incomplete"
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the gateway's memory from /proc")
+def test_a_frame_flood_leaves_the_gateways_memory_bounded(stack):
+    """The reproducer: sixty ~3.9 MB frames behind a running response took the gateway from 96 to
+    323 MB. Now all but the queue's few are refused, and the gateway's memory stays put."""
+    gateway = next(p for p in stack.processes if p.name == "gateway").popen.pid
+    flood = json.dumps({"type": "response.create", "model": TINY, "input": "hi", "max_output_tokens": 2,
+                        "padding": "x" * (3_900 << 10)})
+    with connect(ws_url(stack), max_size=None) as ws:
+        ws.send(json.dumps({"type": "response.create", "model": TINY_LONG, "input": "go on",
+                            "max_output_tokens": 2000}))
+        while json.loads(ws.recv(timeout=60))["type"] != "response.output_text.delta":
+            pass
+        before = rss_mb(gateway)
+        for _ in range(60):
+            ws.send(flood)
+        refused, peak = 0, before
+        while refused < 58:  # the queue (2 frames, 1 MB: the first waiting frame may be any size) holds one
+            event = json.loads(ws.recv(timeout=120))
+            refused += event["type"] == "error" and event["error"]["code"] == "websocket_queue_full"
+            peak = max(peak, rss_mb(gateway))
+        print(f"gateway RSS {before:.0f} MB before the flood, {peak:.0f} MB at most during it")
+        assert peak - before < 60, f"the gateway grew from {before:.0f} to {peak:.0f} MB"
+
+
 # --- 6. a client that stops reading ---------------------------------------------------
 
 
