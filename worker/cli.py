@@ -12,6 +12,7 @@ from protocol.logs import configure as configure_logging
 from protocol.security import CurveClient
 from protocol.transport import check_address, default_address
 from worker.blas import enable_fast_blas
+from worker.prompts import DEFAULT_TEMPLATE_TIMEOUT
 
 # Modules that import mlx (worker.models, worker.core) are imported inside main(), once
 # enable_fast_blas() has chosen the BLAS.
@@ -53,6 +54,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wired-limit", type=float, default=None, metavar="GB",
                         help="Metal wired-memory limit for this worker (default: mlx-lm's recommended size; "
                              "with several workers, split the machine's limit between them)")
+    parser.add_argument("--allow-client-templates", action="store_true",
+                        help="render a chat template a request sends (chat_template_kwargs.chat_template); off "
+                             "by default, when such a request fails with a 400. A client's template runs on the "
+                             "worker (sandboxed Jinja, bounded by --template-timeout, but free to use its memory): "
+                             "allow it only for clients you trust")
+    parser.add_argument("--template-timeout", type=float, default=DEFAULT_TEMPLATE_TIMEOUT, metavar="SECONDS",
+                        help="seconds one chat template render may take, the model's template or a client's; "
+                             "past it the request fails with a 400 and other requests go on (default: "
+                             f"{DEFAULT_TEMPLATE_TIMEOUT:g})")
     parser.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="on SIGTERM, seconds to finish running requests before failing them (default: 30)")
@@ -87,6 +97,9 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
         return 2
     if args.prefill_chunk is not None and args.prefill_chunk < 0:
         log.error("--prefill-chunk must be 0 (mlx-lm's own prefill) or more")
+        return 2
+    if not 0 < args.template_timeout < float("inf"):
+        log.error("--template-timeout must be a number of seconds more than 0")
         return 2
     if args.cpu_threads is not None and args.cpu_threads < 1:
         log.error("--cpu-threads must be at least 1")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from worker.prompts import DEFAULT_TEMPLATE_TIMEOUT, TemplatePolicy
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -23,6 +25,14 @@ class WorkerConfig:
     # small model may never end its turn: SmolLM2 uncapped looped to its whole 8k context, and a
     # client that waited for the end timed out after 300 s. A request's own max_tokens is not capped.
     max_output_tokens: int | None = 8192
+    # Chat template rendering (worker/prompts.py): a request's own template
+    # (chat_template_kwargs.chat_template) is refused unless allowed, and any render is stopped
+    # after template_timeout seconds (the request fails; the prompt-builder thread goes on).
+    allow_client_templates: bool = False
+    template_timeout: float = DEFAULT_TEMPLATE_TIMEOUT
+
+    def template_policy(self) -> TemplatePolicy:
+        return TemplatePolicy(self.allow_client_templates, self.template_timeout)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkerConfig:
@@ -37,4 +47,6 @@ class WorkerConfig:
             drain_timeout=args.drain_timeout,
             stall_timeout=args.stall_timeout,
             max_output_tokens=args.max_output_tokens or None,
+            allow_client_templates=args.allow_client_templates,
+            template_timeout=args.template_timeout,
         )

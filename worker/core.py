@@ -212,6 +212,7 @@ def build_engine(loaded: LoadedModel, config: WorkerConfig, logits_processors: L
     (``engine_type``: a GroupEngine, worker/sharded.py)."""
     engine = engine_type(loaded, config.max_sequences, config.prefill_chunk, logits_processors,
                          prompt_cache_bytes=config.prompt_cache_mb << 20, max_output_tokens=config.max_output_tokens)
+    engine.prompts.configure(config.template_policy())  # --allow-client-templates, --template-timeout
     apply_memory_limits(config)
     return engine
 
