@@ -151,7 +151,7 @@ def test_the_command_writes_the_catalog_and_merges_config_toml(fake_gateway, tmp
     url, workers = fake_gateway
     workers.append(worker("qwen", 32768, tool_calls=True, thinking=True) | {"id": "w1", "pid": 1})
     (tmp_path / "config.toml").write_text('model = "gpt-5.5"\n[tui]\nnotifications = true\n')
-    assert main(["--url", url, "--codex-home", str(tmp_path), "--no-websockets"]) == 0
+    assert main(["--url", url, "--codex-home", str(tmp_path), "--no-websockets", "--no-run"]) == 0
     catalog = json.loads((tmp_path / "mlx-gateway-models.json").read_text())
     assert [m["slug"] for m in catalog["models"]] == ["qwen"]
     assert catalog["models"][0]["apply_patch_tool_type"] == "freeform"
