@@ -9,7 +9,7 @@
 
 Blocks are strictly sequential and ``index`` is the block's place in the final ``content``.
 ``message()`` gives the whole Message from the same state, so the JSON reply and the stream
-can never disagree. It is the family's event builder (``api/events.py``); how events travel,
+can never disagree. It is the family's event builder (``api/generation.py``); how events travel,
 and pings, are the transport's business.
 
 Thinking blocks carry a ``signature`` (``signature.py``) that clients send back untouched.

@@ -1,6 +1,6 @@
 """Worker output -> Chat Completions and Completions chunks, and the whole reply.
 
-``ChatChunks`` and ``CompletionChunks`` are the families' event builders (``api/events.py``):
+``ChatChunks`` and ``CompletionChunks`` are the families' event builders (``api/generation.py``):
 the opening chunks, chunks per delta, the chunk with the finish reason, the usage chunk if
 asked for, an error chunk if the request fails (the SSE sender then ends with ``[DONE]``).
 They also keep the whole reply, so ``result()`` is the JSON answer built from the same state.

@@ -1,6 +1,6 @@
 """Server-sent events: the framing, and the one loop that sends any family's event batches.
 
-Each API family builds its events (plain dicts, ``api/events.py``) without knowing how they
+Each API family builds its events (plain dicts, ``api/generation.py``) without knowing how they
 travel; ``event_stream`` sends them as SSE, and ``websocket.py`` is this module's sibling.
 Typed events (Responses, Messages) carry their type on an ``event:`` line; Chat Completions'
 chunks are bare ``data:`` lines ended by ``[DONE]``.

@@ -1,6 +1,6 @@
 """WebSocket framing: an event stream as text frames, and errors as error frames.
 
-The sibling of ``sse.py``: the same event objects (``api/events.py``), one JSON text frame
+The sibling of ``sse.py``: the same event objects (``api/generation.py``), one JSON text frame
 each, in the same order. Close codes say why a connection ends.
 
 Every frame to a socket goes through its ``FrameSender``: one at a time, in order, and

@@ -10,7 +10,7 @@
 Items are strictly sequential, ``output_index`` counts every item, ``content_index`` is per
 item. The same builder serves non-streaming requests (the events are dropped and the final
 ``state`` is returned), so JSON and stream can never disagree. It is the family's event
-builder (``api/events.py``); how events travel (SSE, WebSocket) is the transport's business.
+builder (``api/generation.py``); how events travel (SSE, WebSocket) is the transport's business.
 """
 
 from __future__ import annotations
