@@ -155,3 +155,30 @@ def test_each_family_is_found_by_its_paths_and_names_its_own_fields() -> None:
     assert family_for_path("/v1/completions") is COMPLETIONS and COMPLETIONS.prompt_param == "prompt"
     assert family_for_path("/v1/models").error_shape == "openai" and family_for_path("/v1/messagesX") is not MESSAGES
     assert CHAT.new_id().startswith("chatcmpl-") and MESSAGES.new_id().startswith("msg_") and len(MESSAGES.new_id()) == 28
+
+
+def test_a_compaction_renders_the_turn_as_it_was_then_asks_for_text() -> None:
+    """The summary request extends the turn's prompt (the prefix cache holds it), format
+    instruction included, but the summary itself is not constrained."""
+    from gateway.responses.compaction import summary_run
+    from gateway.responses.objects import ResponseState
+
+    fmt = {"format": {"type": "json_schema", "name": "a", "schema": ANSWER_SCHEMA}}
+    body = ResponsesRequest.model_validate({"model": "m", "instructions": "Be brief.", "text": fmt})
+    items = normalize_input([{"role": "user", "content": "Read a.txt."}, {"type": "compaction_trigger"}])
+    turn = responses_request(body, items, resolve_tools(None, "auto", True))
+    planned = summary_run(items, items, turn, body, ResponseState("resp_1", body))
+    assert planned is not None
+    summary, turn_generate = to_generate(planned[0], "r"), to_generate(turn, "r")
+    assert summary.messages[:len(turn_generate.messages)] == turn_generate.messages
+    assert summary.constraint is None and summary.tool_choice == "auto"
+
+
+def test_a_named_tool_that_is_not_offered_is_refused_even_with_no_tools() -> None:
+    from gateway.api.errors import APIError
+
+    with pytest.raises(APIError) as caught:
+        messages(tools=[], tool_choice={"type": "tool", "name": "read_file"})
+    assert caught.value.param == "tool_choice"
+    with pytest.raises(APIError):
+        chat(tool_choice={"type": "function", "function": {"name": "nope"}})

@@ -62,4 +62,4 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, 
 def _session(request: Request) -> str | None:
     # Claude Code names its session: requests of one session go back to the replica that holds
     # its prefix cache.
-    return request.headers.get("x-claude-code-session-id")
+    return request.headers.get("x-claude-code-session-id") or None

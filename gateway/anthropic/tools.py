@@ -36,6 +36,8 @@ def resolve_tools(tools: list[dict[str, Any]] | None, tool_choice: dict[str, Any
                   messages: list[dict[str, Any]]) -> ToolSet:
     found = _read_tools(tools, _referenced_tools(messages))
     mode, named, parallel = _read_tool_choice(tool_choice)
+    if named is not None and named not in found:
+        raise APIError(400, f"tool_choice names {named!r}, which is not a tool this model can call", param="tool_choice")
     if named is None:  # a deferred tool is offered only when named
         offered, choice = choose_tools([tool for tool, deferred in found.values() if not deferred], mode)
     else:

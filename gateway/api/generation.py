@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Event = dict[str, Any]
-INTERNAL_ERROR = APIError(500, "the gateway had an internal error", "server_error", code="server_error")
 
 
 def bind_request_id(request: Request, resource_id: str, model: str | None = None) -> str:
@@ -94,7 +93,7 @@ async def event_batches(builder: EventBuilder, family: ApiFamily,
         yield builder.fail(family.error(exc))
     except Exception:  # a bug of ours: the client still gets a terminal event, not a cut stream
         log.exception("%s request failed", family.name)
-        yield builder.fail(INTERNAL_ERROR)
+        yield builder.fail(APIError(500, "the gateway had an internal error", "server_error", code="server_error"))
     finally:
         if opened is not None:
             opened.close()  # stops the generation if the client went away mid-stream

@@ -16,6 +16,7 @@ from gateway.api.json_schema import tool_schema
 from gateway.api.request import Message, ModelRequest, TextPart, Tool, ToolCall, choose_tools
 from gateway.api.structured_output import from_chat
 from gateway.chat.request import ChatCompletionRequest, ChatMessage, CompletionRequest
+from gateway.http.json_body import quoted
 
 # The legacy API's default, which clients relying on it expect.
 DEFAULT_MAX_TOKENS = 16
@@ -24,7 +25,7 @@ DEFAULT_MAX_TOKENS = 16
 def chat_request(body: ChatCompletionRequest) -> ModelRequest:
     messages = [_message(m, i) for i, m in enumerate(body.messages)]
     system: list[str] = []
-    if messages[0].role == "system":
+    if messages[0].role == "system" and messages[0].name is None:  # a named one stays as it is
         system = [messages.pop(0).text]
     tools, tool_choice = _tools(body)
     return ModelRequest(
@@ -78,7 +79,7 @@ def _tool_call(call: dict[str, Any], where: str) -> ToolCall:
     function = call.get("function")
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
         raise APIError(400, "a tool call needs a function with a name", param=f"{where}.function")
-    return ToolCall(str(call.get("id") or ""), function["name"], function.get("arguments") or "{}")
+    return ToolCall(str(call.get("id") or ""), function["name"], function.get("arguments", ""))
 
 
 def _tools(body: ChatCompletionRequest) -> tuple[list[Tool], Any]:
@@ -96,7 +97,9 @@ def _tools(body: ChatCompletionRequest) -> tuple[list[Tool], Any]:
     choice = body.tool_choice
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name")
-        return choose_tools(tools, "required", {str(name)}, "tool_choice names an unknown function")
+        if body.tools and name not in {tool.name for tool in tools}:
+            raise APIError(400, f"tool_choice names an unknown function {quoted(name)}", param="tool_choice")
+        return choose_tools(tools, "required", {str(name)})
     return choose_tools(tools, choice if choice in ("none", "required") else "auto")
 
 

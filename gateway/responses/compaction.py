@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gateway.api.errors import APIError
 from gateway.api.ids import new_id
 from gateway.api.request import ModelRequest, text_message
+from gateway.api.structured_output import instruction
 from gateway.responses.compaction_item import compaction_item
 from gateway.responses.events import Event, ResponseEvents
 from gateway.responses.objects import ResponseState
@@ -83,8 +84,11 @@ def summary_run(items: list[dict[str, Any]], context: list[dict[str, Any]], requ
     summary = dataclasses.replace(
         request,
         messages=[*request.messages, text_message("user", SUMMARY_PROMPT)],
+        # The turn's format instruction stays in the system prompt (the prompt the cache holds),
+        # but the summary is text, whatever format the turn asked for.
+        system=[*request.system, *filter(None, [instruction(request.constraint)])],
         tool_choice="auto",
-        constraint=None,  # a summary is text, whatever format the turn asked for
+        constraint=None,
         max_tokens=body.max_output_tokens or SUMMARY_MAX_TOKENS,
     )
     return summary, CompactionEvents(state)
