@@ -173,12 +173,7 @@ def _document_text(block: dict[str, Any], at: str) -> str:
         if isinstance(inner, str):
             body = inner
         elif isinstance(inner, list):
-            parts = []
-            for k, part in enumerate(inner):
-                if not isinstance(part, dict):
-                    raise APIError(400, "each content block must be an object", param=f"{at}.source.content.{k}")
-                parts.append(_block_text(part, f"{at}.source.content.{k}"))
-            body = "\n\n".join(parts)
+            body = "\n\n".join(_inner_texts(inner, f"{at}.source.content"))
         else:
             raise APIError(400, "a content document's source.content must be a string or a list of blocks",
                            param=f"{at}.source.content")
@@ -187,6 +182,16 @@ def _document_text(block: dict[str, Any], at: str) -> str:
                        param=at)
     title = block.get("title")
     return f"{title}\n\n{body}" if isinstance(title, str) and title else body
+
+
+def _inner_texts(blocks: list[Any], at: str) -> list[str]:
+    """The text of each block inside a document or a tool result (each must be an object)."""
+    texts = []
+    for k, block in enumerate(blocks):
+        if not isinstance(block, dict):
+            raise APIError(400, "each content block must be an object", param=f"{at}.{k}")
+        texts.append(_block_text(block, f"{at}.{k}"))
+    return texts
 
 
 def _tool_call(block: dict[str, Any], at: str, call_names: dict[str, str]) -> ToolCall:
@@ -211,12 +216,7 @@ def _tool_result(block: dict[str, Any], at: str, call_names: dict[str, str]) -> 
     if isinstance(content, str):
         text = content
     elif isinstance(content, list):
-        parts = []
-        for k, inner in enumerate(content):
-            if not isinstance(inner, dict):
-                raise APIError(400, "each content block must be an object", param=f"{at}.content.{k}")
-            parts.append(_block_text(inner, f"{at}.content.{k}"))
-        text = "\n\n".join(p for p in parts if p)
+        text = "\n\n".join(p for p in _inner_texts(content, f"{at}.content") if p)
     else:
         text = "" if content is None else json.dumps(content, ensure_ascii=False)
     if block.get("is_error") and not text.lstrip().lower().startswith(_ERROR_MARKS):
