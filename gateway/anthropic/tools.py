@@ -21,6 +21,7 @@ from typing import Any, Literal
 from gateway.api.errors import APIError
 from gateway.api.json_schema import tool_schema
 from gateway.api.request import Tool, choose_tools
+from gateway.http.json_body import quoted
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,11 @@ def resolve_tools(tools: list[dict[str, Any]] | None, tool_choice: dict[str, Any
     found = _read_tools(tools, _referenced_tools(messages))
     mode, named, parallel = _read_tool_choice(tool_choice)
     if named is not None and named not in found:
-        raise APIError(400, f"tool_choice names {named!r}, which is not a tool this model can call", param="tool_choice")
-    if named is None:  # a deferred tool is offered only when named
-        offered, choice = choose_tools([tool for tool, deferred in found.values() if not deferred], mode)
-    else:
-        offered, choice = choose_tools([tool for tool, _ in found.values()], mode, {named},
-                                       "tool_choice names a tool this model cannot call")
+        raise APIError(400, f"tool_choice names {quoted(named)}, which is not a tool this model can call",
+                       param="tool_choice")
+    # A deferred tool is offered only when named.
+    pool = [tool for tool, deferred in found.values() if named is not None or not deferred]
+    offered, choice = choose_tools(pool, mode, None if named is None else {named})
     return ToolSet(offered, choice, parallel)
 
 

@@ -151,8 +151,8 @@ def template_tool(tool: Tool) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
-def choose_tools(tools: list[Tool], mode: str, named: set[str] | None = None,
-                 unknown: str = "tool_choice names unknown tools") -> tuple[list[Tool], Literal["auto", "required"]]:
+def choose_tools(tools: list[Tool], mode: str,
+                 named: set[str] | None = None) -> tuple[list[Tool], Literal["auto", "required"]]:
     """The tools offered and the worker's choice, from a family's ``tool_choice`` read as a mode
     ("auto", "required", "none") and the names it allows (None: all)."""
     if mode == "none" or not tools:
@@ -160,6 +160,6 @@ def choose_tools(tools: list[Tool], mode: str, named: set[str] | None = None,
     if named is not None:
         missing = named - {tool.name for tool in tools}
         if missing:
-            raise APIError(400, f"{unknown}: {', '.join(sorted(missing))}", param="tool_choice")
+            raise APIError(400, f"tool_choice names unknown tools: {', '.join(sorted(missing))}", param="tool_choice")
         tools = [tool for tool in tools if tool.name in named]
     return tools, "required" if mode == "required" else "auto"
