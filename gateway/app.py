@@ -13,6 +13,8 @@ from gateway.engine.client import EngineClient
 from gateway.http.error_handlers import install_handlers
 from gateway.http.middleware import RequestMiddleware
 from gateway.http.openapi import describe_errors
+from gateway.models import routes as model_routes
+from gateway.models.manager import ModelManager
 from gateway.responses import routes as responses
 from gateway.responses import websocket_routes as responses_ws
 from gateway.responses.service import ResponsesService
@@ -29,21 +31,31 @@ def create_app(
     protect_metrics: bool = False,
     websockets: ConnectionLimit | None = None,
     max_body_bytes: int = 4 << 20,
+    models: ModelManager | None = None,
 ) -> FastAPI:
+    """``models``: the on-demand models (``--models``), loaded when a request needs one."""
     service = ResponsesService(engine, store)
     metrics = GatewayMetrics()
     metrics.attach(engine, lambda: store.size)
     engine.observer = metrics
     service.on_compaction = metrics.compaction
+    if models is not None:
+        engine.on_demand = models
+        models.events = metrics
+        metrics.watch_models(models)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
         await service.start()
+        if models is not None:
+            await models.start()
         try:
             yield
         finally:
             await service.close()
+            if models is not None:
+                await models.close()
             await engine.close()
             await store.close()
 
@@ -51,11 +63,12 @@ def create_app(
     app.state.engine = engine
     app.state.responses = service
     app.state.metrics = metrics
+    app.state.models = models
     app.state.websockets = websockets or ConnectionLimit()
     app.add_middleware(RequestMiddleware, count_request=metrics.count_request, is_known_model=engine.registry.is_known,
                        api_keys=api_keys, protect_metrics=protect_metrics, max_body_bytes=max_body_bytes)
     install_handlers(app)
     describe_errors(app)
-    for module in (status, chat, responses, responses_ws, messages):
+    for module in (model_routes, status, chat, responses, responses_ws, messages):
         app.include_router(module.router)
     return app

@@ -16,6 +16,8 @@ from gateway.app import create_app
 from gateway.engine.aliases import ModelAliases
 from gateway.engine.client import EngineClient
 from gateway.http.idle_timeout import IdleTimeoutH11Protocol
+from gateway.models.catalog import load_catalog, parse_size
+from gateway.models.manager import ModelManager, default_budget
 from gateway.responses.store import MemoryStore, ResponseStore, SQLiteStore
 from gateway.responses.websocket_routes import ConnectionLimit
 from protocol.logs import configure as configure_logging
@@ -74,6 +76,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the gateway's CURVE key pair (.key_secret): required for tcp:// beyond loopback")
     parser.add_argument("--curve-authorized-keys", type=Path, default=None, metavar="DIR",
                         help="directory of the workers' CURVE public keys (.key) to accept")
+    parser.add_argument("--models", type=Path, default=None, metavar="FILE",
+                        help="a TOML list of models served on demand: each loads (in a worker process this gateway "
+                             "starts) when a request needs it, and unloads when idle or to make room (see README)")
+    parser.add_argument("--memory-budget", default=None, metavar="SIZE",
+                        help="memory the models may hold together, e.g. 96G (default: 3/4 of this machine's); "
+                             "the least recently used idle on-demand models are unloaded to stay within it")
+    parser.add_argument("--load-timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="how long a model load may take (waiting for room included) before its requests fail "
+                             "(default: 300)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
     return parser.parse_args(argv)
@@ -87,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         api_keys = _api_keys(args)
         curve = _curve(args, address)
         aliases = ModelAliases.parse(args.model_alias)
+        catalog = load_catalog(args.models) if args.models else None
+        budget = parse_size(args.memory_budget, "--memory-budget") if args.memory_budget else default_budget()
+        if catalog is not None and curve is not None:
+            raise ValueError("--models starts its workers on this machine: use an ipc:// or loopback --zmq address "
+                             "without CURVE (workers on other machines connect as before)")
     except (ValueError, PermissionError, OSError) as exc:
         log.error("%s", exc)
         return 2
@@ -97,10 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     engine = EngineClient(address, heartbeat_interval=args.heartbeat_interval, misses_allowed=args.heartbeat_misses,
                           queue_timeout=args.queue_timeout, max_queue=args.max_queue, curve=curve,
                           aliases=aliases)
+    models = None
+    if catalog is not None:
+        models = ModelManager(catalog, engine.registry, engine.load, address, budget, args.load_timeout)
     queue_mb = args.max_request_mb if args.max_websocket_queue_mb is None else args.max_websocket_queue_mb
     websockets = ConnectionLimit(args.max_websockets, args.max_request_mb << 20, args.max_websocket_queue,
                                  int(queue_mb * (1 << 20)), args.websocket_send_timeout)
-    app = create_app(engine, store, api_keys, args.protect_metrics, websockets, args.max_request_mb << 20)
+    app = create_app(engine, store, api_keys, args.protect_metrics, websockets, args.max_request_mb << 20, models)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
                             timeout_graceful_shutdown=10, ws_max_size=websockets.max_frame_bytes + 1024,
                             http=IdleTimeoutH11Protocol, timeout_keep_alive=args.idle_timeout,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--group-timeout", type=float, default=60.0, metavar="S",
                         help="with --distributed: stop the whole group when a rank gives no answer this long "
                              "(hung, or its network is; default: 60)")
+    parser.add_argument("--exit-with-parent", action="store_true",
+                        help="exit when the process that started this worker exits (the gateway starts workers of "
+                             "on-demand models this way, so none outlives it)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
     return parser.parse_args(argv)
@@ -104,6 +110,8 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
     if args.cpu_threads is not None and args.cpu_threads < 1:
         log.error("--cpu-threads must be at least 1")
         return 2
+    if args.exit_with_parent:
+        _exit_with_parent()
     log.info("BLAS: %s", enable_fast_blas(args.cpu_threads))
     if args.distributed:  # one rank of a sharded worker
         from worker.rank import run_rank
@@ -130,6 +138,20 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
     config = WorkerConfig.from_args(args)
     processors = make_logits_processors(loaded) if make_logits_processors else None
     return Worker(build_engine(loaded, config, processors), address, config, curve).run()
+
+
+def _exit_with_parent() -> None:
+    """Exit (also mid-load) once the parent is gone: the gateway that started this worker died,
+    and a new one starts its own. Polling the parent's pid works on macOS and Linux alike."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        log.warning("the gateway that started this worker (pid %d) is gone: exiting", parent)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 if __name__ == "__main__":

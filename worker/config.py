@@ -23,7 +23,7 @@ class WorkerConfig:
     stall_timeout: float = 300.0  # exit if one engine step hangs this long
     # Output tokens for a request that sets no max_tokens (None: up to the context window). A
     # small model may never end its turn: SmolLM2 uncapped looped to its whole 8k context, and a
-    # client that waited for the end timed out after 300 s. A request's own max_tokens is not capped.
+    # client that waited for the end timed out after 300 s. A request's own max_tokens is clamped to it.
     max_output_tokens: int | None = 8192
     # Chat template rendering (worker/prompts.py): a request's own template
     # (chat_template_kwargs.chat_template) is refused unless allowed, and any render is stopped

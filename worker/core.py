@@ -258,6 +258,7 @@ class EngineStats:
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.active_memory_bytes = 0
+        self.cache_memory_bytes = 0  # freed buffers MLX keeps for reuse: still this process's memory
         self.peak_memory_bytes = 0
         self._next_sample = 0.0
         self._rate_sample: tuple[float, int] | None = None  # (when, generated_tokens) at the last snapshot
@@ -268,6 +269,7 @@ class EngineStats:
         import mlx.core as mx
 
         self.active_memory_bytes = mx.get_active_memory()
+        self.cache_memory_bytes = mx.get_cache_memory()
         self.peak_memory_bytes = mx.get_peak_memory()
         self._next_sample = now + 0.5
 
@@ -279,6 +281,9 @@ class EngineStats:
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
             "active_memory_bytes": self.active_memory_bytes,
+            "cache_memory_bytes": self.cache_memory_bytes,
+            # what the gateway's memory budget counts for this worker (gateway/models/manager.py)
+            "memory_bytes": self.active_memory_bytes + self.cache_memory_bytes,
             "peak_memory_bytes": self.peak_memory_bytes,
         }
         if self._rate_sample is not None:

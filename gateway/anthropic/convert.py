@@ -41,7 +41,7 @@ from gateway.anthropic.signature import thinking_from_signature
 from gateway.anthropic.tools import resolve_tools
 from gateway.api.errors import APIError
 from gateway.api.family import MESSAGES
-from gateway.api.request import Message, ModelRequest, TextPart, ToolCall, text_message
+from gateway.api.request import Message, ModelRequest, TextPart, ToolCall, keep_alive, text_message
 from gateway.api.structured_output import from_messages
 from gateway.http.json_body import quoted, shown
 from protocol import SamplingParams
@@ -83,6 +83,7 @@ def to_request(body: MessagesBody, session: str | None = None) -> ModelRequest:
         chat_template_kwargs=kwargs,
         prompt_cache_key=session,
         count_only=counting,
+        keep_alive=keep_alive((body.model_extra or {}).get("keep_alive")),
     )
 
 

@@ -9,6 +9,7 @@ headers are accepted and need nothing.
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,7 +19,16 @@ from gateway.anthropic.convert import omits_thinking, to_request
 from gateway.anthropic.events import MessageEvents
 from gateway.anthropic.request import CountTokensRequest, MessagesRequest
 from gateway.api.family import MESSAGES
-from gateway.api.generation import ClientDisconnected, bind_request_id, drain, event_batches, submit
+from gateway.api.generation import (
+    ClientDisconnected,
+    Event,
+    bind_request_id,
+    drain,
+    event_batches,
+    needs_load,
+    opened_late,
+    submit,
+)
 from gateway.api.ids import new_id
 from gateway.http.sse import event_stream, sse_event
 
@@ -32,10 +42,21 @@ async def create_message(body: MessagesRequest, request: Request) -> Response:
     message_id = MESSAGES.new_id()
     trace_id = bind_request_id(request, message_id, body.model)
     model_request = to_request(body, _session(request))
-    stream = await submit(request, model_request, message_id, trace_id)
-    builder = MessageEvents(message_id, body.model, stream.prompt_tokens, model_request.parallel_tool_calls,
-                            omits_thinking(body))
-    batches = event_batches(builder, MESSAGES, stream)
+
+    async def open_reply() -> tuple[MessageEvents, AsyncGenerator[list[Event], None]]:
+        stream = await submit(request, model_request, message_id, trace_id)
+        builder = MessageEvents(message_id, body.model, stream.prompt_tokens, model_request.parallel_tool_calls,
+                                omits_thinking(body))
+        return builder, event_batches(builder, MESSAGES, stream)
+
+    if body.stream and needs_load(request, body.model):
+        # Its model loads first (minutes, for a large one): ping through the load.
+        async def batches_once_loaded() -> AsyncGenerator[list[Event], None]:
+            return (await open_reply())[1]
+
+        failed = MessageEvents(message_id, body.model, 0, model_request.parallel_tool_calls)
+        return event_stream(opened_late(batches_once_loaded, failed.fail, MESSAGES), keepalive=PING)
+    builder, batches = await open_reply()
     if body.stream:
         return event_stream(batches, keepalive=PING)
     try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
@@ -56,7 +56,30 @@ def engine(request: Request) -> EngineClient:
 async def submit(request: Request, model_request: ModelRequest, request_id: str, trace_id: str | None) -> RequestStream:
     """Start it on a worker of its model; raises EngineError if it cannot run."""
     generate = to_generate(model_request, request_id, trace_id, cache_scope=caller(request.scope))
-    return await engine(request).submit(model_request.model, generate)
+    return await engine(request).submit(model_request.model, generate, model_request.keep_alive)
+
+
+def needs_load(request: Request, model: str) -> bool:
+    """The model is loaded on demand and is not loaded now: its request waits for a load."""
+    return engine(request).needs_load(model)
+
+
+async def opened_late(open_reply: Callable[[], Awaitable[AsyncGenerator[list[Event], None]]],
+                      fail: Callable[[APIError], list[Event]], family: ApiFamily) -> AsyncGenerator[list[Event], None]:
+    """A streaming reply whose request waits for its model to load: the stream (and its
+    keep-alives) starts now, so a client does not give up during a long load; ``open_reply``
+    submits and returns the usual batches. A failure before them (the load failed, or the
+    prompt is too long for the model) is the family's error event, since the HTTP status has gone."""
+    try:
+        batches = await open_reply()
+    except EngineError as exc:
+        yield fail(family.error(exc))
+        return
+    try:
+        async for batch in batches:
+            yield batch
+    finally:
+        await batches.aclose()
 
 
 class EventBuilder(Protocol):

@@ -12,6 +12,8 @@ only one, and only first; and renders messages, tool calls and tools as chat tem
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -90,10 +92,34 @@ class ModelRequest:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     prompt_cache_key: str | None = None  # a conversation's id: requests of one go to the same replica
     count_only: bool = False  # count the prompt's tokens, generate nothing
+    # Ollama's keep_alive: seconds an on-demand model stays loaded after this request (0: unload
+    # once idle; inf: never unload for idleness); None: the model list's idle_ttl.
+    keep_alive: float | None = None
 
     @property
     def strict_tools(self) -> bool:
         return any(tool.strict for tool in self.tools)
+
+
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_SECONDS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive(value: Any) -> float | None:
+    """A request's ``keep_alive`` as Ollama takes it: seconds (``300``), a duration (``"5m"``,
+    ``"1h"``, ``"90s"``), ``0`` (unload once idle) or a negative value (keep loaded: inf)."""
+    if value is None:
+        return None
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _SECONDS[match.group(2)]
+    if seconds is None or math.isnan(seconds):
+        shown = repr(value)[:64]
+        raise APIError(400, f"Invalid keep_alive {shown}: give seconds (300), a duration ('5m', '1h'), 0 to unload "
+                            "the model after this request, or -1 to keep it loaded.", param="keep_alive")
+    return math.inf if seconds < 0 else seconds
 
 
 def to_generate(request: ModelRequest, request_id: str, trace_id: str | None = None, cache_scope: str = "") -> Generate:

@@ -13,7 +13,7 @@ from typing import Any
 from gateway.api.errors import APIError
 from gateway.api.family import CHAT, COMPLETIONS
 from gateway.api.json_schema import tool_schema
-from gateway.api.request import Message, ModelRequest, TextPart, Tool, ToolCall, choose_tools
+from gateway.api.request import Message, ModelRequest, TextPart, Tool, ToolCall, choose_tools, keep_alive
 from gateway.api.structured_output import from_chat
 from gateway.chat.request import ChatCompletionRequest, ChatMessage, CompletionRequest
 from gateway.http.json_body import quoted
@@ -41,6 +41,7 @@ def chat_request(body: ChatCompletionRequest) -> ModelRequest:
         stop=body.stop_list(),
         constraint=from_chat(body.response_format),
         chat_template_kwargs=body.chat_template_kwargs or {},
+        keep_alive=keep_alive((body.model_extra or {}).get("keep_alive")),
     )
 
 
@@ -54,6 +55,7 @@ def completion_request(body: CompletionRequest) -> ModelRequest:
         sampling=body.sampling(),
         max_tokens=body.max_tokens or DEFAULT_MAX_TOKENS,
         stop=body.stop_list(),
+        keep_alive=keep_alive((body.model_extra or {}).get("keep_alive")),
     )
 
 

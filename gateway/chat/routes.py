@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from gateway.api.family import CHAT, COMPLETIONS
-from gateway.api.generation import ClientDisconnected, bind_request_id, drain, event_batches, submit
+from gateway.api.generation import (
+    ClientDisconnected,
+    Event,
+    bind_request_id,
+    drain,
+    event_batches,
+    needs_load,
+    opened_late,
+    submit,
+)
 from gateway.api.request import ModelRequest
 from gateway.chat.chunks import ChatChunks, CompletionChunks
 from gateway.chat.convert import chat_request, completion_request
@@ -36,8 +47,14 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 
 async def _reply(request: Request, body: SamplingFields, model_request: ModelRequest,
                  chunks: ChatChunks | CompletionChunks, trace_id: str) -> Response:
-    stream = await submit(request, model_request, chunks.request_id, trace_id)
-    batches = event_batches(chunks, model_request.family, stream)
+    async def open_reply() -> AsyncGenerator[list[Event], None]:
+        stream = await submit(request, model_request, chunks.request_id, trace_id)
+        return event_batches(chunks, model_request.family, stream)
+
+    if body.stream and needs_load(request, model_request.model):
+        # Its model loads first (minutes, for a large one): keep-alive comments through the load.
+        return event_stream(opened_late(open_reply, chunks.fail, model_request.family), typed=False, done=True)
+    batches = await open_reply()
     if body.stream:
         return event_stream(batches, typed=False, done=True)
     try:

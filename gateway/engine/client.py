@@ -72,6 +72,16 @@ class _NoObserver:
         pass
 
 
+class OnDemand(Protocol):
+    """Models loaded when a request needs them (gateway.models.manager.ModelManager)."""
+
+    def manages(self, model: str) -> bool: ...
+    def needs_load(self, model: str) -> bool: ...
+    async def ensure_loaded(self, model: str) -> None: ...
+    def request_started(self, model: str) -> None: ...
+    def request_ended(self, model: str, keep_alive: float | None) -> None: ...
+
+
 # What a stream's queue carries: the worker's messages for this request, or the gateway's
 # own verdict on it (worker gone, no worker, shutting down).
 StreamItem = Accepted | Delta | Finished | Error | EngineError
@@ -89,6 +99,7 @@ class RequestStream:
         self.worker: WorkerInfo | None = None
         self.prompt_tokens = 0
         self.finished: Finished | None = None
+        self.keep_alive: float | None = None  # seconds its model stays loaded after it (on-demand models)
         self._client = client
         self._queue: asyncio.Queue[StreamItem] = asyncio.Queue()
         self._closed = False
@@ -175,6 +186,7 @@ class EngineClient:
     ):
         self.aliases = aliases or ModelAliases()
         self.observer: Observer = _NoObserver()  # the app puts its metrics here
+        self.on_demand: OnDemand | None = None  # set when the gateway serves a model list (--models)
         self.registry = WorkerRegistry()
         self.queue_timeout = queue_timeout
         self.max_queue = max_queue  # per model, beyond what its workers decode at once
@@ -216,6 +228,10 @@ class EngineClient:
         what the operator's aliases make of it."""
         return model if self.registry.is_known(model) else self.aliases.resolve(model)
 
+    def needs_load(self, model: str) -> bool:
+        """Its next request waits for a model load (a listed model with no live worker)."""
+        return self.on_demand is not None and self.on_demand.needs_load(self.resolve(model))
+
     def admit(self, model: str) -> None:
         """Raise EngineError for a model never served here, or when its queue is full."""
         served = self.resolve(model)
@@ -226,16 +242,21 @@ class EngineClient:
             raise EngineError(QUEUE_FULL, f"model '{model}' has {limit} requests queued or running; "
                                           "try again shortly")
 
-    async def submit(self, model: str, request: Generate) -> RequestStream:
+    async def submit(self, model: str, request: Generate, keep_alive: float | None = None) -> RequestStream:
         """Send ``request`` to the least-loaded worker of ``model`` and wait until it accepted it.
 
-        Waits up to ``queue_timeout`` for a worker when the model is known but has none live
-        (a restart). Raises EngineError: unknown model, queue full, or the worker's refusal.
+        Loads a listed model that is not loaded (``on_demand``); waits up to ``queue_timeout``
+        for a worker when another model is known but has none live (a restart). Raises
+        EngineError: unknown model, queue full, a failed load, or the worker's refusal.
+        ``keep_alive``: seconds an on-demand model stays loaded after this request.
         """
         self.admit(model)
         model = self.resolve(model)
         stream = RequestStream(self, request, model)
+        stream.keep_alive = keep_alive
         self._streams[request.request_id] = stream
+        if self.on_demand is not None:
+            self.on_demand.request_started(model)
         try:
             await self._dispatch_to_worker(stream)
             await stream.wait_accepted()
@@ -247,6 +268,15 @@ class EngineClient:
 
     async def _dispatch_to_worker(self, stream: RequestStream) -> None:
         worker = self.registry.pick(stream.model, stream.request.prompt_cache_key)
+        if worker is None and self.on_demand is not None and self.on_demand.manages(stream.model):
+            try:
+                await self.on_demand.ensure_loaded(stream.model)
+            except EngineError as failure:
+                if stream.request_id in self._streams:
+                    stream.deliver(failure)
+                    self._forget(stream)
+                return
+            worker = self.registry.pick(stream.model, stream.request.prompt_cache_key)
         if worker is None:
             log.info("no live worker for %s; request %s waits up to %.0fs", stream.model, stream.request_id,
                      self.queue_timeout)
@@ -268,9 +298,11 @@ class EngineClient:
         self._forget(stream)
 
     def _forget(self, stream: RequestStream) -> None:
-        self._streams.pop(stream.request_id, None)
+        forgotten = self._streams.pop(stream.request_id, None)
         if stream.worker is not None:
             stream.worker.in_flight.discard(stream.request_id)
+        if forgotten is not None and self.on_demand is not None:
+            self.on_demand.request_ended(stream.model, stream.keep_alive)
 
     # --- what the workers send ------------------------------------------------------------
 

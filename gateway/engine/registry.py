@@ -86,6 +86,10 @@ class WorkerRegistry:
         """Models with a worker taking requests."""
         return sorted({w.model for w in self._workers.values() if w.serving})
 
+    def expect(self, model: str) -> None:
+        """A model this gateway serves before any worker of it registered (one loaded on demand)."""
+        self._known_models.add(model)
+
     def is_known(self, model: str) -> bool:
         return model in self._known_models
 

@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.engine.client import EngineClient
+from gateway.models.manager import ModelManager, ModelState
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -40,12 +41,32 @@ class GatewayMetrics:
                                    "compaction_trigger), by outcome", ["model", "outcome"], registry=self.registry)
         self.compaction_seconds = Histogram("mlxgw_compaction_seconds", "How long a compaction took, start to item",
                                             ["model"], buckets=LATENCY_BUCKETS + (300, 600), registry=self.registry)
+        self.model_loads = Counter("mlxgw_model_loads", "On-demand model loads, by outcome (loaded, failed)",
+                                   ["model", "outcome"], registry=self.registry)
+        self.model_load_seconds = Histogram("mlxgw_model_load_seconds", "How long a model load took (waiting for "
+                                            "room included)", ["model"], buckets=LATENCY_BUCKETS + (300, 600),
+                                            registry=self.registry)
+        self.model_unloads = Counter("mlxgw_model_unloads", "On-demand models unloaded, by reason (idle, keep_alive, "
+                                     "making room, over the budget, requested, exited)", ["model", "reason"],
+                                     registry=self.registry)
         self._lost: dict[str, int] = {}  # model -> losses not yet made up by a new registration
         self._token_metrics: dict[str, tuple] = {}
 
     def attach(self, engine: EngineClient, stored_responses: Callable[[], int]) -> None:
         """Read when scraped: the engine's state, and how many responses the store holds."""
         self.registry.register(_LiveState(engine, stored_responses))
+
+    def watch_models(self, models: ModelManager) -> None:
+        """Read when scraped: each listed model's state and memory, and the budget."""
+        self.registry.register(_ModelState(models))
+
+    def model_loaded(self, model: str, outcome: str, seconds: float) -> None:
+        self.model_loads.labels(model, outcome).inc()
+        if outcome == "loaded":
+            self.model_load_seconds.labels(model).observe(seconds)
+
+    def model_unloaded(self, model: str, reason: str) -> None:
+        self.model_unloads.labels(model, reason).inc()
 
     def count_request(self, route: str, model: str, status: str) -> None:
         self.requests.labels(route, model, status).inc()
@@ -109,6 +130,7 @@ class _LiveState(Collector):
             "prompt_tokens": ("mlxgw_worker_prompt_tokens", "Prompt tokens accepted since the worker started"),
             "cached_tokens": ("mlxgw_worker_cached_prompt_tokens", "Prompt tokens served from the prefix cache"),
             "active_memory_bytes": ("mlxgw_worker_active_memory_bytes", "MLX memory in use"),
+            "cache_memory_bytes": ("mlxgw_worker_cache_memory_bytes", "MLX buffer cache (freed, kept for reuse)"),
             "peak_memory_bytes": ("mlxgw_worker_peak_memory_bytes", "MLX peak memory"),
         }
         families = {key: GaugeMetricFamily(name, doc, labels=["model", "worker"])
@@ -119,3 +141,23 @@ class _LiveState(Collector):
                 if key in stats:
                     family.add_metric([worker.model, worker.worker_id], float(stats[key]))
         yield from families.values()
+
+
+class _ModelState(Collector):
+    def __init__(self, models: ModelManager):
+        self._models = models
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        states = GaugeMetricFamily("mlxgw_model_state", "1 for each listed model's current state",
+                                   labels=["model", "state"])
+        memory = GaugeMetricFamily("mlxgw_model_memory_bytes", "Memory a listed model's workers report",
+                                   labels=["model"])
+        for name, view in self._models.states().items():
+            for state in ModelState:
+                states.add_metric([name, state.value], 1.0 if view["state"] == state.value else 0.0)
+            memory.add_metric([name], float(view["memory_bytes"]))
+        yield from (states, memory)
+        yield GaugeMetricFamily("mlxgw_memory_budget_bytes", "Memory the models may hold together (--memory-budget)",
+                                value=float(self._models.budget))
+        yield GaugeMetricFamily("mlxgw_memory_used_bytes", "Memory the workers report, plus loads in progress",
+                                value=float(self._models.used_bytes()))

@@ -15,6 +15,7 @@ from gateway.api.errors import model_not_found
 from gateway.engine.aliases import DISCOVERY_PREFIX
 from gateway.engine.client import EngineClient
 from gateway.engine.registry import WorkerInfo
+from gateway.models.manager import ModelManager, memory_of
 from gateway.status.codex_catalog import model_catalog
 from gateway.status.served import served_models
 
@@ -26,15 +27,23 @@ def _engine(request: Request) -> EngineClient:
     return engine
 
 
-def _model_card(model: str, workers: list[WorkerInfo], anthropic: bool = False) -> dict[str, Any]:
-    created = int(min(w.registered_at for w in workers))
+def _model_card(model: str, workers: list[WorkerInfo], anthropic: bool = False,
+                state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``state``: a listed model's on-demand state (``ModelManager.states``): it is listed
+    whether or not it is loaded, with its state beside OpenAI's fields."""
+    created = int(min((w.registered_at for w in workers), default=_STARTED))
     if anthropic:  # Anthropic's Models API, under the name Claude Code's discovery keeps (engine/aliases.py)
         stamp = datetime.fromtimestamp(created, timezone.utc).isoformat().replace("+00:00", "Z")
-        return {"type": "model", "id": DISCOVERY_PREFIX + model, "display_name": model, "created_at": stamp,
-                "lifecycle": "active",
-                "deprecated_at": None, "retires_at": None,
-                "max_input_tokens": min(w.context_length for w in workers)}
-    return {"id": model, "object": "model", "created": created, "owned_by": "mlx-gateway"}
+        card: dict[str, Any] = {"type": "model", "id": DISCOVERY_PREFIX + model, "display_name": model, "created_at": stamp,
+                "lifecycle": "active", "deprecated_at": None, "retires_at": None}
+        window = min((w.context_length for w in workers), default=(state or {}).get("context_length"))
+        if window:
+            card["max_input_tokens"] = window
+        return card
+    return {"id": model, "object": "model", "created": created, "owned_by": "mlx-gateway", **(state or {})}
+
+
+_STARTED = time.time()
 
 
 def _asks_anthropic(request: Request) -> bool:
@@ -42,34 +51,46 @@ def _asks_anthropic(request: Request) -> bool:
     return "anthropic-version" in request.headers
 
 
+def _on_demand(request: Request) -> dict[str, dict[str, Any]]:
+    """Each listed model's state, when the gateway serves a model list (``--models``)."""
+    models: ModelManager | None = request.app.state.models
+    return models.states() if models is not None else {}
+
+
 @router.get("/v1/models")
 async def list_models(request: Request, client_version: str | None = None) -> dict[str, Any]:
     """OpenAI's model list; with ``?client_version=`` (Codex's request) Codex's model catalog;
     with an ``anthropic-version`` header, Anthropic's (``data``, ``has_more``, ``first_id``,
-    ``last_id``), which Claude Code's ``/model`` picker lists."""
+    ``last_id``), which Claude Code's ``/model`` picker lists. Listed on-demand models appear
+    whether loaded or not (a request for one loads it), with their ``state``."""
     engine = _engine(request)
+    listed = _on_demand(request)
     if client_version is not None:
         now = time.monotonic()
-        return model_catalog(served_models(_worker_view(w, now) for w in engine.registry.all()))
-    serving: dict[str, list[WorkerInfo]] = {}
+        views = [_worker_view(w, now) for w in engine.registry.all()]
+        views += [{**state, "model": name, "state": "ready"} for name, state in listed.items()
+                  if state["state"] != "loaded" and "context_length" in state]  # known from an earlier load
+        return model_catalog(served_models(views))
+    serving: dict[str, list[WorkerInfo]] = {name: [] for name in listed}
     for worker in engine.registry.all():
         if worker.serving:
             serving.setdefault(worker.model, []).append(worker)
     names = sorted(serving)
     if _asks_anthropic(request):
-        cards = [_model_card(m, serving[m], anthropic=True) for m in names]
+        cards = [_model_card(m, serving[m], True, listed.get(m)) for m in names]
         return {"data": cards, "has_more": False, "first_id": cards[0]["id"] if cards else None,
                 "last_id": cards[-1]["id"] if cards else None}
-    return {"object": "list", "data": [_model_card(m, serving[m]) for m in names]}
+    return {"object": "list", "data": [_model_card(m, serving[m], False, listed.get(m)) for m in names]}
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request) -> dict[str, Any]:
     model = model.removeprefix(DISCOVERY_PREFIX)
     workers = [w for w in _engine(request).registry.all() if w.model == model and w.serving]
-    if not workers:
+    state = _on_demand(request).get(model)
+    if not workers and state is None:
         raise model_not_found(model)
-    return _model_card(model, workers, _asks_anthropic(request))
+    return _model_card(model, workers, _asks_anthropic(request), state)
 
 
 def _worker_view(w: WorkerInfo, now: float) -> dict[str, Any]:
@@ -86,13 +107,20 @@ def _worker_view(w: WorkerInfo, now: float) -> dict[str, Any]:
         "active": w.active,
         "queued": w.queued,
         "last_heartbeat_s": round(now - w.last_seen, 3),
+        "memory_bytes": memory_of(w),
     }
 
 
 @router.get("/v1/workers")
 async def list_workers(request: Request) -> dict[str, Any]:
+    """The live workers; with a model list, also every listed model's state and the memory budget."""
     now = time.monotonic()
-    return {"object": "list", "data": [_worker_view(w, now) for w in _engine(request).registry.all()]}
+    reply: dict[str, Any] = {"object": "list", "data": [_worker_view(w, now) for w in _engine(request).registry.all()]}
+    models: ModelManager | None = request.app.state.models
+    if models is not None:
+        reply["models"] = models.states()
+        reply["memory"] = {"budget_bytes": models.budget, "used_bytes": models.used_bytes()}
+    return reply
 
 
 @router.get("/health")
