@@ -23,7 +23,7 @@ from typing import Any
 from gateway.api.errors import APIError
 from gateway.api.family import RESPONSES
 from gateway.api.ids import new_id
-from gateway.api.request import Message, ModelRequest, TextPart, ToolCall, text_message
+from gateway.api.request import Message, ModelRequest, TextPart, ToolCall, keep_alive, text_message
 from gateway.api.structured_output import from_responses
 from gateway.http.json_body import quoted
 from gateway.responses import compaction_item
@@ -178,6 +178,7 @@ def to_request(body: ResponsesRequest, context: list[dict[str, Any]], tools: Too
         constraint=constraint,
         chat_template_kwargs=template_kwargs,
         prompt_cache_key=body.prompt_cache_key,
+        keep_alive=keep_alive((body.model_extra or {}).get("keep_alive")),
     )
 
 

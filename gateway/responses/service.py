@@ -111,7 +111,7 @@ class ResponsesService:
 
     async def _submit(self, run: Run) -> RequestStream:
         generate = to_generate(run.request, run.state.id, run.trace_id, cache_scope=run.owner)
-        return await self.engine.submit(run.request.model, generate)
+        return await self.engine.submit(run.request.model, generate, run.request.keep_alive)
 
     async def _resolve_references(self, items: list[dict[str, Any]], owner: str) -> list[dict[str, Any]]:
         resolved = []
