@@ -9,6 +9,7 @@ A TOML file of ``[[model]]`` tables::
     pin = true                            # loaded at start, never unloaded to make room or when idle
     idle_ttl = "30m"                      # unloaded after this long without requests (default: never)
     memory = "20G"                        # optional: what to plan for before its first load
+    load_timeout = "10m"                  # optional: longer (or shorter) than gateway --load-timeout
 
 Durations are seconds or a number with ``s``/``m``/``h``; sizes are bytes or a number with
 ``K``/``M``/``G``/``T`` (powers of 1024). Before a model's first load the gateway plans with
@@ -50,6 +51,7 @@ class ModelSpec:
     pin: bool = False
     idle_ttl: float | None = None  # seconds; None: unloaded only to make room
     memory: int | None = None  # bytes to plan for before the first load
+    load_timeout: float | None = None  # seconds; None: the gateway's --load-timeout
     # The program to run instead of ``python -m worker`` (e.g. a wrapper script); the gateway adds
     # --model, --served-name, --gateway and --exit-with-parent, then ``args``.
     command: tuple[str, ...] = ()
@@ -108,7 +110,7 @@ def parse_size(value: Any, what: str) -> int:
     return int(float(match.group(1)) * _BYTES[match.group(2).upper()])
 
 
-_FIELDS = {"name", "model", "args", "pin", "idle_ttl", "memory", "command"}
+_FIELDS = {"name", "model", "args", "pin", "idle_ttl", "memory", "load_timeout", "command"}
 
 
 def load_catalog(path: Path) -> Catalog:
@@ -152,8 +154,16 @@ def _spec(entry: Any, where: str) -> ModelSpec:
         pin=_flag(entry.get("pin", False), f"{where}: pin"),
         idle_ttl=parse_duration(entry["idle_ttl"], f"{where}: idle_ttl") if "idle_ttl" in entry else None,
         memory=parse_size(entry["memory"], f"{where}: memory") if "memory" in entry else None,
+        load_timeout=_positive(entry["load_timeout"], f"{where}: load_timeout") if "load_timeout" in entry else None,
         command=_words(entry.get("command", []), f"{where}: command"),
     )
+
+
+def _positive(value: Any, what: str) -> float:
+    seconds = parse_duration(value, what)
+    if not seconds:
+        raise CatalogError(f"{what}: a duration of more than 0 seconds")
+    return seconds
 
 
 def _words(value: Any, what: str) -> tuple[str, ...]:

@@ -272,7 +272,8 @@ class ModelManager:
     async def _load(self, entry: ModelEntry) -> None:
         name = entry.spec.name
         started = time.monotonic()
-        deadline = started + self.load_timeout
+        timeout = entry.spec.load_timeout or self.load_timeout
+        deadline = started + timeout
         try:
             async with self._plan:
                 planned = self._planned_bytes(entry)
@@ -280,11 +281,11 @@ class ModelManager:
                     raise EngineError(MODEL_TOO_LARGE, f"model '{name}' needs about {planned / GB:.1f} GB, more "
                                                        f"than this machine's memory budget of {self.budget / GB:.1f} "
                                                        "GB for models (gateway --memory-budget)")
-                await self._make_room(entry, planned, deadline)
+                await self._make_room(entry, planned, deadline, timeout)
                 entry.state, entry.reason = ModelState.LOADING, None
                 entry.process = WorkerProcess(name, entry.spec.worker_command(self._address))
                 await entry.process.start()
-            await self._wait_registered(entry, deadline)
+            await self._wait_registered(entry, deadline, timeout)
         except EngineError as exc:
             await self._failed(entry, exc.message)
             self.events.model_loaded(name, "failed", time.monotonic() - started)
@@ -305,7 +306,7 @@ class ModelManager:
         self.events.model_loaded(name, "loaded", entry.load_seconds)
         log.info("loaded %s in %.1fs (pid %s)", name, entry.load_seconds, entry.process.pid)
 
-    async def _wait_registered(self, entry: ModelEntry, deadline: float) -> None:
+    async def _wait_registered(self, entry: ModelEntry, deadline: float, timeout: float) -> None:
         process = entry.process
         assert process is not None
         registered = asyncio.ensure_future(self._registry.wait_for(entry.spec.name, deadline - time.monotonic()))
@@ -319,8 +320,8 @@ class ModelManager:
             return
         if process.exited.is_set():
             raise EngineError(MODEL_LOAD_FAILED, f"model '{entry.spec.name}' failed to load: {process.reason()}")
-        raise EngineError(MODEL_LOAD_FAILED, f"model '{entry.spec.name}' did not load within "
-                                             f"{self.load_timeout:.0f}s (gateway --load-timeout)")
+        raise EngineError(MODEL_LOAD_FAILED, f"model '{entry.spec.name}' did not load within {timeout:g}s "
+                                             "(its load_timeout, else gateway --load-timeout)")
 
     async def _failed(self, entry: ModelEntry, reason: str) -> None:
         log.error("%s", reason)
@@ -330,7 +331,7 @@ class ModelManager:
             entry.process = None
         self._notify()
 
-    async def _make_room(self, entry: ModelEntry, planned: int, deadline: float) -> None:
+    async def _make_room(self, entry: ModelEntry, planned: int, deadline: float, timeout: float) -> None:
         """Unload least recently used idle models until ``planned`` more bytes fit; while every
         other model is busy, wait for one to fall idle."""
         while self.used_bytes() + planned > self.budget:
@@ -343,7 +344,7 @@ class ModelManager:
                 raise EngineError(MODEL_LOAD_FAILED, f"no room for model '{entry.spec.name}' (about "
                                                      f"{planned / GB:.2f} GB) within the memory budget of "
                                                      f"{self.budget / GB:.1f} GB: the models loaded had requests "
-                                                     f"for {self.load_timeout:.0f}s")
+                                                     f"for {timeout:g}s")
             log.info("waiting for room for %s: %.2f of %.2f GB used, every other model busy or pinned",
                      entry.spec.name, self.used_bytes() / GB, self.budget / GB)
             changed = self._changed
