@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -339,3 +340,55 @@ def test_workers_started_by_a_gateway_do_not_outlive_it(lifecycle_stack: Stack):
     pid = _states(lifecycle_stack)["t"]["pids"][0]
     lifecycle_stack.processes[0].kill()  # SIGKILL: the gateway cannot stop them itself
     _wait(lambda: not _alive(pid), 30, "the orphaned worker to exit")
+
+
+# --- the shipped deployment --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_shipped_supervisord_config_serves_the_shipped_model_list_on_demand(tmp_path: Path):
+    """deploy/supervisord.conf and deploy/models.toml as shipped (on a free port and a private
+    socket): supervisord runs the gateway alone, the first request loads SmolLM2 in a worker the
+    gateway starts, and stopping supervisord stops that worker too."""
+    from processes import REPO_ROOT, free_port
+
+    deploy = REPO_ROOT / "deploy"
+    port = free_port()
+    config = (deploy / "supervisord.conf").read_text().replace(
+        "--port 8000", f"--port {port} --zmq ipc://{tmp_path}/gateway.sock --data-dir {tmp_path}/data")
+    (tmp_path / "supervisord.conf").write_text(config)
+    (tmp_path / "models.toml").write_text((deploy / "models.toml").read_text())
+    env = dict(os.environ, MLX_GATEWAY_BIN=str(Path(sys.executable).parent), MLX_GATEWAY_LOGS=str(tmp_path))
+    supervisor = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", str(tmp_path / "supervisord.conf")],
+                                  cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    worker_pid = 0
+    try:
+        _wait(lambda: _try(lambda: httpx.get(base + "/health", timeout=5).status_code == 200), 120, "the gateway")
+        assert httpx.get(base + "/v1/models", timeout=30).json()["data"][0]["state"] == "unloaded"
+        body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 5}
+        reply = httpx.post(base + "/v1/chat/completions", json=body, timeout=900)
+        assert reply.status_code == 200, reply.text
+        state = httpx.get(base + "/v1/models", timeout=30).json()["data"][0]
+        assert state["state"] == "loaded" and state["loads"] == 1
+        worker_pid = state["pids"][0]
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        try:
+            supervisor.wait(120)
+        except subprocess.TimeoutExpired:
+            supervisor.kill()
+            supervisor.wait(10)
+        if worker_pid and _alive(worker_pid):
+            os.kill(worker_pid, signal.SIGKILL)
+            pytest.fail("the worker outlived supervisord's stop")
+    log = (tmp_path / "gateway.log").read_text()
+    assert "starting a worker for smollm2-135m" in log and "exited with 0" in log
+
+
+def _try(check: Callable[[], bool]) -> bool:
+    try:
+        return check()
+    except httpx.HTTPError:
+        return False
