@@ -2,7 +2,7 @@
 
 Claude Code speaks only the Messages API. The scripted model ("SCRIPT:step|||step") makes it
 call its real Bash tool, which writes a file, and then finish; SmolLM2 answers a plain
-question. Claude Code's own prompt, tools, permission checks and agent loop are real.
+question. Claude Code's own prompt, tools, permission checks, agent loop and compaction are real.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,8 @@ def test_the_launcher_sets_the_served_model_and_its_window(scripted_stack, tmp_p
     assert env["ANTHROPIC_BASE_URL"] == scripted_stack.base_url
     assert env["ANTHROPIC_MODEL"] == env["ANTHROPIC_DEFAULT_HAIKU_MODEL"] == SCRIPTED
     assert env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == "200000"  # the scripted worker's --context-length
+    assert env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == "200000"
+    assert "DISABLE_COMPACT" not in env and "DISABLE_AUTO_COMPACT" not in env
 
 
 def test_claude_code_runs_a_bash_tool_call_then_finishes(scripted_stack, tmp_path):
@@ -102,3 +105,64 @@ def test_a_five_turn_session_is_served_from_the_prefix_cache(scripted_stack, tmp
     shares = [cached / prompt for prompt, cached in turns[-4:]]
     print("cached share of turns 2-5:", [f"{share:.3f}" for share in shares], "prompts:", turns)
     assert min(shares) > 0.95, turns
+
+
+# SmolLM2's window. Claude Code's own prompt with the Bash tool alone is ~4,700 of its tokens.
+SMALL_WINDOW = 8192
+
+
+@pytest.fixture(scope="module")
+def small_window_stack(tmp_path_factory: pytest.TempPathFactory, tiny_variant_dir) -> Iterator[Stack]:
+    """A gateway and a scripted worker with an 8k window, logging what it plays (--script-log)."""
+    stack = Stack(tmp_path_factory.mktemp("small-window"))
+    try:
+        stack.start_gateway()
+        stack.start_worker(str(tiny_variant_dir("qwen")), SCRIPTED, "--context-length", str(SMALL_WINDOW),
+                           "--max-output-tokens", "0", "--script-log", str(stack.workdir / "script.jsonl"),
+                           scripted=True)
+        stack.wait_for_models(SCRIPTED)
+        yield stack
+    finally:
+        stack.stop()
+
+
+def test_a_session_that_outgrows_a_small_window_compacts_and_goes_on(small_window_stack, tmp_path):
+    """Six Bash calls, each output ~800 tokens (a tenth of the window), outgrow an 8k window. The
+    gateway answers Anthropic's "prompt is too long: N tokens > M maximum"; with the launcher's
+    environment Claude Code then summarises the conversation (reactive compaction; the scripted
+    model's summary carries the script on, see tests/scripted_worker.py), retries, and goes on
+    to the last call and its final answer."""
+    stack = small_window_stack
+    env = claude_env(stack, tmp_path)
+    assert env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == str(SMALL_WINDOW)
+    assert "DISABLE_COMPACT" not in env and "DISABLE_AUTO_COMPACT" not in env  # either turns compaction off
+    worker = next(p for p in stack.processes if p.name.startswith("worker"))
+    script_log = stack.workdir / "script.jsonl"
+    seen_log = len(worker.log())
+    seen_script = len(script_log.read_text()) if script_log.exists() else 0
+    calls = [f'<tool_call>{{"name": "Bash", "arguments": {{"command": "seq {n}000 {n}180 && echo {n} >> steps.txt", '
+             f'"description": "Count from {n}000"}}}}</tool_call>' for n in range(1, 7)]
+    script = "|||".join(["Go.</think>" + calls[0], *("</think>" + call for call in calls[1:]), "</think>All steps done."])
+    # Claude Code's own prompt with all its tools (~17k tokens) would not fit: offer Bash alone.
+    result = run_claude(stack, tmp_path, f"SCRIPT:{script}", "--tools", "Bash", "--allowedTools", "Bash",
+                        "--output-format", "stream-json", "--verbose")
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr
+    assert (tmp_path / "steps.txt").read_text() == "".join(f"{n}\n" for n in range(1, 7))
+
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    boundaries = [i for i, e in enumerate(events) if e.get("subtype") == "compact_boundary"]
+    assert boundaries, [e.get("subtype", e.get("type")) for e in events]
+    assert all(events[i]["compact_metadata"]["trigger"] == "auto" for i in boundaries)
+    assert events[-1]["type"] == "result" and events[-1]["result"] == "All steps done.", events[-1]
+    after = [e for e in events[boundaries[0]:] if e.get("type") == "assistant"]
+    assert any(block.get("type") == "tool_use" for e in after for block in e["message"]["content"])  # went on acting
+
+    # The worker: the prompt outgrew the window, a summary was asked for, and the script went on
+    # from that summary to its last step, the final answer.
+    assert "failed (context_length_exceeded)" in worker.log()[seen_log:]
+    played = [json.loads(line) for line in script_log.read_text()[seen_script:].splitlines()]
+    kinds = [p["kind"] for p in played]
+    print("compactions:", len(boundaries), "requests played:", kinds)
+    assert "summary" in kinds, played
+    last = played[-1]  # the final answer, step 6 of 0-6, played on from a summary
+    assert (last["kind"], last["step"], last["steps"], last["resumed"]) == ("script", 6, 7, True), played

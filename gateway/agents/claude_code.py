@@ -7,9 +7,21 @@
 It asks the gateway which models its workers serve and their context windows, then sets what
 Claude Code reads (its model-configuration settings for a gateway or custom model): the base
 URL and key, the model for every tier Claude Code uses (main, and the small fast one for
-background tasks), and the real context window. Claude Code compacts only above a 100k-token
-window; for a smaller model it is told the real window (``CLAUDE_CODE_MAX_CONTEXT_TOKENS``,
-which it honours with ``DISABLE_COMPACT``), so it never assumes a million tokens.
+background tasks), and the real context window (``CLAUDE_CODE_MAX_CONTEXT_TOKENS``, which
+Claude Code honours for a model it does not know), so it never assumes a million tokens.
+
+How it compacts depends on the window (Claude Code 2.1.x, read from its bundle):
+
+- From 100k tokens up, ``CLAUDE_CODE_AUTO_COMPACT_WINDOW`` is the window too: Claude Code
+  compacts ahead of time, about 33k tokens short of it (its output reserve, at most 20k, and a
+  13k buffer), and, should a prompt still be too long, when the gateway says so.
+- Below 100k (SmolLM2 has 8k) that reserve and buffer leave nothing: auto-compaction on such a
+  window compacts before every turn, and Claude Code gives up ("Autocompact is thrashing").
+  ``CLAUDE_CODE_DISABLE_UNKNOWN_MODEL_WINDOW_ENFORCEMENT`` keeps it from compacting ahead of
+  time on the window it was told, so it sends each prompt, and when the gateway answers
+  Anthropic's "prompt is too long: N tokens > M maximum" it compacts (reactive compaction,
+  sized by the gap), then retries. ``DISABLE_COMPACT`` and ``DISABLE_AUTO_COMPACT`` would turn
+  that off too, so neither is set. Its output cap is a quarter of the window.
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ import urllib.error
 
 from gateway.status.served import fetch_workers, served_models
 
-# Claude Code's floor for its auto-compaction window.
+# Claude Code's floor for CLAUDE_CODE_AUTO_COMPACT_WINDOW (a smaller value counts as this).
 MIN_COMPACT_WINDOW = 100_000
 # Claude Code's own prompt (system prompt and tools) is about this many tokens on a small model.
 CLAUDE_CODE_PROMPT_TOKENS = 13_000
@@ -42,12 +54,15 @@ def claude_code_env(base_url: str, model: str, context_window: int, api_key: str
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",  # no telemetry or update checks to the internet
         # Claude Code asks the gateway's GET /v1/models and lists every served model in /model.
         "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY": "1",
+        # The model's window, where Claude Code would assume 1M tokens for a name it does not know.
+        "CLAUDE_CODE_MAX_CONTEXT_TOKENS": str(context_window),
     }
     if context_window >= MIN_COMPACT_WINDOW:
         env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] = str(context_window)
     else:
-        env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] = str(context_window)
-        env["DISABLE_COMPACT"] = "1"
+        # Compact when the gateway says the prompt is too long, not ahead of time on a window
+        # too small for Claude Code's 33k-token margin (see the module's docstring).
+        env["CLAUDE_CODE_DISABLE_UNKNOWN_MODEL_WINDOW_ENFORCEMENT"] = "1"
         # Claude Code keeps room for its output (32k by default) inside the window.
         env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(context_window // 4)
     return env
