@@ -13,6 +13,7 @@ from gateway.engine.client import EngineClient
 from gateway.http.error_handlers import install_handlers
 from gateway.http.middleware import RequestMiddleware
 from gateway.http.openapi import describe_errors
+from gateway.http.sse import KEEPALIVE_S
 from gateway.models import routes as model_routes
 from gateway.models.manager import ModelManager
 from gateway.responses import routes as responses
@@ -32,8 +33,10 @@ def create_app(
     websockets: ConnectionLimit | None = None,
     max_body_bytes: int = 4 << 20,
     models: ModelManager | None = None,
+    keepalive_s: float = KEEPALIVE_S,
 ) -> FastAPI:
-    """``models``: the on-demand models (``--models``), loaded when a request needs one."""
+    """``models``: the on-demand models (``--models``), loaded when a request needs one;
+    ``keepalive_s``: seconds of silence before a stream gets a keep-alive."""
     service = ResponsesService(engine, store)
     metrics = GatewayMetrics()
     metrics.attach(engine, lambda: store.size)
@@ -64,6 +67,7 @@ def create_app(
     app.state.responses = service
     app.state.metrics = metrics
     app.state.models = models
+    app.state.keepalive_s = keepalive_s
     app.state.websockets = websockets or ConnectionLimit()
     app.add_middleware(RequestMiddleware, count_request=metrics.count_request, is_known_model=engine.registry.is_known,
                        api_keys=api_keys, protect_metrics=protect_metrics, max_body_bytes=max_body_bytes)

@@ -76,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the gateway's CURVE key pair (.key_secret): required for tcp:// beyond loopback")
     parser.add_argument("--curve-authorized-keys", type=Path, default=None, metavar="DIR",
                         help="directory of the workers' CURVE public keys (.key) to accept")
+    parser.add_argument("--keepalive", type=float, default=10.0, metavar="SECONDS",
+                        help="seconds of silence (a long prefill, a model load) before a stream gets a keep-alive: "
+                             "an SSE comment, Anthropic's ping, or on the Responses API a response.in_progress "
+                             "event, which Codex counts against its 300 s idle timeout (default: 10)")
     parser.add_argument("--models", type=Path, default=None, metavar="FILE",
                         help="a TOML list of models served on demand: each loads (in a worker process this gateway "
                              "starts) when a request needs it, and unloads when idle or to make room (see README)")
@@ -98,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         api_keys = _api_keys(args)
         curve = _curve(args, address)
         aliases = ModelAliases.parse(args.model_alias)
+        if not 0 < args.keepalive < float("inf"):
+            raise ValueError("--keepalive must be a number of seconds more than 0")
         catalog = load_catalog(args.models) if args.models else None
         budget = parse_size(args.memory_budget, "--memory-budget") if args.memory_budget else default_budget()
         if catalog is not None and curve is not None:
@@ -119,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     queue_mb = args.max_request_mb if args.max_websocket_queue_mb is None else args.max_websocket_queue_mb
     websockets = ConnectionLimit(args.max_websockets, args.max_request_mb << 20, args.max_websocket_queue,
                                  int(queue_mb * (1 << 20)), args.websocket_send_timeout)
-    app = create_app(engine, store, api_keys, args.protect_metrics, websockets, args.max_request_mb << 20, models)
+    app = create_app(engine, store, api_keys, args.protect_metrics, websockets, args.max_request_mb << 20, models,
+                     args.keepalive)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
                             timeout_graceful_shutdown=10, ws_max_size=websockets.max_frame_bytes + 1024,
                             http=IdleTimeoutH11Protocol, timeout_keep_alive=args.idle_timeout,

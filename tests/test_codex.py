@@ -162,3 +162,60 @@ def test_codex_on_the_default_model(smol_stack, tmp_path):
     output = exec_codex(home, workdir, "What is the capital of France? Answer in one word.")
     assert "Paris" in output.split("codex\n", 1)[-1], output
     assert "WebSocket" not in output and not any(warning in output for warning in FALLBACK_WARNINGS), output
+
+
+LATE_SCRIPTED = ("import runpy, sys, time; time.sleep({seconds}); sys.argv = ['scripted_worker.py', *sys.argv[1:]]; "
+                 "runpy.run_path({script!r}, run_name='__main__')")
+
+
+@pytest.fixture
+def slow_loading_stack(tmp_path: Path, tiny_variant_dir) -> Stack:
+    """The scripted model listed on demand, taking 8 s longer to load, on a gateway that sends
+    a keep-alive after 1 s of silence (a stand-in for a long prefill or a large model's load)."""
+    if CODEX is None:
+        pytest.skip("Codex CLI not installed (tests/run.sh installs it with npm into .tools/)")
+    late = [sys.executable, "-c", LATE_SCRIPTED.format(seconds=8, script=str(REPO_ROOT / "tests/scripted_worker.py"))]
+    (tmp_path / "models.toml").write_text(
+        f'[[model]]\nname = "{MODEL}"\nmodel = "{tiny_variant_dir("qwen")}"\ncommand = {json.dumps(late)}\n'
+        'args = ["--context-length", "200000", "--max-output-tokens", "0"]\n')
+    stack = Stack(tmp_path / "stack")
+    stack.workdir.mkdir()
+    try:
+        stack.start_gateway("--models", str(tmp_path / "models.toml"), "--keepalive", "1")
+        stack.wait_for_models(MODEL)  # listed (unloaded) as soon as the gateway is up
+        yield stack
+    finally:
+        stack.stop()
+
+
+def test_a_responses_stream_gets_events_through_a_long_silence_and_codex_waits_for_them(slow_loading_stack, tmp_path):
+    """Codex gives up on a stream after stream_idle_timeout_ms (300 s by default) without an
+    event, and SSE comments do not count: through a silence longer than that, the gateway sends
+    response.in_progress events. Here Codex allows 3 s, the model takes 8 s to load."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=slow_loading_stack.base_url + "/v1", api_key="unused")
+    events = list(client.responses.create(model=MODEL, input="SCRIPT:</think>Loaded.", stream=True,
+                                          extra_body={"keep_alive": 0}))
+    kinds = [event.type for event in events]
+    assert kinds.count("response.in_progress") >= 4, kinds  # one at the start, then one a second
+    assert kinds[-1] == "response.completed" and events[-1].response.output_text == "Loaded."
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    httpx.post(slow_loading_stack.base_url + "/v1/models/" + MODEL + "/unload", timeout=60)
+
+    home = tmp_path / "codex-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'model = "{MODEL}"\nmodel_provider = "local"\n'
+        f'[model_providers.local]\nname = "local"\nbase_url = "{slow_loading_stack.base_url}/v1"\n'
+        'wire_api = "responses"\nenv_key = "LOCAL_API_KEY"\nstream_max_retries = 0\nstream_idle_timeout_ms = 3000\n')
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    result = subprocess.run(
+        [CODEX, "exec", "--skip-git-repo-check", "--dangerously-bypass-approvals-and-sandbox",
+         "SCRIPT:The user waits.</think>Answered after the load."],
+        cwd=workdir, env={**os.environ, "CODEX_HOME": str(home), "LOCAL_API_KEY": "unused"},
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "Answered after the load." in output, output
+    assert "idle timeout" not in output

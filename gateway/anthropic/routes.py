@@ -30,7 +30,7 @@ from gateway.api.generation import (
     submit,
 )
 from gateway.api.ids import new_id
-from gateway.http.sse import event_stream, sse_event
+from gateway.http.sse import event_stream, keepalive_interval, sse_event
 
 router = APIRouter()
 
@@ -55,10 +55,11 @@ async def create_message(body: MessagesRequest, request: Request) -> Response:
             return (await open_reply())[1]
 
         failed = MessageEvents(message_id, body.model, 0, model_request.parallel_tool_calls)
-        return event_stream(opened_late(batches_once_loaded, failed.fail, MESSAGES), keepalive=PING)
+        return event_stream(opened_late(batches_once_loaded, failed.fail, MESSAGES), keepalive=PING,
+                            every=keepalive_interval(request))
     builder, batches = await open_reply()
     if body.stream:
-        return event_stream(batches, keepalive=PING)
+        return event_stream(batches, keepalive=PING, every=keepalive_interval(request))
     try:
         await drain(batches, builder, request)
     except ClientDisconnected:

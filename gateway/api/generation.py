@@ -124,6 +124,33 @@ async def event_batches(builder: EventBuilder, family: ApiFamily,
             stream.close()  # never awaited: the client left before it was submitted
 
 
+async def with_heartbeats(batches: AsyncGenerator[list[Event], None], heartbeat: Callable[[], list[Event]],
+                          every: float) -> AsyncGenerator[list[Event], None]:
+    """``batches``, plus ``heartbeat()`` whenever they are silent ``every`` seconds (a long
+    prefill or model load). For clients that time out on silence and count only events, not
+    SSE comments or WebSocket pings: Codex gives up after 300 s without one."""
+    pending: asyncio.Future[list[Event]] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(batches.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=every)
+            if not done:
+                yield heartbeat()
+                continue
+            finished, pending = pending, None
+            try:
+                batch = finished.result()
+            except StopAsyncIteration:
+                return
+            yield batch
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+        await batches.aclose()
+
+
 class ClientDisconnected(Exception):
     pass
 

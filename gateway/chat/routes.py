@@ -22,7 +22,7 @@ from gateway.api.request import ModelRequest
 from gateway.chat.chunks import ChatChunks, CompletionChunks
 from gateway.chat.convert import chat_request, completion_request
 from gateway.chat.request import ChatCompletionRequest, CompletionRequest, SamplingFields
-from gateway.http.sse import event_stream
+from gateway.http.sse import event_stream, keepalive_interval
 
 router = APIRouter()
 
@@ -53,10 +53,11 @@ async def _reply(request: Request, body: SamplingFields, model_request: ModelReq
 
     if body.stream and needs_load(request, model_request.model):
         # Its model loads first (minutes, for a large one): keep-alive comments through the load.
-        return event_stream(opened_late(open_reply, chunks.fail, model_request.family), typed=False, done=True)
+        return event_stream(opened_late(open_reply, chunks.fail, model_request.family), typed=False, done=True,
+                            every=keepalive_interval(request))
     batches = await open_reply()
     if body.stream:
-        return event_stream(batches, typed=False, done=True)
+        return event_stream(batches, typed=False, done=True, every=keepalive_interval(request))
     try:
         await drain(batches, chunks, request)
     except ClientDisconnected:

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
+from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
@@ -32,11 +33,18 @@ def sse_event(event: dict[str, Any]) -> bytes:
 
 
 def event_stream(batches: AsyncGenerator[list[dict[str, Any]], None], typed: bool = True, done: bool = False,
-                 keepalive: bytes = SSE_COMMENT) -> EventStreamResponse:
+                 keepalive: bytes = SSE_COMMENT, every: float = KEEPALIVE_S) -> EventStreamResponse:
     """A streaming reply of ``batches``, one write per batch; ``done``: end with ``[DONE]``;
-    ``keepalive``: what is sent through long silences (a comment, or the API's ping event)."""
+    ``keepalive``: what is sent through silences of ``every`` seconds (a comment, or the API's
+    ping event)."""
     frame = sse_event if typed else sse_data
-    return EventStreamResponse(_frames(batches, frame, SSE_DONE if done else b""), keepalive=keepalive)
+    return EventStreamResponse(_frames(batches, frame, SSE_DONE if done else b""), keepalive_s=every,
+                               keepalive=keepalive)
+
+
+def keepalive_interval(request: Request) -> float:
+    """Seconds of silence before a stream gets a keep-alive (gateway --keepalive)."""
+    return float(getattr(request.app.state, "keepalive_s", KEEPALIVE_S))
 
 
 async def _frames(batches: AsyncGenerator[list[dict[str, Any]], None], frame: Callable[[dict[str, Any]], bytes],

@@ -193,6 +193,11 @@ class ResponseEvents:
 
     # --- plumbing ---------------------------------------------------------------------
 
+    def heartbeat(self) -> list[Event]:
+        """Through a long silence (prefill, a model load): the response as it stands, again.
+        Codex counts only events against its idle timeout; SSE comments do not reset it."""
+        return [self._event("response.in_progress", response=self.state.to_dict())]
+
     def _terminal(self, kind: str) -> Event:
         return self._event(kind, response=self.state.to_dict())
 

@@ -10,9 +10,9 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.api.errors import APIError
 from gateway.api.family import RESPONSES
-from gateway.api.generation import ClientDisconnected, bind_request_id, drain
+from gateway.api.generation import ClientDisconnected, bind_request_id, drain, with_heartbeats
 from gateway.http.middleware import caller
-from gateway.http.sse import event_stream
+from gateway.http.sse import event_stream, keepalive_interval
 from gateway.responses import compaction
 from gateway.responses.request import ResponsesRequest
 from gateway.responses.service import ResponsesService, response_not_found
@@ -41,7 +41,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
             return event_stream(service.follow(run))
         return JSONResponse(run.state.to_dict())
     if body.stream:
-        return event_stream(service.events(run))
+        every = keepalive_interval(request)
+        return event_stream(with_heartbeats(service.events(run), run.builder.heartbeat, every), every=every)
     try:
         await drain(service.events(run), run.builder, request)
     except ClientDisconnected:

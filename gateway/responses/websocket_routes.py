@@ -28,9 +28,11 @@ from pydantic import ValidationError
 
 from gateway.api.errors import APIError, EngineError
 from gateway.api.family import RESPONSES
+from gateway.api.generation import with_heartbeats
 from gateway.http.error_handlers import validation_error
 from gateway.http.json_body import load_json, shown
 from gateway.http.middleware import caller
+from gateway.http.sse import KEEPALIVE_S
 from gateway.http.websocket import (
     CLOSE_TOO_BIG,
     CLOSE_TRY_AGAIN_LATER,
@@ -203,6 +205,7 @@ class ResponsesConnection:
             if isinstance(failure, EngineError):
                 raise RESPONSES.error(failure) from None
             raise
-        await send_batches(self.sender, self.service.events(run))
+        every = float(getattr(self.socket.app.state, "keepalive_s", KEEPALIVE_S))
+        await send_batches(self.sender, with_heartbeats(self.service.events(run), run.builder.heartbeat, every))
         self.last = run.remembered()
         log.info("response %s over WebSocket: %s", response_id, run.state.status)
