@@ -15,6 +15,13 @@ if command -v npm >/dev/null && [ ! -x .tools/node_modules/.bin/claude ]; then
     npm install --silent --no-audit --no-fund --prefix .tools @anthropic-ai/claude-code@2.1.328 >/dev/null \
         || echo "warning: could not install Claude Code; its tests will be skipped" >&2
 fi
+# The Open Responses compliance suite (tests/test_open_responses.py skips without it) is on GitHub
+# only: where a checkout of it is in .tools/openresponses/suite, what it runs on comes from npm.
+if command -v npm >/dev/null && [ -f .tools/openresponses/suite/bin/compliance-test.ts ] \
+        && [ ! -x .tools/openresponses/node_modules/.bin/bun ]; then
+    npm install --silent --no-audit --no-fund --prefix .tools/openresponses bun@1.3.12 zod@3.25.76 >/dev/null \
+        || echo "warning: could not install Bun for the Open Responses suite; its test will be skipped" >&2
+fi
 # The linter and the type checker first: a few seconds, and they catch what tests miss.
 .venv/bin/ruff check protocol gateway worker tests bench
 .venv/bin/mypy

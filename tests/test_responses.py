@@ -487,7 +487,7 @@ def test_store_survives_a_gateway_restart(stack, client):
 
 def test_the_workers_output_cap_bounds_requests_and_compactions(fresh_stack, tiny_variant_dir):
     """--max-output-tokens is a ceiling: a request asking for more, and a compaction (whose own
-    default is 4,096 tokens), end at the cap, reported as incomplete."""
+    default is at least 256 tokens), end at the cap, reported as incomplete."""
     fresh_stack.start_gateway()
     fresh_stack.start_worker(str(tiny_variant_dir("qwen")), MODEL, "--context-length", "200000",
                              "--max-output-tokens", "6", scripted=True)

@@ -49,7 +49,12 @@ from protocol import Delta
 log = logging.getLogger(__name__)
 
 TRIGGER = "compaction_trigger"
-SUMMARY_MAX_TOKENS = 4096  # unless the request sets max_output_tokens: a summary, not a novel
+# Unless the request sets max_output_tokens, the summary is at most as long as the conversation
+# it stands for (a longer one is of no use, and a small model under greedy decoding can repeat
+# itself until the cap: two short messages must not cost minutes), between these two bounds.
+SUMMARY_MAX_TOKENS = 4096  # a summary, not a novel
+SUMMARY_MIN_TOKENS = 256  # room for the few lines the summary prompt asks for
+CHARS_PER_TOKEN = 4  # the usual rate for English text; only the budget depends on it
 PROGRESS_INTERVAL_S = 1.0
 
 # Our own wording, in the spirit of Codex's local compaction prompt.
@@ -89,9 +94,19 @@ def summary_run(items: list[dict[str, Any]], context: list[dict[str, Any]], requ
         system=[*request.system, *filter(None, [instruction(request.constraint)])],
         tool_choice="auto",
         constraint=None,
-        max_tokens=body.max_output_tokens or SUMMARY_MAX_TOKENS,
+        max_tokens=body.max_output_tokens or summary_budget(request),
     )
     return summary, CompactionEvents(state)
+
+
+def summary_budget(request: ModelRequest) -> int:
+    """The summary's default length in tokens: the conversation's, estimated from its text
+    (messages, thinking, tool calls and results; not the instructions or the tools, which a
+    later request sends again), within ``SUMMARY_MIN_TOKENS``..``SUMMARY_MAX_TOKENS``."""
+    chars = sum(len(message.text) + len(message.reasoning)
+                + sum(len(call.name) + len(str(call.arguments)) for call in message.tool_calls)
+                for message in request.messages)
+    return max(SUMMARY_MIN_TOKENS, min(SUMMARY_MAX_TOKENS, chars // CHARS_PER_TOKEN))
 
 
 def triggered(items: list[dict[str, Any]]) -> bool:
