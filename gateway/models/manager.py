@@ -366,8 +366,11 @@ class ModelManager:
             self._background(self._unload(entry, reason), f"unload-{entry.spec.name}")
 
     async def _unload(self, entry: ModelEntry, reason: str) -> None:
+        if entry.state is ModelState.UNLOADING:
+            await entry.stopped.wait()  # unloading already: its memory is given back once it has exited
+            return
         process = entry.process
-        if process is None or entry.state is ModelState.UNLOADING:
+        if process is None:
             return
         name = entry.spec.name
         log.info("unloading %s (%s)", name, reason)
