@@ -68,7 +68,11 @@ class ModelEntry:
     loading: asyncio.Task | None = None  # the one load every waiting request shares
     last_used: float = 0.0  # monotonic: the last request's start or end
     keep_alive: float | None = None  # seconds, from the last request that set one; None: the list's idle_ttl
-    measured_bytes: int = 0  # what its worker last reported (kept after an unload, to plan the next load)
+    # What its worker reported first after its last load (weights and engine, before requests add
+    # KV and prefix cache): what the next load is planned at. Its memory while loaded grows with
+    # its prefix cache, up to the worker's --prompt-cache-mb.
+    loaded_bytes: int = 0
+    measuring: bool = False  # loaded, its first memory report not in yet
     loads: int = 0
     load_seconds: float | None = None  # how long the last successful load took
     loaded_at: float | None = None  # wall clock
@@ -299,7 +303,7 @@ class ModelManager:
         if worker is not None:
             entry.described = {"context_length": worker.context_length, "tool_calls": worker.tool_calls,
                                "thinking": worker.thinking}
-        entry.state, entry.loads = ModelState.LOADED, entry.loads + 1
+        entry.state, entry.loads, entry.measuring = ModelState.LOADED, entry.loads + 1, True
         entry.load_seconds, entry.loaded_at = time.monotonic() - started, time.time()
         entry.last_used = time.monotonic()
         self._background(self._watch_exit(entry, entry.process), f"watch-{name}")
@@ -374,7 +378,6 @@ class ModelManager:
             return
         name = entry.spec.name
         log.info("unloading %s (%s)", name, reason)
-        entry.measured_bytes = self._model_memory(name) or entry.measured_bytes
         entry.state, entry.reason = ModelState.UNLOADING, f"unloaded: {reason}"
         entry.stopped.clear()
         for worker in self._registry.all():
@@ -399,7 +402,6 @@ class ModelManager:
         await process.exited.wait()
         if entry.process is process and entry.state is ModelState.LOADED:
             log.warning("model %s: %s", entry.spec.name, process.reason())
-            entry.measured_bytes = self._model_memory(entry.spec.name) or entry.measured_bytes
             entry.process, entry.state, entry.reason = None, ModelState.UNLOADED, process.reason()
             self.events.model_unloaded(entry.spec.name, "exited")
             self._notify()
@@ -410,8 +412,8 @@ class ModelManager:
             await asyncio.sleep(self.CHECK_INTERVAL_S)
             now = time.monotonic()
             for entry in self._entries.values():
-                if entry.state is ModelState.LOADED:
-                    entry.measured_bytes = self._model_memory(entry.spec.name) or entry.measured_bytes
+                if entry.measuring and (measured := self._model_memory(entry.spec.name)):
+                    entry.loaded_bytes, entry.measuring = measured, False
                 ttl = entry.idle_ttl
                 if ttl is not None and not entry.spec.pin and now - entry.last_used >= ttl:
                     self._unload_if_idle(entry, f"idle for {ttl:g}s")
@@ -430,9 +432,9 @@ class ModelManager:
         return sum(memory_of(w) for w in self._registry.all() if w.model == model)
 
     def _planned_bytes(self, entry: ModelEntry) -> int:
-        """What a load of this model is expected to take: what it took last time, else what the
+        """What a load of this model is expected to take: what its last load took, else what the
         list says, else its weights on disk."""
-        return entry.measured_bytes or entry.spec.memory or entry.spec.weights_bytes()
+        return entry.loaded_bytes or entry.spec.memory or entry.spec.weights_bytes()
 
     def _notify(self) -> None:
         self._changed.set()
