@@ -105,7 +105,8 @@ def complete(stack: Stack, model: str, prompt: str, tokens: int = TOKENS, reques
     """``request_id``: sent as x-request-id, under which the worker logs the request."""
     body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0}
     headers = {"x-request-id": request_id} if request_id else {}
-    response = httpx.post(f"{stack.base_url}/v1/completions", json=body, headers=headers, timeout=120)
+    # minutes, not seconds: three ranks on a busy 2-core machine (one run under load 8-10 took over 120 s)
+    response = httpx.post(f"{stack.base_url}/v1/completions", json=body, headers=headers, timeout=300)
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["text"]
 
