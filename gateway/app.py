@@ -69,6 +69,7 @@ def create_app(
     app.state.models = models
     app.state.keepalive_s = keepalive_s
     app.state.websockets = websockets or ConnectionLimit()
+    app.state.send_timeout = app.state.websockets.send_timeout  # SSE streams too (http/sse.py)
     app.add_middleware(RequestMiddleware, count_request=metrics.count_request, is_known_model=engine.registry.is_known,
                        api_keys=api_keys, protect_metrics=protect_metrics, max_body_bytes=max_body_bytes)
     install_handlers(app)

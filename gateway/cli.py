@@ -51,9 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-websocket-queue-mb", type=float, default=None,
                         help="megabytes those queued frames may hold together (default: --max-request-mb, one "
                              "frame's worth)")
-    parser.add_argument("--websocket-send-timeout", type=float, default=30.0,
-                        help="seconds a WebSocket send may wait for a client that reads nothing; then its response "
-                             "is stopped and the connection closed with 1008 (default: 30; 0: wait forever)")
+    parser.add_argument("--send-timeout", "--websocket-send-timeout", dest="send_timeout", type=float, default=30.0,
+                        help="seconds a send on a stream (SSE or WebSocket) may wait for a client that reads nothing; "
+                             "then its generation is stopped and the connection dropped (WebSocket: closed with "
+                             "1008) (default: 30; 0: wait forever)")
     parser.add_argument("--max-request-mb", type=int, default=4,
                         help="largest request body (413 beyond) and WebSocket frame (closed with 1009); 4 MB "
                              "holds ~1M tokens of text (default: 4)")
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         models = ModelManager(catalog, engine.registry, engine.load, address, budget, args.load_timeout)
     queue_mb = args.max_request_mb if args.max_websocket_queue_mb is None else args.max_websocket_queue_mb
     websockets = ConnectionLimit(args.max_websockets, args.max_request_mb << 20, args.max_websocket_queue,
-                                 int(queue_mb * (1 << 20)), args.websocket_send_timeout)
+                                 int(queue_mb * (1 << 20)), args.send_timeout)
     app = create_app(engine, store, api_keys, args.protect_metrics, websockets, args.max_request_mb << 20, models,
                      args.keepalive)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,

@@ -43,7 +43,7 @@ TERMINAL = {"response.completed", "response.incomplete", "response.failed", "err
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
     stack = Stack(tmp_path_factory.mktemp("hardened"))
     try:
-        stack.start_gateway("--websocket-send-timeout", str(SEND_TIMEOUT_S), "--max-websocket-queue", "2",
+        stack.start_gateway("--send-timeout", str(SEND_TIMEOUT_S), "--max-websocket-queue", "2",
                             "--max-websocket-queue-mb", "1")
         stack.start_worker(str(tiny_model_dir), TINY, "--max-sequences", "8")
         stack.start_worker(str(tiny_model_dir), TINY_LONG, "--context-length", "100000", "--max-output-tokens", "0")
@@ -461,6 +461,31 @@ def close_code(stream: bytes) -> int | None:
 def long_generation_running(stack: Stack) -> bool:
     workers = httpx.get(f"{stack.base_url}/v1/workers", timeout=10).json()["data"]
     return any(w["active"] or w["in_flight"] for w in workers if w["model"] == TINY_LONG)
+
+
+def test_an_sse_client_that_stops_reading_is_dropped_and_its_generation_stopped(stack):
+    """The same over HTTP: a streamed chat completion whose client reads nothing."""
+    body = json.dumps({"model": TINY_LONG, "messages": HELLO, "max_tokens": 50_000, "stream": True}).encode()
+    with socket.socket() as raw:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.settimeout(60)
+        raw.connect(("127.0.0.1", stack.port))
+        raw.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{stack.port}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 60
+        while not long_generation_running(stack):
+            assert time.monotonic() < deadline, "the generation never started"
+            time.sleep(0.1)
+        started = time.monotonic()
+        while long_generation_running(stack):
+            assert time.monotonic() < started + 90, "the generation went on for a client that reads nothing"
+            time.sleep(0.2)
+        print(f"stopped {time.monotonic() - started:.1f}s after it started")
+    assert "read nothing of its stream for 2 s" in stack.logs()
+    # Streams of clients that read go on as before.
+    with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", timeout=60,
+                      json={"model": TINY, "messages": HELLO, "max_tokens": 3, "stream": True}) as reply:
+        assert [line for line in reply.iter_lines() if line][-1] == "data: [DONE]"
 
 
 def test_a_client_that_stops_reading_is_stopped_and_closed(stack):

@@ -12,9 +12,9 @@ A pure ASGI middleware (no buffering, streams pass straight through):
   every route (``json_body.check_json``: nesting depth, lone surrogates: a 400 naming the field);
 - every request is counted by route, model and status (``count_request``).
 
-A WebSocket scope gets ``state["transport"]``: the connection's transport where the server is
-uvicorn (None elsewhere), which ASGI does not expose; ``websocket.py`` bounds its send buffer
-and drops it when its client stops reading.
+Every scope gets ``state["transport"]``: the connection's transport where the server is uvicorn
+(None elsewhere), which ASGI does not expose; ``websocket.py`` and ``sse.py`` bound its send
+buffer and drop it when its client stops reading.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ class RequestMiddleware:
         headers = {name: value for name, value in scope["headers"]}
         client_id = headers.get(b"x-request-id", b"").decode("latin-1").strip()
         state = scope.setdefault("state", {})
+        state["transport"] = _transport_of(send)  # a stream that stalls is dropped through it (sse.py)
         state["client_request_id"] = client_id if _CLIENT_ID.match(client_id) else None
         state["request_id"] = state["client_request_id"] or f"req_{uuid.uuid4().hex}"
         token = current_request_id.set(state["request_id"])
@@ -175,10 +176,20 @@ def _is_json(headers: dict[bytes, bytes]) -> bool:
 
 
 def _transport_of(send: Send) -> asyncio.Transport | None:
-    """The transport under uvicorn's ``send`` (a method of its protocol object), or None."""
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    usable = all(callable(getattr(transport, name, None)) for name in ("abort", "get_extra_info"))
-    return cast(asyncio.Transport, transport) if usable else None
+    """The transport under uvicorn's ``send`` (a method of its protocol or request object), or
+    None. An HTTP ``send`` reaches us wrapped by Starlette's error middleware (a closure around
+    uvicorn's), so the wrappers' closures are searched too, a few levels deep."""
+    pending: list[object] = [send]
+    for _ in range(8):
+        if not pending:
+            break
+        candidate = pending.pop()
+        transport = getattr(getattr(candidate, "__self__", None), "transport", None)
+        if all(callable(getattr(transport, name, None)) for name in ("abort", "get_extra_info")):
+            return cast(asyncio.Transport, transport)
+        cells = getattr(candidate, "__closure__", None) or ()
+        pending.extend(cell.cell_contents for cell in cells if callable(cell.cell_contents))
+    return None
 
 
 def owner_of(key: bytes) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import socket
 import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
@@ -17,6 +19,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
 
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_COMMENT = b": keep-alive\n\n"
@@ -69,8 +73,11 @@ class EventStreamResponse(StreamingResponse):
     Body generators stop their generation in a ``finally``; closing the generator here runs
     it even when the client vanished while the generator was suspended between chunks.
     During long silences (a long prefill) a comment line (or the API's ping event) keeps proxies
-    and clients such as Codex (``stream_idle_timeout_ms``) from giving up; a timer beside the
-    stream sends it, so the per-event path costs nothing extra.
+    from giving up; a timer beside the stream sends it, so the per-event path costs nothing extra.
+    The same timer watches the sends: a client that reads nothing fills its connection's buffers
+    and a send waits; once one has waited the gateway's send timeout (``--send-timeout``, the
+    app's ``state.send_timeout``) the connection is dropped, which ends the stream and stops its
+    generation, instead of decoding on for nobody.
     """
 
     def __init__(self, content: AsyncGenerator[bytes, None], keepalive_s: float = KEEPALIVE_S,
@@ -80,29 +87,55 @@ class EventStreamResponse(StreamingResponse):
         self._content = content
         self._keepalive_s = keepalive_s
         self._keepalive = keepalive  # a comment line, or an API's own ping event
+        self._send_timeout = 0.0  # 0: wait for the client forever
+        self._transport: asyncio.Transport | None = None
+        self._stalled = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = scope.get("app")
+        self._send_timeout = float(getattr(getattr(app, "state", None), "send_timeout", 0.0) or 0.0)
+        self._transport = scope.get("state", {}).get("transport")
+        if self._transport is not None and self._send_timeout > 0:
+            bound_send_buffer(self._transport)
         try:
             await super().__call__(scope, receive, send)
+        except Exception:
+            if not self._stalled:
+                raise
+            # Dropped for reading nothing: a send that waited may fail, and that is the point.
         finally:
             await self._content.aclose()
 
     async def stream_response(self, send: Send) -> None:
         lock = asyncio.Lock()
         last_sent = time.monotonic()
+        sending_since: float | None = None
         open_body = False  # between the headers and the last body message
 
         async def send_and_note(message: Message) -> None:
-            nonlocal last_sent, open_body
+            nonlocal last_sent, open_body, sending_since
             async with lock:
-                await send(message)
+                sending_since = time.monotonic()
+                try:
+                    await send(message)
+                finally:
+                    sending_since = None
             last_sent = time.monotonic()
             open_body = message["type"] == "http.response.start" or message.get("more_body", False)
 
         async def keepalive() -> None:
+            check = min(self._keepalive_s, self._send_timeout / 4) if self._send_timeout > 0 else self._keepalive_s
             while True:
-                await asyncio.sleep(max(self._keepalive_s - (time.monotonic() - last_sent), 0.01))
-                if open_body and time.monotonic() - last_sent >= self._keepalive_s:
+                await asyncio.sleep(max(min(check, self._keepalive_s - (time.monotonic() - last_sent)), 0.01))
+                since = sending_since
+                if since is not None and self._send_timeout > 0 and time.monotonic() - since >= self._send_timeout:
+                    self._stalled = True
+                    log.warning("a client read nothing of its stream for %.0f s: dropping it and stopping its "
+                                "generation", self._send_timeout)
+                    if self._transport is not None:
+                        self._transport.abort()
+                    return
+                if open_body and since is None and time.monotonic() - last_sent >= self._keepalive_s:
                     await send_and_note({"type": "http.response.body", "body": self._keepalive, "more_body": True})
 
         timer = asyncio.create_task(keepalive())
@@ -111,3 +144,18 @@ class EventStreamResponse(StreamingResponse):
         finally:
             timer.cancel()
             await asyncio.gather(timer, return_exceptions=True)
+
+
+SEND_BUFFER_BYTES = 256 << 10
+
+
+def bound_send_buffer(transport: asyncio.Transport, size: int = SEND_BUFFER_BYTES) -> None:
+    """Cap the kernel's send buffer of the connection (Linux grows it to megabytes), so that a
+    client that stops reading shows as a waiting send within seconds."""
+    raw = transport.get_extra_info("socket")
+    if raw is None:
+        return
+    try:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    except OSError:
+        pass

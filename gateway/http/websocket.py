@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket as sockets
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from starlette.websockets import WebSocket
 
 from gateway.api.errors import APIError
+from gateway.http.sse import SEND_BUFFER_BYTES as SSE_SEND_BUFFER_BYTES
+from gateway.http.sse import bound_send_buffer as bound_transport_buffer
 
 # Close codes (RFC 6455, and the IANA registry's 1013).
 CLOSE_NORMAL = 1000
@@ -36,7 +37,7 @@ CLOSE_TRY_AGAIN_LATER = 1013  # too many connections
 CLOSE_GOING_AWAY = 1001  # the gateway is shutting down
 
 SEND_TIMEOUT_S = 30.0
-SEND_BUFFER_BYTES = 256 << 10
+SEND_BUFFER_BYTES = SSE_SEND_BUFFER_BYTES
 
 
 class FrameSender:
@@ -90,13 +91,8 @@ async def send_batches(sender: FrameSender, batches: AsyncGenerator[list[dict[st
 def bound_send_buffer(socket: WebSocket, size: int = SEND_BUFFER_BYTES) -> None:
     """Cap the kernel's send buffer of ``socket``'s connection at ``size`` bytes."""
     transport = _transport(socket)
-    raw = transport.get_extra_info("socket") if transport is not None else None
-    if raw is None:
-        return
-    try:
-        raw.setsockopt(sockets.SOL_SOCKET, sockets.SO_SNDBUF, size)
-    except OSError:
-        pass
+    if transport is not None:
+        bound_transport_buffer(transport, size)
 
 
 async def drop_stalled(socket: WebSocket, reason: str, grace_s: float = 2.0) -> None:
