@@ -528,3 +528,12 @@ def test_a_client_that_stops_reading_is_stopped_and_closed(stack):
     # The gateway serves WebSockets as before.
     with connect(ws_url(stack)) as ws:
         assert create(ws, input="hi", max_output_tokens=2)[-1]["type"] == "response.incomplete"
+
+
+def test_a_body_refused_before_routing_is_counted_under_its_route(stack):
+    deep = b'{"model": "tiny", "messages": ' + b"[" * 200 + b"]" * 200 + b"}"
+    assert post_raw(stack, "/v1/chat/completions", deep).status_code == 400
+    metrics = httpx.get(f"{stack.base_url}/metrics", timeout=30).text
+    assert 'mlxgw_requests_total{model="",route="/v1/chat/completions",status="400"}' in metrics \
+        or 'mlxgw_requests_total{route="/v1/chat/completions",model="",status="400"}' in metrics, \
+        [line for line in metrics.splitlines() if line.startswith("mlxgw_requests_total")]

@@ -107,10 +107,8 @@ class RequestMiddleware:
             await self.app(scope, _replay(body, receive), send_with_id)
         finally:
             current_request_id.reset(token)
-            route = scope.get("route")
             model = state.get("model")
-            self.count_request(route.path if route is not None else "unmatched",
-                               model if model and self.is_known_model(model) else "", str(status))
+            self.count_request(_route_path(scope), model if model and self.is_known_model(model) else "", str(status))
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes | None:
         """The whole body, or None past ``max_body_bytes`` (refused before the JSON is parsed,
@@ -173,6 +171,17 @@ def _is_json(headers: dict[bytes, bytes]) -> bool:
     (FastAPI then reads JSON too)."""
     media = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
     return not media or media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+def _route_path(scope: Scope) -> str:
+    """The route a request is counted under: the one that served it, else (a body refused here,
+    before routing) its path when that is one the app documents; "unmatched" otherwise."""
+    route = scope.get("route")
+    if route is not None:
+        return str(route.path)
+    openapi = getattr(scope.get("app"), "openapi", None)
+    documented = openapi()["paths"] if callable(openapi) else {}  # FastAPI builds it once and keeps it
+    return str(scope["path"]) if scope["path"] in documented else "unmatched"
 
 
 def _transport_of(send: Send) -> asyncio.Transport | None:
