@@ -21,6 +21,7 @@ from gateway.responses import websocket_routes as responses_ws
 from gateway.responses.service import ResponsesService
 from gateway.responses.store import ResponseStore
 from gateway.responses.websocket_routes import ConnectionLimit
+from gateway.status import page as status_page
 from gateway.status import routes as status
 from gateway.status.metrics import GatewayMetrics
 
@@ -74,6 +75,6 @@ def create_app(
                        api_keys=api_keys, protect_metrics=protect_metrics, max_body_bytes=max_body_bytes)
     install_handlers(app)
     describe_errors(app)
-    for module in (model_routes, status, chat, responses, responses_ws, messages):
+    for module in (model_routes, status_page, status, chat, responses, responses_ws, messages):
         app.include_router(module.router)
     return app

@@ -27,6 +27,7 @@ NO_WORKER = "no_worker"  # a known model has no live worker, and none came in ti
 QUEUE_FULL = "rate_limit_exceeded"  # OpenAI's code, which clients retry on
 WORKER_CRASHED = "worker_crashed"  # its worker died or hung after output had reached the client
 GATEWAY_SHUTTING_DOWN = "gateway_shutting_down"
+REQUEST_CANCELLED = "request_cancelled"  # an operator stopped it (the status page)
 MODEL_TOO_LARGE = "model_too_large"  # a listed model cannot fit the memory budget even alone
 MODEL_LOAD_FAILED = "model_load_failed"  # its worker failed, timed out or found no room; the next request tries again
 
@@ -91,6 +92,7 @@ _FAILURES: dict[str, _Mapping] = {
     # A 400: no retry makes it fit (clients retry 5xx); the operator must raise the budget.
     MODEL_TOO_LARGE: _Mapping(400, "invalid_request_error", param="model"),
     MODEL_LOAD_FAILED: _Mapping(503, "server_error"),
+    REQUEST_CANCELLED: _Mapping(409, "invalid_request_error"),
 }
 _UNKNOWN = _Mapping(500, "server_error")
 

@@ -22,6 +22,7 @@ from gateway.api.errors import (
     GATEWAY_SHUTTING_DOWN,
     NO_WORKER,
     QUEUE_FULL,
+    REQUEST_CANCELLED,
     WORKER_CRASHED,
     EngineError,
     model_not_found,
@@ -56,6 +57,7 @@ class Observer(Protocol):
     def tokens(self, model: str, count: int, seconds_since_previous: float | None) -> None: ...
     def worker_registered(self, model: str) -> None: ...
     def worker_lost(self, model: str, reason: str) -> None: ...
+    def request_failed(self, model: str, request_id: str, code: str, message: str) -> None: ...
 
 
 class _NoObserver:
@@ -69,6 +71,9 @@ class _NoObserver:
         pass
 
     def worker_lost(self, model: str, reason: str) -> None:
+        pass
+
+    def request_failed(self, model: str, request_id: str, code: str, message: str) -> None:
         pass
 
 
@@ -96,6 +101,7 @@ class RequestStream:
         self._opened_at = time.monotonic()
         self._first_output_at: float | None = None
         self._last_output_at = 0.0
+        self._output_tokens = 0
         self.worker: WorkerInfo | None = None
         self.prompt_tokens = 0
         self.finished: Finished | None = None
@@ -113,9 +119,27 @@ class RequestStream:
         """Once true, a worker death can no longer be hidden by a retry."""
         return self._first_output_at is not None
 
+    @property
+    def output_tokens(self) -> int:
+        return self._output_tokens
+
+    @property
+    def started_output_at(self) -> float | None:
+        return self._first_output_at
+
+    @property
+    def opened_at(self) -> float:
+        return self._opened_at
+
     def deliver(self, item: StreamItem) -> None:
+        if isinstance(item, Accepted):
+            self.prompt_tokens = item.prompt_tokens
+        elif isinstance(item, (Error, EngineError)):
+            self._client.observer.request_failed(self.model, self.request.trace_id or self.request_id,
+                                                 item.code, item.message)
         if isinstance(item, Delta):
             now = time.monotonic()
+            self._output_tokens += item.token_count
             observer = self._client.observer
             if self._first_output_at is None:
                 self._first_output_at = now
@@ -219,6 +243,21 @@ class EngineClient:
 
     def waiting_for_worker(self, model: str) -> int:
         return sum(1 for s in self._streams.values() if s.model == model and s.worker is None)
+
+    def streams(self) -> list[RequestStream]:
+        """The requests open now (for the status page)."""
+        return list(self._streams.values())
+
+    def cancel_request(self, request_id: str, reason: str) -> bool:
+        """Stop a request by its id (an operator's action): its client gets ``reason`` as an error."""
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return False
+        if stream.worker is not None and stream.request_id in stream.worker.in_flight:
+            self.link.send(stream.worker.identity, Cancel(stream.request_id))
+        stream.deliver(EngineError(REQUEST_CANCELLED, reason))
+        self._forget(stream)
+        return True
 
     def models_with_requests(self) -> set[str]:
         return {s.model for s in self._streams.values()}

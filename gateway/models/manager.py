@@ -80,9 +80,11 @@ class ModelEntry:
     # thinking): /v1/models and Codex's catalog describe it while it is unloaded.
     described: dict[str, Any] = field(default_factory=dict)
     stopped: asyncio.Event = field(default_factory=asyncio.Event)  # set while no unload is in progress
+    pinned: bool = False  # the list's pin, or the operator's (POST /v1/models/NAME/pin)
 
     def __post_init__(self) -> None:
         self.stopped.set()
+        self.pinned = self.spec.pin
 
     @property
     def idle_ttl(self) -> float | None:
@@ -223,6 +225,10 @@ class ModelManager:
         await self._unload(entry, "requested")
         return None
 
+    def pin(self, model: str, pinned: bool) -> None:
+        """Pin (never unloaded on its own) or unpin, until the gateway restarts (the list decides then)."""
+        self._entries[model].pinned = pinned
+
     # --- what the status routes and the metrics read -----------------------------------------
 
     def states(self) -> dict[str, dict[str, Any]]:
@@ -247,7 +253,7 @@ class ModelManager:
             state = ModelState.LOADED  # also when a worker this gateway did not start serves it
         view: dict[str, Any] = {
             "state": state.value,
-            "pinned": entry.spec.pin,
+            "pinned": entry.pinned,
             "pids": [w.pid for w in workers] or ([entry.process.pid] if entry.process and entry.process.running
                                                  else []),
             "memory_bytes": self._model_memory(name),
@@ -359,7 +365,7 @@ class ModelManager:
 
     def _least_recently_used(self, exclude: ModelEntry | None = None) -> ModelEntry | None:
         idle = [e for e in self._entries.values()
-                if e is not exclude and not e.spec.pin and e.state is ModelState.LOADED and e.loading is None
+                if e is not exclude and not e.pinned and e.state is ModelState.LOADED and e.loading is None
                 and e.process is not None and e.process.running and self._requests(e.spec.name) == 0]
         return min(idle, key=lambda e: e.last_used, default=None)
 
@@ -415,7 +421,7 @@ class ModelManager:
                 if entry.measuring and (measured := self._model_memory(entry.spec.name)):
                     entry.loaded_bytes, entry.measuring = measured, False
                 ttl = entry.idle_ttl
-                if ttl is not None and not entry.spec.pin and now - entry.last_used >= ttl:
+                if ttl is not None and not entry.pinned and now - entry.last_used >= ttl:
                     self._unload_if_idle(entry, f"idle for {ttl:g}s")
             if not self._plan.locked() and self.used_bytes() > self.budget:
                 victim = self._least_recently_used()

@@ -41,3 +41,17 @@ async def unload_model(model: str, request: Request) -> dict[str, Any]:
     if refusal is not None:
         raise APIError(409, refusal, code="model_busy")
     return _card(models, model)
+
+
+@router.post("/v1/models/{model:path}/pin")
+async def pin_model(model: str, request: Request) -> dict[str, Any]:
+    """``{"pinned": true}``: never unloaded when idle or to make room (``false`` undoes it)."""
+    models = _manager(request, model)
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or not isinstance(body.get("pinned"), bool):
+        raise APIError(400, "Send {\"pinned\": true} or {\"pinned\": false}.", param="pinned")
+    models.pin(model, body["pinned"])
+    return _card(models, model)

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from gateway.engine.client import EngineClient
 from gateway.models.manager import ModelManager, ModelState
+from gateway.status.snapshot import Activity
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -49,6 +50,7 @@ class GatewayMetrics:
         self.model_unloads = Counter("mlxgw_model_unloads", "On-demand models unloaded, by reason (idle, keep_alive, "
                                      "making room, over the budget, requested, exited)", ["model", "reason"],
                                      registry=self.registry)
+        self.activity = Activity()  # throughput history and recent failures, for the status page
         self._lost: dict[str, int] = {}  # model -> losses not yet made up by a new registration
         self._token_metrics: dict[str, tuple] = {}
 
@@ -86,12 +88,16 @@ class GatewayMetrics:
             children = self._token_metrics[model] = (self.output_tokens.labels(model),
                                                      self.inter_token_latency.labels(model))
         children[0].inc(count)
+        self.activity.tokens(count)
         if seconds_since_previous is not None and count:
             children[1].observe(seconds_since_previous / count)
 
     def compaction(self, model: str, outcome: str, seconds: float) -> None:
         self.compactions.labels(model, outcome).inc()
         self.compaction_seconds.labels(model).observe(seconds)
+
+    def request_failed(self, model: str, request_id: str, code: str, message: str) -> None:
+        self.activity.failed(model, request_id, code, message)
 
     def worker_registered(self, model: str) -> None:
         if self._lost.get(model, 0) > 0:
@@ -129,6 +135,13 @@ class _LiveState(Collector):
             "generated_tokens": ("mlxgw_worker_generated_tokens", "Tokens generated since the worker started"),
             "prompt_tokens": ("mlxgw_worker_prompt_tokens", "Prompt tokens accepted since the worker started"),
             "cached_tokens": ("mlxgw_worker_cached_prompt_tokens", "Prompt tokens served from the prefix cache"),
+            "cached_tokens_ram": ("mlxgw_worker_cached_prompt_tokens_ram", "Prompt tokens served from the prefix cache in RAM"),
+            "cached_tokens_disk": ("mlxgw_worker_cached_prompt_tokens_disk",
+                                   "Prompt tokens restored from the prefix cache's disk tier (--prompt-cache-dir)"),
+            "disk_cache_bytes": ("mlxgw_worker_disk_cache_bytes", "Bytes in the prefix cache's disk tier"),
+            "disk_cache_entries": ("mlxgw_worker_disk_cache_entries", "Entries in the prefix cache's disk tier"),
+            "disk_cache_writes": ("mlxgw_worker_disk_cache_writes", "Prefix-cache entries written to disk since start"),
+            "disk_cache_restores": ("mlxgw_worker_disk_cache_restores", "Prefix-cache entries restored from disk since start"),
             "active_memory_bytes": ("mlxgw_worker_active_memory_bytes", "MLX memory in use"),
             "cache_memory_bytes": ("mlxgw_worker_cache_memory_bytes", "MLX buffer cache (freed, kept for reuse)"),
             "peak_memory_bytes": ("mlxgw_worker_peak_memory_bytes", "MLX peak memory"),

@@ -15,9 +15,10 @@ from gateway.api.errors import model_not_found
 from gateway.engine.aliases import DISCOVERY_PREFIX
 from gateway.engine.client import EngineClient
 from gateway.engine.registry import WorkerInfo
-from gateway.models.manager import ModelManager, memory_of
+from gateway.models.manager import ModelManager
 from gateway.status.codex_catalog import model_catalog
 from gateway.status.served import served_models
+from gateway.status.snapshot import worker_view
 
 router = APIRouter()
 
@@ -67,7 +68,7 @@ async def list_models(request: Request, client_version: str | None = None) -> di
     listed = _on_demand(request)
     if client_version is not None:
         now = time.monotonic()
-        views = [_worker_view(w, now) for w in engine.registry.all()]
+        views = [worker_view(w, now) for w in engine.registry.all()]
         views += [{**state, "model": name, "state": "ready"} for name, state in listed.items()
                   if state["state"] != "loaded" and "context_length" in state]  # known from an earlier load
         return model_catalog(served_models(views))
@@ -93,29 +94,11 @@ async def get_model(model: str, request: Request) -> dict[str, Any]:
     return _model_card(model, workers, _asks_anthropic(request), state)
 
 
-def _worker_view(w: WorkerInfo, now: float) -> dict[str, Any]:
-    return {
-        "id": w.worker_id,
-        "model": w.model,
-        "pid": w.pid,
-        "state": w.state.value,
-        "context_length": w.context_length,
-        "tool_calls": w.tool_calls,
-        "thinking": w.thinking,
-        "max_sequences": w.max_sequences,
-        "in_flight": len(w.in_flight),
-        "active": w.active,
-        "queued": w.queued,
-        "last_heartbeat_s": round(now - w.last_seen, 3),
-        "memory_bytes": memory_of(w),
-    }
-
-
 @router.get("/v1/workers")
 async def list_workers(request: Request) -> dict[str, Any]:
     """The live workers; with a model list, also every listed model's state and the memory budget."""
     now = time.monotonic()
-    reply: dict[str, Any] = {"object": "list", "data": [_worker_view(w, now) for w in _engine(request).registry.all()]}
+    reply: dict[str, Any] = {"object": "list", "data": [worker_view(w, now) for w in _engine(request).registry.all()]}
     models: ModelManager | None = request.app.state.models
     if models is not None:
         reply["models"] = models.states()

@@ -1,0 +1,215 @@
+// The status page: one snapshot a second from /v1/status/events (SSE, read with fetch so that the
+// API key travels in a header, never in a URL). The key lives in sessionStorage: gone when the
+// tab closes. Every action is an API call checked by the same code as any client's.
+"use strict";
+
+const KEY = "mlx-gateway-key";
+const $ = (selector) => document.querySelector(selector);
+let stream = null;
+
+function headers() {
+  const key = sessionStorage.getItem(KEY);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+function cell(text, className) {
+  const td = document.createElement("td");
+  td.textContent = text === null || text === undefined ? "–" : String(text);
+  if (className) td.className = className;
+  return td;
+}
+
+function button(label, confirmText, action) {
+  const b = document.createElement("button");
+  b.textContent = label;
+  b.addEventListener("click", async () => {
+    if (!confirm(confirmText)) return;
+    b.disabled = true;
+    const reply = await action();
+    if (!reply.ok) {
+      const body = await reply.json().catch(() => ({}));
+      alert((body.error && body.error.message) || `failed: HTTP ${reply.status}`);
+    }
+    b.disabled = false;
+  });
+  return b;
+}
+
+function post(path, body) {
+  return fetch(path, {
+    method: "POST",
+    headers: { ...headers(), "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+}
+
+function bytes(n) {
+  if (!n) return "0";
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  const i = Math.min(Math.floor(Math.log(n) / Math.log(1024)), units.length - 1);
+  return `${(n / 1024 ** i).toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+function renderMemory(memory) {
+  const box = $("#memory");
+  if (!memory) { box.textContent = ""; return; }
+  const share = memory.used_bytes / Math.max(memory.budget_bytes, 1);
+  box.innerHTML = "";
+  const label = document.createElement("div");
+  label.textContent = `memory ${bytes(memory.used_bytes)} of ${bytes(memory.budget_bytes)} budget`;
+  const bar = document.createElement("div");
+  bar.className = share > 1 ? "bar over" : "bar";
+  const fill = document.createElement("div");
+  fill.style.width = `${Math.min(share, 1) * 100}%`;
+  bar.appendChild(fill);
+  box.append(label, bar);
+}
+
+function renderModels(models, budget) {
+  const body = $("#models tbody");
+  body.replaceChildren(...models.map((m) => {
+    const row = document.createElement("tr");
+    row.dataset.model = m.name;
+    const memory = budget ? `${bytes(m.memory_bytes)} (${((m.memory_bytes / budget) * 100).toFixed(1)}%)` : bytes(m.memory_bytes);
+    const abilities = `${m.tool_calls ? "tools" : "–"} / ${m.thinking ? "thinking" : "–"}`;
+    const state = m.reason && m.state !== "loaded" ? `${m.state}: ${m.reason}` : m.state;
+    row.append(cell(m.name), cell(state, `state state-${m.state}`), cell((m.pids || []).join(", ")),
+      cell(memory), cell(m.context_length), cell(abilities), cell(m.requests ?? ""));
+    const actions = document.createElement("td");
+    if (!m.external) {
+      const name = encodeURIComponent(m.name);
+      if (m.state === "loaded") {
+        actions.append(button("Unload", `Unload ${m.name}? Its memory goes back to the system.`,
+          () => post(`/v1/models/${name}/unload`)));
+      } else if (m.state !== "loading" && m.state !== "unloading") {
+        actions.append(button("Load", `Load ${m.name}?`, () => post(`/v1/models/${name}/load`)));
+      }
+      actions.append(button(m.pinned ? "Unpin" : "Pin", `${m.pinned ? "Unpin" : "Pin"} ${m.name}?`,
+        () => post(`/v1/models/${name}/pin`, { pinned: !m.pinned })));
+    }
+    row.appendChild(actions);
+    return row;
+  }));
+}
+
+function renderRequests(requests) {
+  $("#no-requests").hidden = requests.length > 0;
+  $("#requests tbody").replaceChildren(...requests.map((r) => {
+    const row = document.createElement("tr");
+    row.dataset.request = r.id;
+    row.append(cell(r.id), cell(r.family), cell(r.model), cell(r.key || "none"),
+      cell(r.state, `state state-${r.state}`), cell(r.prompt_tokens), cell(r.output_tokens, "output"),
+      cell(r.tokens_per_second), cell(`${r.elapsed_s} s`));
+    const actions = document.createElement("td");
+    actions.append(button("Cancel", `Cancel ${r.id}? Its client gets an error.`,
+      () => post(`/v1/requests/${encodeURIComponent(r.request_id)}/cancel`)));
+    row.appendChild(actions);
+    return row;
+  }));
+}
+
+function renderFailures(failures) {
+  $("#no-failures").hidden = failures.length > 0;
+  $("#failures tbody").replaceChildren(...failures.map((f) => {
+    const row = document.createElement("tr");
+    row.dataset.request = f.request_id;
+    row.append(cell(new Date(f.at * 1000).toLocaleTimeString()), cell(f.request_id), cell(f.model),
+      cell(f.code, "error"), cell(f.message, "message"));
+    return row;
+  }));
+}
+
+function renderThroughput(series, now) {
+  const canvas = $("#throughput");
+  const context = canvas.getContext("2d");
+  const { width, height } = canvas;
+  context.clearRect(0, 0, width, height);
+  const end = Math.floor(now);
+  const values = new Map(series.map(([second, tokens]) => [second, tokens]));
+  const points = [];
+  for (let s = end - 299; s <= end; s++) points.push(values.get(s) || 0);
+  const top = Math.max(10, ...points);
+  context.strokeStyle = "#0071e3";
+  context.lineWidth = 2;
+  context.beginPath();
+  points.forEach((v, i) => {
+    const x = (i / (points.length - 1)) * width;
+    const y = height - 14 - (v / top) * (height - 24);
+    if (i) context.lineTo(x, y); else context.moveTo(x, y);
+  });
+  context.stroke();
+  context.fillStyle = "#6e6e73";
+  context.fillText(`${top} tokens/s`, 4, 10);
+  context.fillText(`now: ${points[points.length - 1]} tokens/s`, width - 120, 10);
+}
+
+function render(status) {
+  renderMemory(status.memory);
+  renderModels(status.models, status.memory && status.memory.budget_bytes);
+  renderRequests(status.requests);
+  renderThroughput(status.throughput, status.time);
+  renderFailures(status.failures);
+  $("#panels").hidden = false;
+  $("#login").hidden = true;
+  $("#connection").textContent = `live · ${new Date(status.time * 1000).toLocaleTimeString()}`;
+}
+
+function showLogin(message) {
+  $("#panels").hidden = true;
+  $("#login").hidden = false;
+  $("#login-error").textContent = message || "";
+  $("#connection").textContent = "";
+}
+
+async function follow() {
+  if (stream) stream.abort();
+  stream = new AbortController();
+  let reply;
+  try {
+    reply = await fetch("/v1/status/events", { headers: headers(), signal: stream.signal });
+  } catch (error) {
+    $("#connection").textContent = "gateway unreachable; retrying…";
+    setTimeout(follow, 2000);
+    return;
+  }
+  if (reply.status === 401) {
+    const hadKey = sessionStorage.getItem(KEY) !== null;
+    sessionStorage.removeItem(KEY);
+    showLogin(hadKey ? "That key was refused." : "");
+    return;
+  }
+  $("#logout").hidden = sessionStorage.getItem(KEY) === null;
+  const reader = reply.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        if (event.startsWith("data: ")) render(JSON.parse(event.slice(6)));
+      }
+    }
+  } catch (error) {
+    if (error.name === "AbortError") return;
+  }
+  $("#connection").textContent = "disconnected; retrying…";
+  setTimeout(follow, 2000);
+}
+
+$("#login").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(KEY, $("#key").value);
+  $("#key").value = "";
+  follow();
+});
+$("#logout").addEventListener("click", () => {
+  sessionStorage.removeItem(KEY);
+  if (stream) stream.abort();
+  showLogin("");
+});
+follow();
