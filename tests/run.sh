@@ -22,6 +22,12 @@ if command -v npm >/dev/null && [ -f .tools/openresponses/suite/bin/compliance-t
     npm install --silent --no-audit --no-fund --prefix .tools/openresponses bun@1.3.12 zod@3.25.76 >/dev/null \
         || echo "warning: could not install Bun for the Open Responses suite; its test will be skipped" >&2
 fi
+# A browser for the status page's tests (tests/test_status_page.py skips without one): Debian's
+# chromium, which Playwright drives; as root where apt is, else whatever chromium is on PATH.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+        || echo "warning: could not install chromium; the status page's tests will be skipped" >&2
+fi
 # The linter and the type checker first: a few seconds, and they catch what tests miss.
 .venv/bin/ruff check protocol gateway worker tests bench
 .venv/bin/mypy

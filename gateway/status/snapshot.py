@@ -116,6 +116,8 @@ def snapshot(engine: EngineClient, models: ModelManager | None, activity: Activi
         entry.setdefault("thinking", worker.thinking)
         if worker.model not in listed:
             entry["memory_bytes"] += memory_of(worker)
+    for name, entry in served.items():
+        entry["requests"] = engine.load(name)  # running, queued in a worker, or waiting for one
     return {
         "time": time.time(),
         "models": [served[name] for name in sorted(served)],

@@ -97,6 +97,7 @@ function renderRequests(requests) {
   $("#requests tbody").replaceChildren(...requests.map((r) => {
     const row = document.createElement("tr");
     row.dataset.request = r.id;
+    row.dataset.model = r.model;
     row.append(cell(r.id), cell(r.family), cell(r.model), cell(r.key || "none"),
       cell(r.state, `state state-${r.state}`), cell(r.prompt_tokens), cell(r.output_tokens, "output"),
       cell(r.tokens_per_second), cell(`${r.elapsed_s} s`));
