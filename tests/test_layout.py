@@ -78,3 +78,13 @@ def test_each_process_imports_only_its_side() -> None:
         for path in (REPO_ROOT / package).rglob("*.py"):
             imported = {name.split(".")[0] for name in top_level_imports(path)}
             assert not imported & set(forbidden), f"{path.relative_to(REPO_ROOT)} imports {imported & set(forbidden)}"
+
+
+def test_every_package_is_in_the_distribution():
+    """pyproject.toml lists packages by hand: a new one left out works in a checkout (an editable
+    install) and is missing from a built wheel."""
+    from gateway.models.catalog import tomllib  # tomli on Python 3.10
+
+    listed = set(tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    present = {module_name(init) for top in PACKAGES for init in (REPO_ROOT / top).rglob("__init__.py")}
+    assert present <= listed, sorted(present - listed)
