@@ -60,8 +60,13 @@ async def submit(request: Request, model_request: ModelRequest, request_id: str,
 
 
 def needs_load(request: Request, model: str) -> bool:
-    """The model is loaded on demand and is not loaded now: its request waits for a load."""
-    return engine(request).needs_load(model)
+    """The model is loaded on demand and is not loaded now: its request waits for a load. Such a
+    request is admitted here (a full queue: its 429 while an HTTP status can still say so)."""
+    client = engine(request)
+    if not client.needs_load(model):
+        return False
+    client.admit(model)
+    return True
 
 
 async def opened_late(open_reply: Callable[[], Awaitable[AsyncGenerator[list[Event], None]]],
@@ -74,6 +79,10 @@ async def opened_late(open_reply: Callable[[], Awaitable[AsyncGenerator[list[Eve
         batches = await open_reply()
     except EngineError as exc:
         yield fail(family.error(exc))
+        return
+    except Exception:  # a bug of ours: the client still gets a terminal event, not a cut stream
+        log.exception("%s request failed", family.name)
+        yield fail(APIError(500, "the gateway had an internal error", "server_error", code="server_error"))
         return
     try:
         async for batch in batches:
@@ -136,7 +145,9 @@ async def with_heartbeats(batches: AsyncGenerator[list[Event], None], heartbeat:
                 pending = asyncio.ensure_future(batches.__anext__())
             done, _ = await asyncio.wait({pending}, timeout=every)
             if not done:
-                yield heartbeat()
+                beat = heartbeat()
+                if beat:
+                    yield beat
                 continue
             finished, pending = pending, None
             try:

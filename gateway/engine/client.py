@@ -20,6 +20,7 @@ from typing import Protocol
 
 from gateway.api.errors import (
     GATEWAY_SHUTTING_DOWN,
+    MODEL_LOAD_FAILED,
     NO_WORKER,
     QUEUE_FULL,
     REQUEST_CANCELLED,
@@ -109,6 +110,7 @@ class RequestStream:
         self._client = client
         self._queue: asyncio.Queue[StreamItem] = asyncio.Queue()
         self._closed = False
+        self.ended = asyncio.Event()  # it got its terminal item, or was closed
 
     @property
     def request_id(self) -> str:
@@ -134,7 +136,10 @@ class RequestStream:
     def deliver(self, item: StreamItem) -> None:
         if isinstance(item, Accepted):
             self.prompt_tokens = item.prompt_tokens
+        elif isinstance(item, Finished):
+            self.ended.set()
         elif isinstance(item, (Error, EngineError)):
+            self.ended.set()
             self._client.observer.request_failed(self.model, self.request.trace_id or self.request_id,
                                                  item.code, item.message)
         if isinstance(item, Delta):
@@ -186,6 +191,7 @@ class RequestStream:
 
     def close(self) -> None:
         """Stop the request if it is still running (client gone, or the route failed)."""
+        self.ended.set()
         if not self._closed:
             self._closed = True
             self._client.cancel(self)
@@ -308,12 +314,25 @@ class EngineClient:
     async def _dispatch_to_worker(self, stream: RequestStream) -> None:
         worker = self.registry.pick(stream.model, stream.request.prompt_cache_key)
         if worker is None and self.on_demand is not None and self.on_demand.manages(stream.model):
+            # Wait for the load, or until the request ends meanwhile (its client left, an operator
+            # cancelled it, the gateway is stopping): the load goes on for whoever else waits.
+            loading = asyncio.ensure_future(self.on_demand.ensure_loaded(stream.model))
+            ended = asyncio.ensure_future(stream.ended.wait())
             try:
-                await self.on_demand.ensure_loaded(stream.model)
-            except EngineError as failure:
-                if stream.request_id in self._streams:
-                    stream.deliver(failure)
-                    self._forget(stream)
+                await asyncio.wait({loading, ended}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ended.cancel()
+                if not loading.done():
+                    loading.cancel()
+            if loading.cancelled() or stream.request_id not in self._streams:
+                return
+            failure = loading.exception()
+            if failure is not None:
+                if not isinstance(failure, EngineError):
+                    log.error("loading %s failed: %r", stream.model, failure)
+                    failure = EngineError(MODEL_LOAD_FAILED, f"model '{stream.model}' failed to load: {failure}")
+                stream.deliver(failure)
+                self._forget(stream)
                 return
             worker = self.registry.pick(stream.model, stream.request.prompt_cache_key)
         if worker is None:

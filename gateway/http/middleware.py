@@ -197,7 +197,13 @@ def _transport_of(send: Send) -> asyncio.Transport | None:
         if all(callable(getattr(transport, name, None)) for name in ("abort", "get_extra_info")):
             return cast(asyncio.Transport, transport)
         cells = getattr(candidate, "__closure__", None) or ()
-        pending.extend(cell.cell_contents for cell in cells if callable(cell.cell_contents))
+        for cell in cells:
+            try:
+                contents = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if callable(contents):
+                pending.append(contents)
     return None
 
 

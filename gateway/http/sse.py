@@ -124,19 +124,33 @@ class EventStreamResponse(StreamingResponse):
             open_body = message["type"] == "http.response.start" or message.get("more_body", False)
 
         async def keepalive() -> None:
-            check = min(self._keepalive_s, self._send_timeout / 4) if self._send_timeout > 0 else self._keepalive_s
-            while True:
-                await asyncio.sleep(max(min(check, self._keepalive_s - (time.monotonic() - last_sent)), 0.01))
-                since = sending_since
-                if since is not None and self._send_timeout > 0 and time.monotonic() - since >= self._send_timeout:
-                    self._stalled = True
-                    log.warning("a client read nothing of its stream for %.0f s: dropping it and stopping its "
-                                "generation", self._send_timeout)
-                    if self._transport is not None:
-                        self._transport.abort()
-                    return
-                if open_body and since is None and time.monotonic() - last_sent >= self._keepalive_s:
-                    await send_and_note({"type": "http.response.body", "body": self._keepalive, "more_body": True})
+            """Keep-alives through silences, sent from their own task, so that this one stays free
+            to watch every send (a keep-alive's too) for a client that reads nothing."""
+            beat: asyncio.Task | None = None
+            try:
+                while True:
+                    now = time.monotonic()
+                    since = sending_since
+                    if since is not None:
+                        if self._send_timeout > 0 and now - since >= self._send_timeout:
+                            self._stalled = True
+                            log.warning("a client read nothing of its stream for %.0f s: dropping it and stopping "
+                                        "its generation", self._send_timeout)
+                            if self._transport is not None:
+                                self._transport.abort()
+                            return
+                        wait = self._send_timeout - (now - since) if self._send_timeout > 0 else self._keepalive_s
+                    else:
+                        if open_body and now - last_sent >= self._keepalive_s and (beat is None or beat.done()):
+                            beat = asyncio.create_task(send_and_note(
+                                {"type": "http.response.body", "body": self._keepalive, "more_body": True}))
+                            await asyncio.sleep(0)  # let it start (and mark itself sending)
+                            continue
+                        wait = self._keepalive_s - (now - last_sent)
+                    await asyncio.sleep(max(wait, 0.05))
+            finally:
+                if beat is not None and not beat.done():
+                    beat.cancel()
 
         timer = asyncio.create_task(keepalive())
         try:

@@ -67,20 +67,37 @@ class WorkerProcess:
         try:
             process.send_signal(signal.SIGTERM)
             await asyncio.wait_for(self.exited.wait(), timeout)
-        except ProcessLookupError:
+            return
+        except ProcessLookupError:  # gone already: its watcher sets exited
             pass
         except asyncio.TimeoutError:
             log.warning("the worker for %s (pid %d) did not stop in %.0fs: killing it", self.name, process.pid, timeout)
-            process.kill()
-            await self.exited.wait()
+            try:
+                process.kill()
+            except ProcessLookupError:
+                pass
+        await self.exited.wait()
 
     async def _watch(self, process: asyncio.subprocess.Process) -> None:
+        """Forward its output, a line at a time, and note its exit. Read in chunks: a download's
+        progress bar redraws one "line" with carriage returns for minutes (readline would give up
+        past 64 KB and leave the pipe full)."""
         assert process.stdout is not None
         prefix = f"[{self.name}] ".encode()
-        while line := await process.stdout.readline():
-            sys.stderr.buffer.write(prefix + line)
-            sys.stderr.buffer.flush()
-            self._tail.append(line.decode(errors="replace").rstrip())
-        self.returncode = await process.wait()
-        log.info("the worker for %s (pid %d) exited with %s", self.name, process.pid, self.returncode)
-        self.exited.set()
+        pending = b""
+        try:
+            while chunk := await process.stdout.read(1 << 16):
+                pending += chunk
+                *lines, pending = pending.replace(b"\r", b"\n").split(b"\n")
+                if len(pending) > 1 << 16:
+                    lines, pending = [*lines, pending], b""
+                for line in filter(None, lines):
+                    sys.stderr.buffer.write(prefix + line + b"\n")
+                    self._tail.append(line.decode(errors="replace").rstrip())
+                sys.stderr.buffer.flush()
+        except Exception:  # its output is lost, not its exit
+            log.exception("reading the output of the worker for %s failed", self.name)
+        finally:
+            self.returncode = await process.wait()
+            log.info("the worker for %s (pid %d) exited with %s", self.name, process.pid, self.returncode)
+            self.exited.set()

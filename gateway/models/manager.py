@@ -81,6 +81,7 @@ class ModelEntry:
     described: dict[str, Any] = field(default_factory=dict)
     stopped: asyncio.Event = field(default_factory=asyncio.Event)  # set while no unload is in progress
     pinned: bool = False  # the list's pin, or the operator's (POST /v1/models/NAME/pin)
+    weights_bytes: int = 0  # its weights on disk, when local (read at start)
 
     def __post_init__(self) -> None:
         self.stopped.set()
@@ -140,6 +141,11 @@ class ModelManager:
         self._address = gateway_address
         self._stop_timeout = stop_timeout
         self._entries = {spec.name: ModelEntry(spec) for spec in catalog}
+        for entry in self._entries.values():  # read once: /v1/models and each plan read it
+            entry.weights_bytes = entry.spec.weights_bytes()
+            if not entry.weights_bytes and entry.spec.memory is None:
+                log.warning("model %s: no local weights to size its first load by (a hub id?); give it a "
+                            "'memory' in the list, or its first load is planned at 0 bytes", entry.spec.name)
         self._plan = asyncio.Lock()  # one load at a time decides what to unload
         self._changed = asyncio.Event()  # a request ended or a model went: room may have appeared
         self._tasks: set[asyncio.Task] = set()
@@ -285,21 +291,37 @@ class ModelManager:
         timeout = entry.spec.load_timeout or self.load_timeout
         deadline = started + timeout
         try:
-            async with self._plan:
+            try:  # another load may be waiting for room: wait for it within this load's own time
+                await asyncio.wait_for(self._plan.acquire(), timeout)
+            except asyncio.TimeoutError:
+                raise EngineError(MODEL_LOAD_FAILED, f"model '{name}' could not start loading within {timeout:g}s: "
+                                                     "other loads were waiting for room") from None
+            try:
                 planned = self._planned_bytes(entry)
                 if planned > self.budget:
                     raise EngineError(MODEL_TOO_LARGE, f"model '{name}' needs about {planned / GB:.1f} GB, more "
                                                        f"than this machine's memory budget of {self.budget / GB:.1f} "
                                                        "GB for models (gateway --memory-budget)")
                 await self._make_room(entry, planned, deadline, timeout)
+                if entry.process is not None and entry.process.running:
+                    # Its worker was declared dead (hung) but still runs: stop it, and count its memory out.
+                    await entry.process.stop(self._stop_timeout)
                 entry.state, entry.reason = ModelState.LOADING, None
                 entry.process = WorkerProcess(name, entry.spec.worker_command(self._address))
                 await entry.process.start()
+            finally:
+                self._plan.release()
             await self._wait_registered(entry, deadline, timeout)
         except EngineError as exc:
             await self._failed(entry, exc.message)
             self.events.model_loaded(name, "failed", time.monotonic() - started)
             raise
+        except Exception as exc:  # e.g. the command cannot start: the waiting requests get why
+            log.exception("loading %s failed", name)
+            failure = EngineError(MODEL_LOAD_FAILED, f"model '{name}' failed to load: {exc}")
+            await self._failed(entry, failure.message)
+            self.events.model_loaded(name, "failed", time.monotonic() - started)
+            raise failure from None
         except BaseException:
             await self._failed(entry, "the load was stopped")
             raise
@@ -372,15 +394,20 @@ class ModelManager:
     # --- unloading -----------------------------------------------------------------------------
 
     def _unload_if_idle(self, entry: ModelEntry, reason: str) -> None:
-        if entry.state is ModelState.LOADED and entry.process is not None and self._requests(entry.spec.name) == 0:
-            self._background(self._unload(entry, reason), f"unload-{entry.spec.name}")
+        """Unload an idle, unpinned model (its TTL or keep_alive ran out). No request can reach it
+        in between: ``_unload`` marks it unloading before its first await."""
+        if (entry.state is ModelState.LOADED and entry.process is not None and not entry.pinned
+                and self._requests(entry.spec.name) == 0):
+            self._background(self._unload(entry, reason, if_idle=True), f"unload-{entry.spec.name}")
 
-    async def _unload(self, entry: ModelEntry, reason: str) -> None:
+    async def _unload(self, entry: ModelEntry, reason: str, if_idle: bool = False) -> None:
+        """``if_idle``: only if it has no requests now (a scheduled idle unload, which a request
+        may have overtaken)."""
         if entry.state is ModelState.UNLOADING:
             await entry.stopped.wait()  # unloading already: its memory is given back once it has exited
             return
         process = entry.process
-        if process is None:
+        if process is None or (if_idle and (self._requests(entry.spec.name) or entry.state is not ModelState.LOADED)):
             return
         name = entry.spec.name
         log.info("unloading %s (%s)", name, reason)
@@ -416,18 +443,24 @@ class ModelManager:
         """Idle unloads past their TTL, and the budget once loads report what they really take."""
         while True:
             await asyncio.sleep(self.CHECK_INTERVAL_S)
-            now = time.monotonic()
-            for entry in self._entries.values():
-                if entry.measuring and (measured := self._model_memory(entry.spec.name)):
-                    entry.loaded_bytes, entry.measuring = measured, False
-                ttl = entry.idle_ttl
-                if ttl is not None and not entry.pinned and now - entry.last_used >= ttl:
-                    self._unload_if_idle(entry, f"idle for {ttl:g}s")
-            if not self._plan.locked() and self.used_bytes() > self.budget:
-                victim = self._least_recently_used()
-                if victim is not None:
-                    log.info("%.2f GB used, over the budget of %.2f GB", self.used_bytes() / GB, self.budget / GB)
-                    await self._unload(victim, "over the memory budget")
+            try:
+                await self._check()
+            except Exception:  # one bad round must not end the checks
+                log.exception("checking the models failed")
+
+    async def _check(self) -> None:
+        now = time.monotonic()
+        for entry in self._entries.values():
+            if entry.measuring and (measured := self._model_memory(entry.spec.name)):
+                entry.loaded_bytes, entry.measuring = measured, False
+            ttl = entry.idle_ttl
+            if ttl is not None and now - entry.last_used >= ttl:
+                self._unload_if_idle(entry, f"idle for {ttl:g}s")
+        if not self._plan.locked() and self.used_bytes() > self.budget:
+            victim = self._least_recently_used()
+            if victim is not None:
+                log.info("%.2f GB used, over the budget of %.2f GB", self.used_bytes() / GB, self.budget / GB)
+                await self._unload(victim, "over the memory budget")
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -440,7 +473,7 @@ class ModelManager:
     def _planned_bytes(self, entry: ModelEntry) -> int:
         """What a load of this model is expected to take: what its last load took, else what the
         list says, else its weights on disk."""
-        return entry.loaded_bytes or entry.spec.memory or entry.spec.weights_bytes()
+        return entry.loaded_bytes or entry.spec.memory or entry.weights_bytes
 
     def _notify(self) -> None:
         self._changed.set()

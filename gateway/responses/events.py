@@ -196,6 +196,8 @@ class ResponseEvents:
     def heartbeat(self) -> list[Event]:
         """Through a long silence (prefill, a model load): the response as it stands, again.
         Codex counts only events against its idle timeout; SSE comments do not reset it."""
+        if self.state.status not in ("queued", "in_progress"):
+            return []  # ended: a heartbeat after the terminal event would start a phantom response
         return [self._event("response.in_progress", response=self.state.to_dict())]
 
     def _terminal(self, kind: str) -> Event:
