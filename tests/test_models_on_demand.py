@@ -242,7 +242,8 @@ def lifecycle_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pa
     hung = [sys.executable, "-c", "import time; time.sleep(3600)"]
     models = (_entry("broken", str(stack.workdir / "no-such-model")) + _entry("late", weights, command=late)
               + _entry("hung", weights, command=hung, load_timeout=3) + _entry("idle", weights, idle_ttl=2)
-              + _entry("t", weights, args=["--context-length", "100000", "--max-output-tokens", "0"]))
+              + _entry("t", weights, args=["--context-length", "100000", "--max-output-tokens", "0"])
+              + _entry("fresh", weights, args=["--context-length", "50000"]))
     try:
         _start(stack, models)
         yield stack
@@ -333,6 +334,18 @@ def test_the_operator_loads_and_unloads_behind_the_api_key_and_never_cuts_a_requ
     _wait(lambda: not _alive(pid), 30, "the worker to exit")
     missing = httpx.post(lifecycle_stack.base_url + "/v1/models/nope/load", headers=AUTH, timeout=60)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_the_agent_launchers_load_the_listed_model_they_are_asked_for(lifecycle_stack: Stack):
+    """A listed model never loaded has no known window: the launcher loads the one it will use."""
+    assert "context_length" not in _states(lifecycle_stack)["fresh"]
+    launcher = Path(sys.executable).parent / "mlx-gateway-claude"
+    result = subprocess.run([str(launcher), "--url", lifecycle_stack.base_url, "--api-key", KEY, "--model", "fresh",
+                             "--print"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "loading fresh on the gateway" in result.stderr
+    assert "export CLAUDE_CODE_MAX_CONTEXT_TOKENS=50000" in result.stdout
+    assert _states(lifecycle_stack)["fresh"]["state"] == "loaded"
 
 
 def test_workers_started_by_a_gateway_do_not_outlive_it(lifecycle_stack: Stack):

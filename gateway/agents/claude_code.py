@@ -33,7 +33,7 @@ import shutil
 import sys
 import urllib.error
 
-from gateway.status.served import fetch_workers, served_models
+from gateway.status.served import fetch_models
 
 # Claude Code's floor for CLAUDE_CODE_AUTO_COMPACT_WINDOW (a smaller value counts as this).
 MIN_COMPACT_WINDOW = 100_000
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     claude_args = args.claude_args[1:] if args.claude_args[:1] == ["--"] else args.claude_args
 
     try:
-        models = {m.name: m.context_window for m in served_models(fetch_workers(args.url, args.api_key))}
+        models = {m.name: m.context_window for m in fetch_models(args.url, args.api_key, args.model)}
     except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
         print(f"mlx-gateway-claude: cannot ask {args.url} for its models: {exc}", file=sys.stderr)
         return 2

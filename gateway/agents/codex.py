@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 from gateway.status.codex_catalog import model_catalog
-from gateway.status.served import fetch_workers, served_models
+from gateway.status.served import fetch_models
 
 PROVIDER = "mlx-gateway"
 CATALOG_FILE = "mlx-gateway-models.json"
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     catalog_path = (args.catalog or home / CATALOG_FILE).expanduser().absolute()
     config_path = (args.config or home / "config.toml").expanduser()
     try:
-        models = served_models(fetch_workers(args.url, args.api_key))
+        models = [m for m in fetch_models(args.url, args.api_key, args.model) if m.context_window]
     except urllib.error.HTTPError as exc:
         hint = " (pass --api-key)" if exc.code == 401 else ""
         print(f"mlx-gateway-codex: {args.url} answered {exc.code} to GET /v1/workers{hint}", file=sys.stderr)

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -40,10 +42,31 @@ def served_models(workers: Iterable[Mapping[str, Any]]) -> list[ServedModel]:
     return [merged[name] for name in sorted(merged)]
 
 
-def fetch_workers(base_url: str, api_key: str | None) -> list[dict[str, Any]]:
-    request = urllib.request.Request(f"{base_url.rstrip('/')}/v1/workers")
+def fetch_models(base_url: str, api_key: str | None, wanted: str | None = None) -> list[ServedModel]:
+    """What a gateway serves, for a launcher about to use ``wanted`` (or its only model): the
+    models its workers serve, and those of its model list (``--models``) that it could load. A
+    listed model never loaded has no known window yet: the one the launcher will use is loaded
+    now (``POST /v1/models/NAME/load``: the first request would load it anyway); others are
+    listed with a window of 0."""
+    reply = _call(base_url, api_key, "GET", "/v1/workers", 10)
+    listed: dict[str, dict[str, Any]] = reply.get("models") or {}
+    known = [{**state, "model": name, "state": "ready"} for name, state in listed.items()
+             if state.get("state") != "loaded" and "context_length" in state]
+    models = served_models([*reply["data"], *known])
+    unsized = [name for name in sorted(listed) if name not in {m.name for m in models}]
+    only = [*{m.name for m in models}, *unsized]
+    target = wanted if wanted in unsized else (unsized[0] if wanted is None and len(only) == 1 and unsized else None)
+    if target is not None:
+        print(f"loading {target} on the gateway…", file=sys.stderr)
+        _call(base_url, api_key, "POST", f"/v1/models/{urllib.parse.quote(target, safe='')}/load", 900)
+        return fetch_models(base_url, api_key, wanted)
+    return sorted([*models, *(ServedModel(name, 0) for name in unsized)], key=lambda m: m.name)
+
+
+def _call(base_url: str, api_key: str | None, method: str, path: str, timeout: float) -> dict[str, Any]:
+    request = urllib.request.Request(f"{base_url.rstrip('/')}{path}", method=method)
     if api_key:
         request.add_header("Authorization", f"Bearer {api_key}")
-    with urllib.request.urlopen(request, timeout=10) as reply:
-        workers: list[dict[str, Any]] = json.load(reply)["data"]
-    return workers
+    with urllib.request.urlopen(request, timeout=timeout) as reply:
+        body: dict[str, Any] = json.load(reply)
+    return body
