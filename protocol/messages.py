@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 
 # --- worker -> gateway -------------------------------------------------------------
@@ -77,9 +77,10 @@ class Finished:
     finish_reason: str  # "stop" | "length" | "cancelled"
     prompt_tokens: int
     completion_tokens: int
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache, both tiers
     reasoning_tokens: int = 0
     stop_sequence: str | None = None  # the client's stop string that ended it, if one did
+    cached_tokens_disk: int = 0  # of cached_tokens, those restored from the disk tier (--prompt-cache-dir)
 
 
 @dataclass

@@ -27,6 +27,13 @@ whatever arrives. A prompt's prefix cache is looked up when its prefill starts
 (``fetch_prefix``), not when it is queued: a request that waited behind another with the same
 prefix reuses the cache that one stored when its prefill finished.
 
+With ``kv_bits`` the running sequences' KV caches are quantized (``--kv-bits``; mlx-lm's
+``BatchGenerator`` batches only unquantized caches): every cache that enters the generator (a new
+prompt's, or one the prefix cache hands back) is made a ``QuantizedKVCache`` whose ``merge`` builds
+a ``BatchQuantizedKVCache`` (worker/quantized_cache.py); mlx-lm's prefill, decoding, ``extend``,
+``filter`` and ``extract`` then run on it unchanged, and extracted caches are single
+``QuantizedKVCache``s that the prefix cache stores and trims like unquantized ones.
+
 This module is the only one that reaches into mlx-lm's batching internals: ``_next`` is
 mlx-lm 0.32.2's with steps 2 to 4 changed, and the queue entries and prefill batch layout are
 mlx-lm's. tests/test_batching.py fails when an mlx-lm upgrade changes what this relies on.
@@ -42,6 +49,8 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, PromptProcessingBatch
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache
+
+from worker.quantized_cache import DEFAULT_KV_GROUP_SIZE, batchable, make_quantized_prompt_cache
 
 # A fixed chunk (``--prefill-chunk N``), or where ``auto`` starts before it has measured a step,
 # by measurement: bench/run.py --only prefill_chunk (SmolLM2-135M, float32, OpenBLAS, 2 shared
@@ -167,9 +176,11 @@ class ChunkedBatchGenerator(BatchGenerator):
 
     def __init__(self, model: Any, *, prefill_chunk: int, sizer: ChunkSizer | None = None,
                  peek_prefix: PrefixPeek | None = None, fetch_prefix: PrefixFetch | None = None,
-                 prompt_done: Callable[[list[int]], None] | None = None, **kwargs: Any):
+                 prompt_done: Callable[[list[int]], None] | None = None, kv_bits: int | None = None,
+                 kv_group_size: int = DEFAULT_KV_GROUP_SIZE, **kwargs: Any):
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be at least 1")
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size  # None: unquantized, as mlx-lm
         # mlx-lm's prompt() feeds at most prefill_step_size tokens per model call: one call per chunk.
         super().__init__(model, prefill_step_size=max(prefill_chunk, ChunkSizer.LARGEST if sizer else 0), **kwargs)
         self._fixed_prefill_chunk = prefill_chunk
@@ -192,6 +203,13 @@ class ChunkedBatchGenerator(BatchGenerator):
     def take_failures(self) -> list[tuple[list[int], Exception]]:
         failures, self._failures = self._failures, []
         return failures
+
+    def insert_segments(self, segments: Any, max_tokens: Any = None, caches: Any = None, *args: Any,
+                        **kwargs: Any) -> Any:
+        """mlx-lm's, with each prompt's cache quantized when ``kv_bits`` is set (``_kv_cache``)."""
+        if self.kv_bits is not None:
+            caches = [_kv_cache(self.model, c, self.kv_group_size, self.kv_bits) for c in caches or [None] * len(segments)]
+        return super().insert_segments(segments, max_tokens, caches, *args, **kwargs)
 
     def _next(self) -> tuple[list[Any], list[Any]]:
         start = time.perf_counter()
@@ -321,6 +339,8 @@ class ChunkedBatchGenerator(BatchGenerator):
         cached, n = self._fetch_prefix(uid, prompt)
         if cached is None or n <= 0:
             return entry
+        if self.kv_bits is not None:
+            cached = _kv_cache(self.model, cached, self.kv_group_size, self.kv_bits)
         tail = prompt[n:]
         segments = [tail[:-1], tail[-1:]] if len(tail) > 1 else [tail]
         return (uid, segments, max_tokens, cached, prompt[:n], *rest)
@@ -347,6 +367,27 @@ class ChunkedBatchGenerator(BatchGenerator):
         )
         batch.filter([i for i in range(len(batch)) if i not in set(indices)])
         return leaving
+
+
+class KVQuantizedBatchGenerator(BatchGenerator):
+    """mlx-lm's own ``BatchGenerator`` (``--prefill-chunk 0``) with quantized KV caches."""
+
+    def __init__(self, model: Any, *, kv_bits: int, kv_group_size: int = DEFAULT_KV_GROUP_SIZE, **kwargs: Any):
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        super().__init__(model, **kwargs)
+
+    def insert_segments(self, segments: Any, max_tokens: Any = None, caches: Any = None, *args: Any,
+                        **kwargs: Any) -> Any:
+        caches = [_kv_cache(self.model, c, self.kv_group_size, self.kv_bits) for c in caches or [None] * len(segments)]
+        return super().insert_segments(segments, max_tokens, caches, *args, **kwargs)
+
+
+def _kv_cache(model: Any, cache: list[Any] | None, group_size: int, bits: int) -> list[Any]:
+    """A prompt's cache entering the generator, quantized: a new one for ``None``, else each layer
+    made to merge into a quantized batch (worker/quantized_cache.py ``batchable``)."""
+    if cache is None:
+        return make_quantized_prompt_cache(model, group_size, bits)
+    return [batchable(layer, group_size, bits) for layer in cache]
 
 
 def _last_token_only(segments: list[list[int]]) -> bool:

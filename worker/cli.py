@@ -43,6 +43,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "N: a fixed chunk; 0: mlx-lm's own prefill, 512 tokens of every waiting prompt per step")
     parser.add_argument("--prompt-cache-mb", type=int, default=1024,
                         help="KV cache kept for reuse by later prompts with the same prefix (0: off; default 1024)")
+    parser.add_argument("--kv-bits", type=int, default=None, choices=(2, 3, 4, 5, 6, 8), metavar="8|4",
+                        help="quantize the running sequences' KV caches (and the prefix cache's entries) to this many "
+                             "bits: 8 holds a token in about half the memory, 4 in about a quarter, with attention "
+                             "on the quantized cache (default: unquantized)")
+    parser.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128),
+                        help="with --kv-bits: values sharing one scale and bias (the head dimension must divide by "
+                             "it; default 64)")
+    parser.add_argument("--prompt-cache-dir", default=None, metavar="DIR",
+                        help="a disk tier for the prefix cache: entries leaving RAM (evicted, or the worker stopping) "
+                             "are written here and restored by later prompts with the same prefix, also after a "
+                             "restart; one subdirectory per model fingerprint, files 0600 (default: off)")
+    parser.add_argument("--prompt-cache-disk-mb", type=float, default=8192, metavar="MB",
+                        help="with --prompt-cache-dir: the most it holds, least recently used out first (default 8192)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="default temperature when a request sets none (default: the model's, else 1.0)")
     parser.add_argument("--top-p", type=float, default=None,
@@ -137,7 +150,19 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
 
     config = WorkerConfig.from_args(args)
     processors = make_logits_processors(loaded) if make_logits_processors else None
-    return Worker(build_engine(loaded, config, processors), address, config, curve).run()
+    try:
+        engine = build_engine(loaded, config, processors)
+    except ValueError as exc:  # e.g. --kv-bits on a model whose heads cannot be grouped so
+        log.error("%s", exc)
+        return 2
+    if config.prompt_cache_dir:
+        from worker.disk_cache import open_disk_cache
+
+        disk = open_disk_cache(config.prompt_cache_dir, args.model, loaded, config.prompt_cache_disk_mb,
+                               getattr(engine, "kv_bits", None), getattr(engine, "kv_group_size", None))
+        if disk is not None:
+            engine.attach_disk_cache(disk)
+    return Worker(engine, address, config, curve).run()
 
 
 def _exit_with_parent() -> None:

@@ -15,6 +15,12 @@ class WorkerConfig:
     # auto (sized from measured step times); 0, mlx-lm's own prefill scheduling.
     prefill_chunk: int | None = None
     prompt_cache_mb: int = 1024  # KV cache kept for later prompts with the same prefix (0: off)
+    # The prefix cache's disk tier (worker/disk_cache.py): entries leaving RAM are written under
+    # prompt_cache_dir (None: off), at most prompt_cache_disk_mb; on stop, RAM entries are written
+    # for up to prompt_cache_save_timeout seconds.
+    prompt_cache_dir: str | None = None
+    prompt_cache_disk_mb: float = 8192
+    prompt_cache_save_timeout: float = 10.0
     memory_limit_gb: float | None = None  # MLX memory limit
     cache_limit_gb: float | None = None  # MLX buffer cache limit
     wired_limit_gb: float | None = None  # Metal wired-memory limit
@@ -30,6 +36,10 @@ class WorkerConfig:
     # after template_timeout seconds (the request fails; the prompt-builder thread goes on).
     allow_client_templates: bool = False
     template_timeout: float = DEFAULT_TEMPLATE_TIMEOUT
+    # Quantized KV caches for running sequences (--kv-bits, --kv-group-size; worker/quantized_cache.py):
+    # None keeps them unquantized.
+    kv_bits: int | None = None
+    kv_group_size: int = 64
 
     def template_policy(self) -> TemplatePolicy:
         return TemplatePolicy(self.allow_client_templates, self.template_timeout)
@@ -40,6 +50,8 @@ class WorkerConfig:
             max_sequences=args.max_sequences,
             prefill_chunk=args.prefill_chunk,
             prompt_cache_mb=args.prompt_cache_mb,
+            prompt_cache_dir=getattr(args, "prompt_cache_dir", None),
+            prompt_cache_disk_mb=getattr(args, "prompt_cache_disk_mb", 8192),
             memory_limit_gb=args.memory_limit,
             cache_limit_gb=args.cache_limit,
             wired_limit_gb=args.wired_limit,
@@ -49,4 +61,6 @@ class WorkerConfig:
             max_output_tokens=args.max_output_tokens or None,
             allow_client_templates=args.allow_client_templates,
             template_timeout=args.template_timeout,
+            kv_bits=getattr(args, "kv_bits", None),
+            kv_group_size=getattr(args, "kv_group_size", 64),
         )

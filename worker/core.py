@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from protocol import PROTOCOL_VERSION, Accepted, Cancel, Error, Finished, Generate, Output, Ready
 from protocol.messages import ERROR_INTERNAL, ERROR_SHUTTING_DOWN
@@ -52,6 +53,8 @@ class Worker:
         self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt-builder")
         self._building: set[str] = set()  # request ids whose prompt is being built
         self.drain_timeout = config.drain_timeout
+        self.prompt_cache_save_timeout = config.prompt_cache_save_timeout
+        self.stats.disk_cache = getattr(engine, "disk_cache", None)
         self.drain_deadline: float | None = None  # set once draining
         self.stop_now = False
         self._tick = time.monotonic()
@@ -109,8 +112,23 @@ class Worker:
                 self.link.send(error)
             self._builder.shutdown(wait=False, cancel_futures=True)
             self.link.close()
+            self._save_prompt_cache()
             log.info("stopped")
         return 0
+
+    def _save_prompt_cache(self) -> None:
+        """Stopping (or unloaded): the prefix cache's RAM entries go to its disk tier, if any,
+        for at most ``prompt_cache_save_timeout`` seconds."""
+        disk = getattr(self.engine, "disk_cache", None)
+        if disk is None:
+            return
+        started = time.monotonic()
+        try:
+            written = self.engine.save_to_disk(self.prompt_cache_save_timeout)
+            log.info("prompt cache: %d entries written to disk in %.1fs", written, time.monotonic() - started)
+        except Exception:
+            log.exception("writing the prompt cache to disk failed")
+        disk.close()
 
     def _drain_inbox(self, block: bool) -> None:
         """Apply every waiting Generate/Cancel (and built prompt); wait briefly for one when the
@@ -197,6 +215,7 @@ class Worker:
         seconds = time.monotonic() - started
         if isinstance(message, Finished):
             self.stats.cached_tokens += message.cached_tokens
+            self.stats.cached_tokens_disk += message.cached_tokens_disk
             rate = message.completion_tokens / seconds if seconds > 0 else 0.0
             log.info("finished (%s): %d prompt (%d cached) + %d completion tokens in %.2fs, %.1f tokens/s",
                      message.finish_reason, message.prompt_tokens, message.cached_tokens, message.completion_tokens,
@@ -211,7 +230,9 @@ def build_engine(loaded: LoadedModel, config: WorkerConfig, logits_processors: L
     BatchGenerator sets mlx-lm's wired limit). Every rank of a sharded worker builds its own
     (``engine_type``: a GroupEngine, worker/sharded.py)."""
     engine = engine_type(loaded, config.max_sequences, config.prefill_chunk, logits_processors,
-                         prompt_cache_bytes=config.prompt_cache_mb << 20, max_output_tokens=config.max_output_tokens)
+                         prompt_cache_bytes=config.prompt_cache_mb << 20, max_output_tokens=config.max_output_tokens,
+                         **({"kv_bits": config.kv_bits, "kv_group_size": config.kv_group_size}
+                            if config.kv_bits is not None else {}))
     engine.prompts.configure(config.template_policy())  # --allow-client-templates, --template-timeout
     apply_memory_limits(config)
     return engine
@@ -257,6 +278,8 @@ class EngineStats:
         self.generated_tokens = 0
         self.prompt_tokens = 0
         self.cached_tokens = 0
+        self.cached_tokens_disk = 0  # of cached_tokens, restored from the disk tier
+        self.disk_cache: Any = None  # the prefix cache's disk tier (worker/disk_cache.py), for its figures
         self.active_memory_bytes = 0
         self.cache_memory_bytes = 0  # freed buffers MLX keeps for reuse: still this process's memory
         self.peak_memory_bytes = 0
@@ -280,12 +303,18 @@ class EngineStats:
             "generated_tokens": generated,
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
+            "cached_tokens_ram": self.cached_tokens - self.cached_tokens_disk,
+            "cached_tokens_disk": self.cached_tokens_disk,
             "active_memory_bytes": self.active_memory_bytes,
             "cache_memory_bytes": self.cache_memory_bytes,
             # what the gateway's memory budget counts for this worker (gateway/models/manager.py)
             "memory_bytes": self.active_memory_bytes + self.cache_memory_bytes,
             "peak_memory_bytes": self.peak_memory_bytes,
         }
+        disk = self.disk_cache
+        if disk is not None:  # plain numbers, read without its lock
+            stats.update(disk_cache_bytes=disk.nbytes, disk_cache_entries=len(disk), disk_cache_writes=disk.writes,
+                         disk_cache_restores=disk.hits)
         if self._rate_sample is not None:
             then, before = self._rate_sample
             stats["tokens_per_second"] = (generated - before) / max(now - then, 1e-6)

@@ -11,8 +11,11 @@ thread that loaded the model.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,9 +38,11 @@ from worker.batching import (
     UNCHUNKED_PREFILL_STEP,
     ChunkedBatchGenerator,
     ChunkSizer,
+    KVQuantizedBatchGenerator,
     default_prefill_chunk,
 )
 from worker.constraints import ConstraintError, ConstraintProcessor, Grammars, plan
+from worker.disk_cache import DiskCache, Restored, load_cache
 from worker.models import LoadedModel
 from worker.output_parser import OutputParser
 from worker.prefix_cache import PrefixCache
@@ -45,6 +50,8 @@ from worker.prompts import PromptBuilder
 from worker.text_stream import StopStrings
 
 log = logging.getLogger(__name__)
+
+DISK_MIN_GAIN = 16  # prompt tokens a disk entry must supply beyond the RAM cache's to be read
 
 
 @dataclass
@@ -62,6 +69,9 @@ class Sequence:
     reasoning_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     constraint: ConstraintProcessor | None = None  # structured output: its grammar's mask (worker/constraints.py)
+    disk_hit: tuple[Any, int] | None = None  # (the disk tier's entry for its prompt, tokens it would supply)
+    restored_tokens: int = 0  # the prefix restored from disk for it (its cached tokens up to this came from disk)
+    restore_started: float = 0.0
 
 
 @dataclass
@@ -87,10 +97,22 @@ class Engine:
         logits_processors: LogitsProcessorsFactory | None = None,
         prompt_cache_bytes: int = 1 << 30,  # the prefix cache's budget (0: off; worker/prefix_cache.py)
         max_output_tokens: int | None = None,  # the most a request may generate (None: up to the context)
+        kv_bits: int | None = None,  # quantized KV caches (worker/quantized_cache.py); None: unquantized
+        kv_group_size: int = 64,
     ):
         self.loaded = loaded
+        if kv_bits is not None:
+            from worker.quantized_cache import check_kv_quantization, kv_bytes_per_token
+
+            check_kv_quantization(loaded.model, kv_group_size, kv_bits)
+            log.info("KV cache: %d bits in groups of %d, %d bytes per 1,000 tokens of context (unquantized: %d)",
+                     kv_bits, kv_group_size, round(1000 * kv_bytes_per_token(loaded.model, kv_group_size, kv_bits)),
+                     round(1000 * kv_bytes_per_token(loaded.model)))
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         self._max_output_tokens = max_output_tokens
         self.prefix_cache = PrefixCache(prompt_cache_bytes) if prompt_cache_bytes else None
+        self.disk_cache: DiskCache | None = None  # the prefix cache's disk tier (attach_disk_cache)
+        self._restoring: dict[str, tuple[Sequence, Future[Restored | None]]] = {}  # reading their prefix from disk
         self.max_sequences = max_sequences
         self._prefill_chunk = default_prefill_chunk() if prefill_chunk is None else prefill_chunk
         # Kept across generators: what it measured still holds after a failed step's fresh start.
@@ -112,11 +134,11 @@ class Engine:
 
     @property
     def queued(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._restoring)
 
     @property
     def busy(self) -> bool:
-        return bool(self._running or self._waiting)
+        return bool(self._running or self._waiting or self._restoring)
 
     def submit(self, request: Generate) -> Accepted | Error:
         """Queue a request; an Error if it cannot run (the engine is unaffected)."""
@@ -167,6 +189,8 @@ class Engine:
             ),
             constraint=constraint,
         )
+        if self.disk_cache is not None:  # the disk tier's index, read here off the engine thread
+            sequence.disk_hit = self.disk_cache.lookup(request.cache_scope, prompt)
         return sequence
 
     def enqueue(self, sequence: Sequence) -> Accepted | Error:
@@ -174,8 +198,9 @@ class Engine:
         request_id = sequence.request.request_id
         if request_id in self._by_request:
             return Error(ERROR_INVALID_REQUEST, "duplicate request id", request_id)
-        self._waiting.append(sequence)
         self._by_request[request_id] = sequence
+        if not self._restore(sequence):
+            self._waiting.append(sequence)
         return Accepted(request_id, len(sequence.prompt))
 
     def count(self, request: Generate) -> Accepted | Error:
@@ -192,7 +217,9 @@ class Engine:
         sequence = self._by_request.pop(request_id, None)
         if sequence is None:
             return None
-        if sequence.uid is None:
+        if self._restoring.pop(request_id, None) is not None:
+            pass  # its read finishes unused
+        elif sequence.uid is None:
             self._waiting.remove(sequence)
         else:  # decoding, prefilling or waiting to: its KV cache goes with it
             self._generator.remove([sequence.uid])
@@ -208,6 +235,7 @@ class Engine:
         return errors
 
     def step(self) -> StepResult:
+        self._take_restored()
         self._admit()
         result = StepResult()
         if not self._running:
@@ -312,6 +340,76 @@ class Engine:
     def prompt_cache_bytes(self) -> int:
         return self.prefix_cache.nbytes if self.prefix_cache is not None else 0
 
+    # --- the prefix cache's disk tier (worker/disk_cache.py) ---------------------------
+
+    def attach_disk_cache(self, disk_cache: DiskCache) -> None:
+        """Entries leaving the prefix cache go to ``disk_cache``; prompts restore from it."""
+        if self.prefix_cache is None:
+            log.warning("--prompt-cache-dir needs the prefix cache (--prompt-cache-mb above 0): not used")
+            return
+        self.disk_cache = disk_cache
+        self.prefix_cache.on_evict = disk_cache.spill
+
+    def _restore(self, sequence: Sequence) -> bool:
+        """Start reading a queued prompt's disk entry if it would supply more than RAM does (the
+        prompt waits, out of the queue, until it is read). False: nothing to read."""
+        hit, sequence.disk_hit = sequence.disk_hit, None
+        if hit is None or self.disk_cache is None or self.prefix_cache is None:
+            return False
+        entry, tokens = hit
+        in_ram = self.prefix_cache.cached_length(sequence.request.cache_scope, sequence.prompt)
+        if tokens < in_ram + DISK_MIN_GAIN:
+            return False
+        self._restoring[sequence.request.request_id] = (sequence, self.disk_cache.restore(entry))
+        sequence.restore_started = time.monotonic()
+        return True
+
+    def _take_restored(self) -> None:
+        """Entries read from disk go into the prefix cache, and their prompts into the queue.
+        With nothing else to do, wait briefly for a read."""
+        if not self._restoring:
+            return
+        if not (self._running or self._waiting):
+            wait_for_futures([f for _, f in self._restoring.values()], timeout=0.05, return_when=FIRST_COMPLETED)
+        for request_id, (sequence, future) in list(self._restoring.items()):
+            if not future.done():
+                continue
+            del self._restoring[request_id]
+            self._store_restored(sequence, future)
+            if request_id in self._by_request:
+                self._waiting.append(sequence)
+
+    def _store_restored(self, sequence: Sequence, future: Future[Restored | None]) -> None:
+        try:
+            restored = future.result()
+            if restored is None or self.prefix_cache is None:
+                return
+            read_s = time.monotonic() - sequence.restore_started
+            cache = load_cache(restored)
+        except Exception:
+            log.exception("restoring a prefix from disk failed; prefilling it")
+            return
+        self.prefix_cache.store(sequence.request.cache_scope, restored.entry.tokens, cache,
+                                running_bytes=self._generator.prompt_cache_nbytes)
+        sequence.restored_tokens = len(restored.entry.tokens)
+        log.info("restored %d prompt tokens from disk in %.2fs (%.2fs reading and checking)", sequence.restored_tokens,
+                 time.monotonic() - sequence.restore_started, read_s,
+                 extra={"request_id": sequence.request.trace_id or sequence.request.request_id})
+
+    def save_to_disk(self, timeout: float) -> int:
+        """The worker stops: write the prefix cache's entries (most recently used first) to the
+        disk tier, for up to ``timeout`` seconds. Returns how many were written."""
+        if self.disk_cache is None or self.prefix_cache is None:
+            return 0
+        deadline = time.monotonic() + timeout
+        queued = 0
+        for scope, tokens, cache in self.prefix_cache.entries():
+            if time.monotonic() > deadline or not self.disk_cache.flush(max(deadline - time.monotonic(), 0)):
+                break
+            queued += self.disk_cache.spill(scope, tokens, cache)
+        self.disk_cache.flush(max(deadline - time.monotonic(), 0))
+        return queued
+
     def _admit(self) -> None:
         """Move waiting requests into the batch while there are free slots."""
         batch: list[Sequence] = []
@@ -404,18 +502,24 @@ class Engine:
             prompt_tokens=len(sequence.prompt),
             completion_tokens=sequence.completion_tokens,
             cached_tokens=sequence.cached_tokens,
+            cached_tokens_disk=min(sequence.cached_tokens, sequence.restored_tokens),
             reasoning_tokens=sequence.reasoning_tokens,
             stop_sequence=sequence.stops.matched,
         )
 
     def _new_generator(self) -> BatchGenerator:
         batch, prefill_batch = self.max_sequences, min(self.max_sequences, 8)
+        if not self._prefill_chunk and self.kv_bits is not None:
+            return KVQuantizedBatchGenerator(self.loaded.model, kv_bits=self.kv_bits, kv_group_size=self.kv_group_size,
+                                             completion_batch_size=batch, prefill_batch_size=prefill_batch,
+                                             prefill_step_size=UNCHUNKED_PREFILL_STEP)
         if not self._prefill_chunk:  # 0: mlx-lm's own prefill scheduling, as before chunking
             return BatchGenerator(self.loaded.model, completion_batch_size=batch, prefill_batch_size=prefill_batch,
                                   prefill_step_size=UNCHUNKED_PREFILL_STEP)
         return ChunkedBatchGenerator(self.loaded.model, prefill_chunk=self._prefill_chunk, sizer=self._chunk_sizer,
                                      peek_prefix=self._peek_prefix, fetch_prefix=self._fetch_prefix,
-                                     prompt_done=self._prompts_prefilled,
+                                     prompt_done=self._prompts_prefilled, kv_bits=self.kv_bits,
+                                     kv_group_size=self.kv_group_size,
                                      completion_batch_size=batch, prefill_batch_size=prefill_batch)
 
 

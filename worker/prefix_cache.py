@@ -8,10 +8,16 @@ Entries belong to a scope (``Generate.cache_scope``: the gateway's hash of the c
 key): a prompt is served only from its own scope's entries, so that one key cannot learn
 another's prompt from cache hits (``cached_tokens``) or from how fast its first token comes.
 mlx-lm's cache keys entries by model; a worker has one model, so the scope takes that place.
+
+With a disk tier (worker/disk_cache.py), ``on_evict(scope, tokens, cache)`` is told of every
+entry the budget pushes out of RAM (not of shorter prefixes a longer entry supersedes), and
+``entries()`` lists what is left, for writing out when the worker stops.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -19,9 +25,17 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prom
 
 from worker.batching import cached_prefix_length
 
+log = logging.getLogger(__name__)
+
+
+_PREFIX = "scope:"
+
 
 def _key(scope: str) -> str:
-    return f"scope:{scope}"
+    return f"{_PREFIX}{scope}"
+
+
+Evicted = Callable[[str, list[int], list[Any]], object]  # (scope, tokens, KV cache)
 
 
 class PrefixCache:
@@ -30,6 +44,21 @@ class PrefixCache:
         self._cache = LRUPromptCache(max_size=256, max_bytes=budget_bytes)
         self._version = 0  # bumped whenever an entry is stored
         self._peeks: dict[int, tuple[int, int]] = {}  # uid -> (version, cached tokens)
+        self.on_evict: Evicted | None = None
+        # mlx-lm's LRU evicts (for its size limits and trim_to) through its trie's pop alone.
+        trie = self._cache._trie
+        pop = trie.pop
+
+        def popped(model: Any, tokens: list[int]) -> Any:
+            entry = pop(model, tokens)
+            if self.on_evict is not None and entry is not None and isinstance(model, str):
+                try:
+                    self.on_evict(model[len(_PREFIX):], list(tokens), entry.prompt_cache)
+                except Exception:  # the disk tier's trouble never fails the RAM cache
+                    log.exception("spilling a prefix-cache entry failed")
+            return entry
+
+        trie.pop = popped  # type: ignore[method-assign]
 
     @property
     def nbytes(self) -> int:
@@ -76,3 +105,14 @@ class PrefixCache:
 
     def drop_peeks(self) -> None:
         self._peeks.clear()
+
+    def entries(self) -> list[tuple[str, list[int], list[Any]]]:
+        """Every entry as (scope, tokens, KV cache), the most recently used first."""
+        lru = self._cache._lru
+        order = [key for kind in lru._ordering for key in lru._lrus[kind]]
+        found = []
+        for model, tokens in reversed(order):
+            entry = self._cache._trie.get(model, tokens)
+            if entry is not None and isinstance(model, str):
+                found.append((model[len(_PREFIX):], list(tokens), entry.prompt_cache))
+        return found

@@ -35,10 +35,15 @@ log = logging.getLogger(__name__)
 Event = dict[str, Any]
 
 
-def usage(prompt_tokens: int, cached_tokens: int, output_tokens: int, thinking_tokens: int = 0) -> dict[str, Any]:
+def usage(prompt_tokens: int, cached_tokens: int, output_tokens: int, thinking_tokens: int = 0,
+          cached_tokens_disk: int = 0) -> dict[str, Any]:
+    """``cached_tokens_disk``: of the cache reads, those restored from the worker's disk cache
+    (``cache_read_input_tokens_disk``, a field of ours, sent only when there are some)."""
     cached = min(max(cached_tokens, 0), prompt_tokens)
     result: dict[str, Any] = {"input_tokens": prompt_tokens - cached, "output_tokens": output_tokens,
                               "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
+    if cached_tokens_disk:
+        result["cache_read_input_tokens_disk"] = min(cached_tokens_disk, cached)
     if thinking_tokens:
         result["output_tokens_details"] = {"thinking_tokens": thinking_tokens}
     return result
@@ -98,7 +103,7 @@ class MessageEvents:
             self.stop_reason = "end_turn"
         self.stop_sequence = stop_sequence_hit if self.stop_reason == "stop_sequence" else None
         self.usage = usage(finished.prompt_tokens, finished.cached_tokens, finished.completion_tokens,
-                           finished.reasoning_tokens)
+                           finished.reasoning_tokens, finished.cached_tokens_disk)
         delta = {"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence}
         return events + [{"type": "message_delta", "delta": delta, "usage": dict(self.usage)},
                          {"type": "message_stop"}]

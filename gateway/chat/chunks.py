@@ -147,11 +147,14 @@ def usage(finished: Finished | None) -> dict[str, Any]:
     """The ``usage`` object of Chat Completions and Completions."""
     prompt = finished.prompt_tokens if finished else 0
     completion = finished.completion_tokens if finished else 0
+    details: dict[str, Any] = {"cached_tokens": finished.cached_tokens if finished else 0}
+    if finished and finished.cached_tokens_disk:  # of those, restored from the worker's disk cache
+        details["cached_tokens_disk"] = finished.cached_tokens_disk
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": finished.cached_tokens if finished else 0},
+        "prompt_tokens_details": details,
     }
 
 

@@ -70,7 +70,7 @@ class ResponseEvents:
         events = self._close(incomplete)
         state = self.state
         state.usage = usage(finished.prompt_tokens, finished.completion_tokens,
-                            finished.cached_tokens, finished.reasoning_tokens)
+                            finished.cached_tokens, finished.reasoning_tokens, finished.cached_tokens_disk)
         if incomplete:
             state.status = "incomplete"
             state.incomplete_details = {"reason": "max_output_tokens"}

@@ -72,10 +72,16 @@ def _echo_tool(tool: dict[str, Any]) -> dict[str, Any]:
     return tool
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, reasoning_tokens: int = 0) -> dict[str, Any]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, reasoning_tokens: int = 0,
+          cached_tokens_disk: int = 0) -> dict[str, Any]:
+    """``cached_tokens_disk``: of the cached tokens, those restored from the worker's disk cache
+    (a field of ours, sent only when there are some)."""
+    details: dict[str, Any] = {"cached_tokens": cached_tokens, "cache_write_tokens": 0}
+    if cached_tokens_disk:
+        details["cached_tokens_disk"] = cached_tokens_disk
     return {
         "input_tokens": prompt_tokens,
-        "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
+        "input_tokens_details": details,
         "output_tokens": completion_tokens,
         "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": prompt_tokens + completion_tokens,

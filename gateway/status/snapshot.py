@@ -71,6 +71,9 @@ def worker_view(w: WorkerInfo, now: float) -> dict[str, Any]:
         "queued": w.queued,
         "last_heartbeat_s": round(now - w.last_seen, 3),
         "memory_bytes": memory_of(w),
+        # prompt tokens served from the prefix cache, by tier, and the disk tier's size
+        "prompt_cache": {key: w.stats[key] for key in ("cached_tokens", "cached_tokens_ram", "cached_tokens_disk",
+                                                       "disk_cache_bytes", "disk_cache_entries") if key in w.stats},
     }
 
 
