@@ -54,7 +54,7 @@ async def status(request: Request) -> dict[str, Any]:
     return _snapshot(request)
 
 
-@router.get("/v1/status/events")
+@router.get("/v1/status/events", include_in_schema=False)  # an endless stream: README documents it
 async def status_events(request: Request) -> StreamingResponse:
     """A snapshot a second, as SSE ``data:`` lines, while the page is open."""
 
