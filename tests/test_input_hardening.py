@@ -463,6 +463,20 @@ def long_generation_running(stack: Stack) -> bool:
     return any(w["active"] or w["in_flight"] for w in workers if w["model"] == TINY_LONG)
 
 
+def generation_stops(stack: Stack) -> float:
+    """Wait for the long generation to start, then to stop (for a client that reads nothing);
+    returns how long it ran."""
+    deadline = time.monotonic() + 60
+    while not long_generation_running(stack):
+        assert time.monotonic() < deadline, "the generation never started"
+        time.sleep(0.1)
+    started = time.monotonic()
+    while long_generation_running(stack):
+        assert time.monotonic() < started + 90, "the generation went on for a client that reads nothing"
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
 def test_an_sse_client_that_stops_reading_is_dropped_and_its_generation_stopped(stack):
     """The same over HTTP: a streamed chat completion whose client reads nothing."""
     body = json.dumps({"model": TINY_LONG, "messages": HELLO, "max_tokens": 50_000, "stream": True}).encode()
@@ -472,15 +486,7 @@ def test_an_sse_client_that_stops_reading_is_dropped_and_its_generation_stopped(
         raw.connect(("127.0.0.1", stack.port))
         raw.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{stack.port}\r\n"
                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        deadline = time.monotonic() + 60
-        while not long_generation_running(stack):
-            assert time.monotonic() < deadline, "the generation never started"
-            time.sleep(0.1)
-        started = time.monotonic()
-        while long_generation_running(stack):
-            assert time.monotonic() < started + 90, "the generation went on for a client that reads nothing"
-            time.sleep(0.2)
-        print(f"stopped {time.monotonic() - started:.1f}s after it started")
+        print(f"stopped {generation_stops(stack):.1f}s after it started")
     assert "read nothing of its stream for 2 s" in stack.logs()
     # Streams of clients that read go on as before.
     with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", timeout=60,
@@ -504,15 +510,7 @@ def test_a_client_that_stops_reading_is_stopped_and_closed(stack):
         # ~300 tokens a second here: 50,000 would run for minutes if nothing stopped it.
         raw.sendall(masked_text_frame(json.dumps({"type": "response.create", "model": TINY_LONG, "input": "go on",
                                                   "max_output_tokens": 50_000})))
-        deadline = time.monotonic() + 60
-        while not long_generation_running(stack):
-            assert time.monotonic() < deadline, "the generation never started"
-            time.sleep(0.1)
-        started = time.monotonic()
-        while long_generation_running(stack):
-            assert time.monotonic() < started + 90, "the generation went on for a client that reads nothing"
-            time.sleep(0.2)
-        stopped_after = time.monotonic() - started
+        stopped_after = generation_stops(stack)
         # Now read: whatever was sent, then the end of the connection (a 1008 close frame, unless
         # the close could not get through and the connection was dropped).
         received = b""
