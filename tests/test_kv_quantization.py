@@ -15,11 +15,11 @@ import re
 from pathlib import Path
 
 import pytest
+from test_engine import GREEDY, run
 
-from protocol import Accepted, Generate, SamplingParams
+from protocol import Accepted, Generate
 from worker.engine import Engine
 
-GREEDY = SamplingParams(temperature=0.0)
 CONTEXT = 4096
 PROMPTS = ["What is the capital of France? " * 6, "Write a poem about the sea.", "def add(a, b):\n" * 12, "Hi"]
 # SmolLM2-135M (float32, this CPU), bench/kv_quantization.py's 20 prompts, the first 64 greedy tokens,
@@ -61,23 +61,6 @@ def kv_model(kv_model_dir: Path):
 def chat(request_id: str, text: str, max_tokens: int = 10, **kwargs) -> Generate:
     return Generate(request_id, messages=[{"role": "user", "content": text}], max_tokens=max_tokens,
                     sampling=GREEDY, **kwargs)
-
-
-def run(engine: Engine, *requests: Generate, max_steps: int = 10_000):
-    texts = {r.request_id: "" for r in requests}
-    finished = {}
-    for request in requests:
-        assert isinstance(engine.submit(request), Accepted)
-    for _ in range(max_steps):
-        if not engine.busy:
-            break
-        result = engine.step()
-        assert not result.errors, result.errors
-        for delta in result.deltas:
-            texts[delta.request_id] += delta.text
-        for f in result.finished:
-            finished[f.request_id] = f
-    return texts, finished
 
 
 def single_sequence_tokens(model, prompt: list[int], n: int, bits: int, group_size: int = 64) -> list[int]:
