@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 
 # --- worker -> gateway -------------------------------------------------------------
@@ -81,6 +81,8 @@ class Finished:
     reasoning_tokens: int = 0
     stop_sequence: str | None = None  # the client's stop string that ended it, if one did
     cached_tokens_disk: int = 0  # of cached_tokens, those restored from the disk tier (--prompt-cache-dir)
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted for it, and of those, accepted
+    accepted_tokens: int = 0
 
 
 @dataclass
@@ -152,6 +154,7 @@ class Generate:
     # {"type": "json_schema", "schema": {...}} | {"type": "json_object"} | {"type": "regex", "pattern": "..."}
     # | {"type": "lark", "grammar": "..."}; None: free text. Tools marked "strict" are constrained too.
     constraint: dict[str, Any] | None = None
+    speculative: bool = True  # False: no speculative decoding for this request (the worker's --speculate decides otherwise)
 
 
 @dataclass
