@@ -72,6 +72,8 @@ class Sequence:
     disk_hit: tuple[Any, int] | None = None  # (the disk tier's entry for its prompt, tokens it would supply)
     restored_tokens: int = 0  # the prefix restored from disk for it (its cached tokens up to this came from disk)
     restore_started: float = 0.0
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted for it, and of those accepted
+    accepted_tokens: int = 0
 
 
 @dataclass
@@ -505,6 +507,8 @@ class Engine:
             cached_tokens_disk=min(sequence.cached_tokens, sequence.restored_tokens),
             reasoning_tokens=sequence.reasoning_tokens,
             stop_sequence=sequence.stops.matched,
+            drafted_tokens=sequence.drafted_tokens,
+            accepted_tokens=sequence.accepted_tokens,
         )
 
     def _new_generator(self) -> BatchGenerator:
