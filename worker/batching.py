@@ -6,7 +6,8 @@ to ``prefill_step_size`` prompt tokens of *every* prompt in its prefill batch (u
 prompt tokens, and every decoding stream waits for all of them. ``ChunkedBatchGenerator``
 bounds each step instead:
 
-1. decode: one token for every running sequence (mlx-lm's own step, unchanged);
+1. decode: one token for every running sequence (mlx-lm's own step, unchanged), or with a
+   ``Speculator`` (worker/speculative.py) that token and the drafts the model agrees with;
 2. prompts with only their last token left move to decoding (mlx-lm's transition, in
    ``_to_decoding``; their rows are copied out of the prefill batch alone, not the whole batch
    as ``PromptProcessingBatch.split`` does, so a short prompt finishing beside a long one does
@@ -51,6 +52,7 @@ from mlx_lm.generate import BatchGenerator, PromptProcessingBatch
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache
 
 from worker.quantized_cache import DEFAULT_KV_GROUP_SIZE, batchable, make_quantized_prompt_cache
+from worker.speculative import Speculator
 
 # A fixed chunk (``--prefill-chunk N``), or where ``auto`` starts before it has measured a step,
 # by measurement: bench/run.py --only prefill_chunk (SmolLM2-135M, float32, OpenBLAS, 2 shared
@@ -177,7 +179,7 @@ class ChunkedBatchGenerator(BatchGenerator):
     def __init__(self, model: Any, *, prefill_chunk: int, sizer: ChunkSizer | None = None,
                  peek_prefix: PrefixPeek | None = None, fetch_prefix: PrefixFetch | None = None,
                  prompt_done: Callable[[list[int]], None] | None = None, kv_bits: int | None = None,
-                 kv_group_size: int = DEFAULT_KV_GROUP_SIZE, **kwargs: Any):
+                 kv_group_size: int = DEFAULT_KV_GROUP_SIZE, speculator: Speculator | None = None, **kwargs: Any):
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be at least 1")
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size  # None: unquantized, as mlx-lm
@@ -190,6 +192,7 @@ class ChunkedBatchGenerator(BatchGenerator):
         self._peek_prefix = peek_prefix
         self._fetch_prefix = fetch_prefix
         self._prompt_done = prompt_done
+        self.speculator = speculator  # drafts and verifies in the decode step (worker/speculative.py)
         self._failures: list[tuple[list[int], Exception]] = []
 
     @property
@@ -226,12 +229,17 @@ class ChunkedBatchGenerator(BatchGenerator):
     def _step(self) -> tuple[list[Any], list[Any]]:
         generation_responses: list[Any] = []
         prompt_responses: list[Any] = []
+        decode_alone = not self._chunk_tokens  # the last step ran no prefill (its decode is timed alone)
         self._chunk_tokens = 0
 
-        # 1. One token for every running sequence (as mlx-lm).
+        # 1. One token for every running sequence (as mlx-lm), or with a speculator, one or more:
+        #    its drafts, verified in the same forward pass.
         if len(self._generation_batch) > 0:
             tic = time.perf_counter()
-            generation_responses = self._generation_batch.next()
+            if self.speculator is not None:
+                generation_responses = self.speculator.decode(self._generation_batch, timed=decode_alone)
+            else:
+                generation_responses = self._generation_batch.next()
             self._counters.decode_time += time.perf_counter() - tic
             self._counters.generation_tokens += len(generation_responses)
             self._counters.generation_steps += 1

@@ -47,6 +47,7 @@ from worker.models import LoadedModel
 from worker.output_parser import OutputParser
 from worker.prefix_cache import PrefixCache
 from worker.prompts import PromptBuilder
+from worker.speculative import MAX_DRAFT, Sampling, Speculator, supports_speculation
 from worker.text_stream import StopStrings
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,9 @@ LogitsProcessorsFactory = Callable[[Generate], list[Any]]
 
 class Engine:
     timed_chunks = True  # --prefill-chunk auto sizes chunks from this process's own step times
+    # Speculative decoding (worker/speculative.py) decides each step from this process's own step
+    # times and draws; a sharded worker's ranks would have to agree on every decision (not done).
+    speculates = True
 
     def __init__(
         self,
@@ -101,6 +105,10 @@ class Engine:
         max_output_tokens: int | None = None,  # the most a request may generate (None: up to the context)
         kv_bits: int | None = None,  # quantized KV caches (worker/quantized_cache.py); None: unquantized
         kv_group_size: int = 64,
+        # Prompt-lookup drafts verified in the batch's forward pass (worker/speculative.py): "auto"
+        # (when measured to pay), "always" (whenever there are drafts) or "off".
+        speculative: str = "auto",
+        max_draft: int = MAX_DRAFT,
     ):
         self.loaded = loaded
         if kv_bits is not None:
@@ -125,6 +133,12 @@ class Engine:
         self._grammars = Grammars(loaded.tokenizer)  # structured output (worker/constraints.py)
         self._warned_no_tools = False
         self._eos = StopSequences([(t,) for t in loaded.tokenizer.eos_token_ids])
+        if speculative not in ("auto", "always", "off"):
+            raise ValueError(f"speculative must be auto, always or off, not {speculative!r}")
+        self.max_draft = max_draft
+        self.speculative = speculative if self._speculation_possible(speculative != "off") else "off"
+
+        self.speculator: Speculator | None = None  # the current generator's (_new_generator)
         self._generator = self._new_generator()
         self._waiting: deque[Sequence] = deque()
         self._running: dict[int, Sequence] = {}  # uid -> sequence
@@ -225,7 +239,7 @@ class Engine:
             self._waiting.remove(sequence)
         else:  # decoding, prefilling or waiting to: its KV cache goes with it
             self._generator.remove([sequence.uid])
-            del self._running[sequence.uid]
+            self._release(sequence.uid)
             if self.prefix_cache is not None:
                 self.prefix_cache.drop_peek(sequence.uid)
         return self._finished(sequence, "cancelled")
@@ -261,12 +275,13 @@ class Engine:
 
         stopped_early: list[int] = []
         scopes: dict[int, Sequence] = {}  # stopped early: whose caches come back below
+        deltas: dict[str, Delta] = {}  # a request's tokens of this step as one delta (speculation gives several)
         for response in responses:
             running = self._running.get(response.uid)
             if running is None:
-                continue
+                continue  # finished earlier in this step: the rest of its accepted drafts are dropped
             delta, finish_reason, hit_stop = self._advance(running, response)
-            result.deltas.append(delta)
+            _merge_delta(deltas, delta)
             if finish_reason is None:
                 continue
             if hit_stop and response.finish_reason is None:
@@ -275,14 +290,21 @@ class Engine:
                 self._remember(running, response.all_tokens, response.prompt_cache)
             if hit_stop and response.finish_reason is None:
                 scopes[response.uid] = running
-            del self._running[response.uid]
+            self._release(response.uid)
             del self._by_request[running.request.request_id]
             result.finished.append(self._finished(running, finish_reason))
+        result.deltas = list(deltas.values())
         if stopped_early:
             caches = self._generator.remove(stopped_early, return_prompt_caches=self.prefix_cache is not None)
             for uid, (cache, tokens) in caches.items():
                 self._remember(scopes[uid], tokens, cache)
         return result
+
+    def _release(self, uid: int) -> Sequence | None:
+        """A sequence leaves the batch (finished, cancelled or failed)."""
+        if self.speculator is not None:
+            self.speculator.forget(uid)
+        return self._running.pop(uid, None)
 
     def _advance(self, sequence: Sequence, response: Any) -> tuple[Delta, str | None, bool]:
         """One new token of one sequence -> (its delta, its finish reason if it ended, whether a
@@ -333,7 +355,7 @@ class Engine:
         for uids, exc in generator.take_failures():
             log.error("prefill failed; failing %d prompts: %s", len(uids), exc, exc_info=exc)
             for uid in uids:
-                sequence = self._running.pop(uid, None)
+                sequence = self._release(uid)
                 if sequence is not None:
                     self._by_request.pop(sequence.request.request_id, None)
                     result.errors.append(Error(ERROR_INTERNAL, f"prefill failed: {exc}", sequence.request.request_id))
@@ -440,6 +462,9 @@ class Engine:
         for uid, sequence in zip(uids, batch, strict=True):
             sequence.uid = uid
             self._running[uid] = sequence
+            if self.speculator is not None:
+                self.speculator.register(uid, sequence, self._sampling(sequence.request),
+                                         enabled=sequence.request.speculative)
 
     def _peek_prefix(self, uid: int) -> int:
         """How many of a waiting prompt's tokens the prefix cache would supply now (nothing copied)."""
@@ -474,14 +499,33 @@ class Engine:
             detokenizer.__class__ = _UntrimmedBPEDetokenizer
         return detokenizer
 
-    def _sampler(self, request: Generate) -> Any:
+    def _sampling_params(self, request: Generate) -> dict[str, Any]:
         asked, default = request.sampling, self.loaded.sampling
+        return {name: default[name] if getattr(asked, name) is None else getattr(asked, name)
+                for name in ("temperature", "top_p", "min_p", "top_k")}
 
-        def pick(name: str) -> Any:
-            value = getattr(asked, name)
-            return default[name] if value is None else value
+    def _sampler(self, request: Generate) -> Any:
+        p = self._sampling_params(request)
+        return make_sampler(temp=p["temperature"], top_p=p["top_p"], min_p=p["min_p"], top_k=p["top_k"])
 
-        return make_sampler(temp=pick("temperature"), top_p=pick("top_p"), min_p=pick("min_p"), top_k=pick("top_k"))
+    def _sampling(self, request: Generate) -> Sampling | None:
+        """What the request's sampler draws from, for judging drafts (None: greedy)."""
+        p = self._sampling_params(request)
+        if p["temperature"] == 0:
+            return None
+        return Sampling(p["temperature"], p["top_p"], p["min_p"], p["top_k"])
+
+    def _speculation_possible(self, asked: bool) -> bool:
+        if not asked or not self.speculates:
+            return False
+        if not self._prefill_chunk:
+            log.info("speculative decoding is off: it needs chunked prefill (--prefill-chunk above 0)")
+            return False
+        if not supports_speculation(self.loaded.model):
+            log.info("speculative decoding is off: %s has layers whose cache cannot give positions back "
+                     "(sliding window or recurrent)", self.loaded.name)
+            return False
+        return True
 
     def _processors(self, request: Generate) -> list[Any]:
         """The sequence's logits processors: OpenAI's presence/frequency penalties (mlx-lm's, over
@@ -511,6 +555,43 @@ class Engine:
             accepted_tokens=sequence.accepted_tokens,
         )
 
+    def progress(self, limit: int = 64) -> list[dict[str, Any]]:
+        """Where each request stands, for the worker's heartbeat (the first ``limit``, in arrival
+        order): its state, its prompt's tokens in its KV cache so far (cached + prefilled), those
+        that came from the prefix cache (and of those, from its disk tier), its output so far.
+        On the engine thread; reads the generator's prefill batch, changes nothing."""
+        prompt_batch = getattr(self._generator, "_prompt_batch", None)
+        in_cache: dict[int, int] = {}  # uid -> tokens in its cache, for the prompts being prefilled
+        if prompt_batch is not None:
+            in_cache = {uid: len(tokens) for uid, tokens in zip(prompt_batch.uids, prompt_batch.tokens, strict=False)}
+        generation_batch = getattr(self._generator, "_generation_batch", None)
+        decoding = set(getattr(generation_batch, "uids", ()))
+        rows: list[dict[str, Any]] = []
+        for request_id, sequence in self._by_request.items():
+            if len(rows) >= limit:
+                break
+            uid, prompt_tokens = sequence.uid, len(sequence.prompt)
+            if request_id in self._restoring:
+                state, prefilled = "restoring", 0
+            elif uid is not None and uid in in_cache:
+                state, prefilled = "prefilling", min(in_cache[uid], prompt_tokens)
+            elif uid is not None and (uid in decoding or sequence.completion_tokens > 0):
+                state, prefilled = "decoding", prompt_tokens
+            else:  # waiting for a slot, or in the generator's queue
+                state, prefilled = "queued", 0
+            rows.append({
+                "request_id": request_id,
+                "state": state,
+                "prompt_tokens": prompt_tokens,
+                "prefilled_tokens": prefilled,
+                "cached_tokens": sequence.cached_tokens,
+                "cached_tokens_disk": min(sequence.cached_tokens, sequence.restored_tokens),
+                "completion_tokens": sequence.completion_tokens,
+                "drafted_tokens": sequence.drafted_tokens,
+                "accepted_tokens": sequence.accepted_tokens,
+            })
+        return rows
+
     def _new_generator(self) -> BatchGenerator:
         batch, prefill_batch = self.max_sequences, min(self.max_sequences, 8)
         if not self._prefill_chunk and self.kv_bits is not None:
@@ -520,11 +601,25 @@ class Engine:
         if not self._prefill_chunk:  # 0: mlx-lm's own prefill scheduling, as before chunking
             return BatchGenerator(self.loaded.model, completion_batch_size=batch, prefill_batch_size=prefill_batch,
                                   prefill_step_size=UNCHUNKED_PREFILL_STEP)
+        self.speculator = (Speculator(self.max_draft, always=self.speculative == "always")
+                           if self.speculative != "off" else None)
         return ChunkedBatchGenerator(self.loaded.model, prefill_chunk=self._prefill_chunk, sizer=self._chunk_sizer,
                                      peek_prefix=self._peek_prefix, fetch_prefix=self._fetch_prefix,
                                      prompt_done=self._prompts_prefilled, kv_bits=self.kv_bits,
-                                     kv_group_size=self.kv_group_size,
+                                     kv_group_size=self.kv_group_size, speculator=self.speculator,
                                      completion_batch_size=batch, prefill_batch_size=prefill_batch)
+
+
+def _merge_delta(deltas: dict[str, Delta], delta: Delta) -> None:
+    """Add one token's delta to its request's delta of this step, in order."""
+    earlier = deltas.get(delta.request_id)
+    if earlier is None:
+        deltas[delta.request_id] = delta
+        return
+    earlier.text += delta.text
+    earlier.reasoning += delta.reasoning
+    earlier.tool_calls += delta.tool_calls
+    earlier.token_count += delta.token_count
 
 
 class _UntrimmedBPEDetokenizer(BPEStreamingDetokenizer):

@@ -44,6 +44,8 @@ FIRST_BROADCAST_TIMEOUT = 300.0
 class GroupEngine(Engine):
     """The same Engine on every rank; rank 0's calls are recorded and replayed on the others."""
 
+    speculates = False  # each rank would decide its own drafts by its own clock: the ranks would part
+
     # Every rank must take the same steps; chunks sized from each rank's own timings would not be.
     timed_chunks = False
 

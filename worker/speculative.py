@@ -1,0 +1,562 @@
+"""Speculative decoding inside continuous batching: prompt-lookup drafts, verified in the batch's
+one forward pass.
+
+Coding agents re-emit text they just read (a file rewritten with one change, a patch's context
+lines), so the tokens that followed the last few generated ones earlier in the sequence are often
+the next ones. Each decode step, ``Speculator.decode`` looks up, for every running sequence, the
+most recent earlier occurrence of its last 4, 3 or 2 tokens (``PromptLookup``) and proposes up to
+``max_draft`` tokens that followed. The batch then runs one forward pass over ``[pending token,
+drafts...]`` per row (rows right-padded to the widest), and each row keeps its drafts while they
+are what the model would have produced:
+
+- greedy: a draft is kept while it is the argmax of the (processed) logits at its position;
+- sampling: a draft ``d`` is kept with probability ``p(d)`` under the distribution the row's
+  sampler draws from (its temperature, top-p, min-p, top-k), and after the first rejection the
+  next token is drawn from ``p`` without ``d``: the standard rule for a deterministic proposal,
+  which leaves the output distribution exactly the model's;
+- logits processors (penalties, a structured-output grammar) run position by position on the
+  context so far, stopping at the first rejection, so a stateful processor (the grammar matcher)
+  consumes exactly the tokens kept, nothing to roll back.
+
+The row emits its pending token and the kept drafts, and the token sampled after them is its new
+pending token, as in mlx-lm's ``GenerationBatch``. Positions fed but not kept leave the KV cache:
+every row's cache is trimmed by the fewest any row rejected, and a row that rejected more gets
+the rest as *holes* (``HoleyCache``): masked out of attention and out of its RoPE offset, so the
+next tokens see exactly the cache they would have without speculation. Holes are squeezed out when
+a row has ``COMPACT_AT`` of them (one gather of the batch's KV) and whenever a cache is extracted
+(the prefix cache stores contiguous caches).
+
+Whether to widen a step at all is decided per step from measured costs (``StepCost``): a wide
+step over ``B`` rows and ``W`` positions costs about ``1 + beta × B × (W - 1)`` plain steps (beta
+is measured as the worker runs: ~0.06 on this CPU, far less on a GPU, where a step is bound by
+reading the weights), and gains each row's expected accepted drafts, from its own acceptance so
+far. A sequence whose drafts miss stops drafting, and probes again later; with no draft worth its
+cost the step is mlx-lm's own (pipelined) decode step, so speculation costs (almost) nothing where
+it does not help.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import mlx.core as mx
+from mlx_lm.generate import GenerationBatch
+from mlx_lm.models.cache import BatchKVCache, KVCache
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
+
+from worker.quantized_cache import BatchQuantizedKVCache, QuantizedKVCache
+
+log = logging.getLogger(__name__)
+
+MAX_DRAFT = 8  # drafted tokens per sequence per step, at most
+NGRAMS = (4, 3, 2)  # suffix lengths looked up, longest first
+COMPACT_AT = 64  # holes in one row that trigger squeezing the batch's cache
+BETA_PRIOR = 0.06  # a wide step's extra cost per extra row-position, until measured (this CPU's)
+
+
+# --- the KV cache with holes -------------------------------------------------------
+
+
+class HoleyCache:
+    """Mixed into mlx-lm's ``BatchKVCache`` (or our ``BatchQuantizedKVCache``): positions a row
+    fed but did not keep become holes, masked out of attention, instead of shifting the row.
+    ``_hole``: bool [rows, <= _idx], True at a hole (None: no holes); positions past its length
+    are not holes. ``offset`` (each row's RoPE position) counts kept tokens only."""
+
+    _hole: mx.array | None = None
+    _hole_counts: list[int] | None = None
+    keys: Any
+    values: Any
+    offset: mx.array
+    left_padding: mx.array
+    _idx: int
+
+    def _holes_to(self, length: int) -> mx.array:
+        """The hole mask padded (with False) or cut to ``length`` positions."""
+        rows = self.offset.shape[0]
+        hole = self._hole if self._hole is not None else mx.zeros((rows, 0), dtype=mx.bool_)
+        if hole.shape[1] >= length:
+            return hole[:, :length]
+        return mx.concatenate([hole, mx.zeros((rows, length - hole.shape[1]), dtype=mx.bool_)], axis=1)
+
+    def make_mask(self, N: int, return_array: bool = False, **kwargs: Any) -> Any:  # noqa: N803 (mlx-lm's name)
+        mask = super().make_mask(N, return_array=return_array, **kwargs)  # type: ignore[misc]
+        if self._hole is None:
+            return mask
+        keep = mx.logical_not(self._holes_to(self._idx + N))
+        return mx.logical_and(mask, keep[:, None, None, :])
+
+    def trim(self, n: int) -> int:
+        n = super().trim(n)  # type: ignore[misc]
+        if self._hole is not None and self._hole.shape[1] > self._idx:
+            self._hole = self._hole[:, : self._idx]
+        return n
+
+    def reject(self, counts: list[int]) -> None:
+        """The last ``counts[i]`` positions of row ``i`` become holes."""
+        if not any(counts):
+            return
+        positions = mx.arange(self._idx)[None, :]
+        tail = positions >= (self._idx - mx.array(counts))[:, None]
+        self._hole = mx.logical_or(self._holes_to(self._idx), tail)
+        self.offset = self.offset - mx.array(counts)
+        self._hole_counts = [h + c for h, c in zip(self._hole_counts or [0] * len(counts), counts, strict=True)]
+
+    @property
+    def most_holes(self) -> int:
+        return max(self._hole_counts or [0], default=0)
+
+    def _kept(self) -> tuple[list[list[int]], int]:
+        """Each row's kept positions, and the longest row's count."""
+        mx.eval(self.left_padding)
+        padding = self.left_padding.tolist()
+        hole = self._holes_to(self._idx).tolist()
+        kept = [[p for p in range(pad, self._idx) if not row[p]] for pad, row in zip(padding, hole, strict=True)]
+        return kept, max((len(k) for k in kept), default=0)
+
+    def compact(self) -> None:
+        """Squeeze the holes out: every row's kept positions right-aligned again (one gather)."""
+        if self._hole is None:
+            return
+        kept, longest = self._kept()
+        index = mx.array([[0] * (longest - len(k)) + k for k in kept], dtype=mx.int32)
+        self.keys = _take(self.keys, index)
+        self.values = _take(self.values, index)
+        self.left_padding = mx.array([longest - len(k) for k in kept])
+        self._idx = longest
+        self._hole, self._hole_counts = None, None
+
+    def extract(self, idx: int) -> Any:
+        if self._hole is None or not (self._hole_counts or [0])[idx]:
+            return super().extract(idx)  # type: ignore[misc]
+        row = copy.copy(self)  # the row alone, its holes squeezed out, extracted as mlx-lm does
+        row.keys = _map(lambda a: a[idx: idx + 1], self.keys)
+        row.values = _map(lambda a: a[idx: idx + 1], self.values)
+        row.offset, row.left_padding = self.offset[idx: idx + 1], self.left_padding[idx: idx + 1]
+        row._hole, row._hole_counts = self._hole[idx: idx + 1], [self._hole_counts[idx]]  # type: ignore[index]
+        row.compact()
+        return super(HoleyCache, row).extract(0)  # type: ignore[misc]
+
+    def filter(self, batch_indices: Any) -> None:
+        keep = list(batch_indices)
+        if self._hole is not None and keep:
+            mx.eval(self.left_padding)
+            shift = min(self.left_padding.tolist()[i] for i in keep)  # what mlx-lm's filter cuts off the left
+            hole = self._holes_to(self._idx)[mx.array(keep)]
+            counts = [self._hole_counts[i] for i in keep]  # type: ignore[index]
+        super().filter(batch_indices)  # type: ignore[misc]
+        if self._hole is None:
+            return
+        if not keep:
+            self._hole, self._hole_counts = None, None
+            return
+        self._hole, self._hole_counts = hole[:, shift:], counts
+        if not any(counts):
+            self._hole, self._hole_counts = None, None
+
+    def extend(self, other: Any) -> None:
+        mine = self._holes_to(self._idx) if self._hole is not None else None
+        theirs = other._holes_to(other._idx) if isinstance(other, HoleyCache) and other._hole is not None else None
+        if mine is None and theirs is None:
+            super().extend(other)  # type: ignore[misc]
+            return
+        rows_mine, rows_theirs = self.offset.shape[0], other.offset.shape[0]
+        counts = (self._hole_counts or [0] * rows_mine) + ((other._hole_counts if theirs is not None else None)
+                                                          or [0] * rows_theirs)
+        idx_mine, idx_theirs = self._idx, other._idx
+        super().extend(other)  # type: ignore[misc]
+        # mlx-lm right-aligns both at the longer one's _idx: pad each hole mask on the left alike
+        parts = []
+        for hole, rows, idx in ((mine, rows_mine, idx_mine), (theirs, rows_theirs, idx_theirs)):
+            hole = hole if hole is not None else mx.zeros((rows, idx), dtype=mx.bool_)
+            parts.append(mx.concatenate([mx.zeros((rows, self._idx - idx), dtype=mx.bool_), hole], axis=1))
+        self._hole, self._hole_counts = mx.concatenate(parts, axis=0), counts
+
+
+class HoleyBatchKVCache(HoleyCache, BatchKVCache):
+    pass
+
+
+class HoleyBatchQuantizedKVCache(HoleyCache, BatchQuantizedKVCache):
+    pass
+
+
+_HOLEY = {BatchKVCache: HoleyBatchKVCache, BatchQuantizedKVCache: HoleyBatchQuantizedKVCache}
+
+
+def supports_speculation(model: Any) -> bool:
+    """Speculation rolls back plain (or our quantized) KV caches; sliding-window and recurrent
+    layers cannot give positions back exactly."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return all(type(c) in (KVCache, QuantizedKVCache) for c in make_prompt_cache(model))
+
+
+def _make_holey(caches: list[Any]) -> list[HoleyCache]:
+    for cache in caches:
+        if type(cache) in _HOLEY:
+            cache.__class__ = _HOLEY[type(cache)]
+    return caches
+
+
+def _map(f: Any, x: Any) -> Any:
+    return tuple(f(a) for a in x) if isinstance(x, tuple) else f(x)
+
+
+def _take(x: Any, index: mx.array) -> Any:
+    """Positions ``index`` [rows, n] of every row of a cache tensor [rows, heads, positions, dim]
+    (or of each array of a quantized triple)."""
+    return _map(lambda a: mx.take_along_axis(a, index[:, None, :, None], axis=2), x)
+
+
+# --- drafting ------------------------------------------------------------------------
+
+
+class PromptLookup:
+    """One sequence's n-gram index: each 2/3/4-gram of its tokens -> where its most recent
+    occurrence ended (the position of the token that followed it). Built once from the prompt,
+    then extended with each token kept; ~3 dict entries per token."""
+
+    def __init__(self) -> None:
+        self._index: dict[tuple[int, ...], int] = {}
+        self._indexed = 0
+
+    def draft(self, tokens: list[int], pending: int, limit: int) -> list[int]:
+        """Up to ``limit`` tokens that followed the latest earlier occurrence of the sequence's
+        last tokens (``tokens`` in the cache, then ``pending``)."""
+        for end in range(self._indexed, len(tokens)):
+            for n in NGRAMS:
+                if end >= n:
+                    self._index[tuple(tokens[end - n: end])] = end
+        self._indexed = max(self._indexed, len(tokens))
+        for n in NGRAMS:
+            if len(tokens) + 1 < n:
+                continue
+            end = self._index.get(tuple(tokens[len(tokens) - n + 1:]) + (pending,))
+            if end is not None:  # what followed it, up to the pending token (the sequence's last)
+                found = tokens[end: end + limit]
+                return found + [pending] if len(found) < limit else found
+        return []
+
+
+@dataclass
+class Sampling:
+    """What a sampled sequence's sampler draws from (mlx-lm's ``make_sampler``), to judge drafts."""
+
+    temperature: float
+    top_p: float = 0.0
+    min_p: float = 0.0
+    top_k: int = 0
+
+    def logits(self, logprobs: mx.array) -> mx.array:
+        """The scaled, filtered logits its sampler draws from (its filters, in mlx-lm's order)."""
+        if 0 < self.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, self.top_p)
+        if self.min_p != 0.0:
+            logprobs = apply_min_p(logprobs, self.min_p, 1)
+        if self.top_k > 0:
+            logprobs = apply_top_k(logprobs, self.top_k)
+        return logprobs * (1 / self.temperature)
+
+
+class Counts(Protocol):
+    drafted_tokens: int
+    accepted_tokens: int
+
+
+@dataclass
+class _Row:
+    """One sequence's speculation state."""
+
+    counts: Counts | None
+    sampling: Sampling | None  # None: greedy
+    enabled: bool = True
+    lookup: PromptLookup | None = None
+    successes: float = 0.0  # kept drafts, and rejections, decayed: its acceptance estimate
+    failures: float = 0.0
+
+    @property
+    def alpha(self) -> float:
+        """The chance its next draft token is kept (a prior of 1/2 until it has drafted)."""
+        return (self.successes + 1) / (self.successes + self.failures + 2)
+
+    def judged(self, drafted: int, kept: int) -> None:
+        self.successes = 0.9 * self.successes + kept
+        self.failures = 0.9 * self.failures + (kept < drafted)
+        if self.counts is not None:
+            self.counts.drafted_tokens += drafted
+            self.counts.accepted_tokens += kept
+
+    def idle(self) -> None:
+        """It had drafts but none were worth a step: its record fades, so it is tried again later."""
+        self.successes *= 0.97
+        self.failures *= 0.97
+
+
+def expected_kept(alpha: float, drafts: int) -> float:
+    """Drafts kept on average when each is kept with chance ``alpha`` until the first miss."""
+    return sum(alpha ** j for j in range(1, drafts + 1))
+
+
+class StepCost:
+    """How much a wide step costs against a plain one, measured: ``1 + beta × rows × (width - 1)``."""
+
+    def __init__(self, beta: float = BETA_PRIOR):
+        self.beta = beta
+        self._plain: dict[int, float] = {}  # rows -> seconds of a plain step
+
+    def plain(self, rows: int, seconds: float) -> None:
+        old = self._plain.get(rows)
+        self._plain[rows] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def plain_seconds(self, rows: int) -> float | None:
+        return self._plain.get(rows)
+
+    def wide(self, rows: int, width: int, seconds: float) -> None:
+        plain = self._plain.get(rows)
+        if plain is None or width < 2:
+            return
+        beta = max(seconds / plain - 1, 0.0) / (rows * (width - 1))
+        self.beta = 0.8 * self.beta + 0.2 * beta
+
+    def choose(self, drafts: list[tuple[int, float]]) -> int:
+        """The step's width (1: a plain step) for rows with (drafts available, acceptance)."""
+        rows = len(drafts)
+        best, best_value = 1, float(rows)
+        for width in range(2, max((d for d, _ in drafts), default=0) + 2):
+            gain = sum(expected_kept(alpha, min(d, width - 1)) for d, alpha in drafts)
+            value = (rows + gain) / (1 + self.beta * rows * (width - 1))
+            if value > best_value * 1.02:  # a wide step must clearly win: it also gives up pipelining
+                best, best_value = width, value
+        return best
+
+
+# --- the step ----------------------------------------------------------------------
+
+
+class Speculator:
+    """Drafts and verifies for a generator's running batch (see the module docstring).
+
+    ``register(uid, counts, sampling, enabled)`` when a sequence is inserted (``sampling`` None
+    for greedy; ``counts`` gets its drafted/accepted tokens); ``forget(uid)`` when it leaves.
+    ``decode(batch, timed)`` replaces ``batch.next()``; ``timed``: the step ran alone (no prefill
+    beside it), so its time may be learnt from.
+    """
+
+    def __init__(self, max_draft: int = MAX_DRAFT, always: bool = False):
+        self.max_draft = max_draft
+        self.always = always  # widen whenever a row has drafts, whatever they cost (--speculative always)
+        self.cost = StepCost()
+        self._rows: dict[int, _Row] = {}
+        self._last = ""  # the previous step, if timed: "plain" (pipelined) or "wide"
+        self.drafted_tokens = 0
+        self.accepted_tokens = 0
+        self.wide_steps = 0
+
+    def register(self, uid: int, counts: Counts | None, sampling: Sampling | None, enabled: bool = True) -> None:
+        self._rows[uid] = _Row(counts, sampling, enabled)
+
+    def forget(self, uid: int) -> None:
+        self._rows.pop(uid, None)
+
+    def decode(self, batch: GenerationBatch, timed: bool = True) -> list[Any]:
+        if not batch.uids:
+            return []
+        # Timed from before the plan, which waits for the previous (pipelined) step: in a run of
+        # plain steps each call then takes one step's time; a wide step after a plain one also
+        # waited for that one, whose time is taken off.
+        start = time.perf_counter()
+        plan = self._plan(batch)
+        if plan is None:
+            responses = batch.next()
+            if timed and self._last == "plain":
+                self.cost.plain(len(batch.uids), time.perf_counter() - start)
+            self._last = "plain" if timed else ""
+            return responses
+        rows = len(plan)
+        responses = self._wide_step(batch, plan)
+        if timed:
+            seconds = time.perf_counter() - start
+            if self._last == "plain":
+                seconds -= self.cost.plain_seconds(rows) or 0.0
+            self.cost.wide(rows, max(len(d) for d in plan) + 1, seconds)
+        self._last = "wide" if timed else ""
+        return responses
+
+    def _plan(self, batch: GenerationBatch) -> list[list[int]] | None:
+        """Each row's drafts for a wide step, or None for a plain one."""
+        rows = [self._rows.get(uid) for uid in batch.uids]
+        if not any(r is not None and r.enabled for r in rows):
+            return None
+        mx.eval(batch._next_tokens)
+        pending = batch._next_tokens.tolist()
+        drafts: list[list[int]] = []
+        for i, row in enumerate(rows):
+            room = min(self.max_draft, batch.max_tokens[i] - batch._num_tokens[i] - 1)
+            if row is None or not row.enabled or room < 1:
+                drafts.append([])
+                continue
+            if row.lookup is None:
+                row.lookup = PromptLookup()
+            drafts.append(row.lookup.draft(batch.tokens[i], pending[i], room))
+        if self.always:
+            width = max(len(d) for d in drafts) + 1
+        else:
+            width = self.cost.choose([(len(d), r.alpha if r is not None else 0.0)
+                                      for d, r in zip(drafts, rows, strict=True)])
+        if width == 1:
+            for d, row in zip(drafts, rows, strict=True):
+                if d and row is not None:
+                    row.idle()
+            return None
+        return [d[: width - 1] for d in drafts]
+
+    def _wide_step(self, batch: GenerationBatch, drafts: list[list[int]]) -> list[Any]:
+        pending = batch._next_tokens.tolist()
+        width = max(len(d) for d in drafts) + 1
+        inputs = mx.array([[p] + d + [p] * (width - 1 - len(d)) for p, d in zip(pending, drafts, strict=True)])
+        caches = _make_holey(batch.prompt_cache)
+        logits = batch.model(inputs, cache=caches)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+        kept, following, following_logprobs = self._verify(batch, pending, drafts, logprobs)
+
+        # The cache: positions fed but not kept leave it (trimmed alike, the rest as holes).
+        rejected = [width - 1 - k for k in kept]
+        fewest = min(rejected)
+        for cache in caches:
+            cache.trim(fewest)
+            cache.reject([r - fewest for r in rejected])
+        if caches and caches[0].most_holes >= COMPACT_AT:
+            for cache in caches:
+                cache.compact()
+
+        responses: list[Any] = []
+        keep_rows: list[int] = []
+        for i, uid in enumerate(batch.uids):
+            row = self._rows.get(uid)
+            if drafts[i] and row is not None:
+                row.judged(len(drafts[i]), kept[i])
+                self.drafted_tokens += len(drafts[i])
+                self.accepted_tokens += kept[i]
+            emitted = [pending[i]] + drafts[i][: kept[i]]
+            batch.tokens[i].extend(emitted)
+            finished = False
+            for j, token in enumerate(emitted):
+                batch._num_tokens[i] += 1
+                reason = "length" if batch._num_tokens[i] >= batch.max_tokens[i] else None
+                if batch._matchers[i].advance(token):
+                    reason = "stop"
+                token_logprobs = batch._next_logprobs[i] if j == 0 else logprobs[i, j - 1]
+                if reason is not None:
+                    responses.append(GenerationBatch.Response(uid, token, token_logprobs, reason,
+                                                              batch.extract_cache(i), batch.tokens[i]))
+                    finished = True
+                    break
+                responses.append(GenerationBatch.Response(uid, token, token_logprobs, None, None, None))
+            if not finished:
+                keep_rows.append(i)
+        self.wide_steps += 1
+        batch._current_tokens = mx.array(pending)
+        batch._next_tokens = mx.array(following, dtype=mx.uint32)
+        batch._next_logprobs = following_logprobs
+        if len(keep_rows) < len(batch.uids):
+            batch.filter(keep_rows)
+        return responses
+
+    def _verify(self, batch: GenerationBatch, pending: list[int], drafts: list[list[int]],
+                logprobs: mx.array) -> tuple[list[int], list[int], list[mx.array]]:
+        """Per row: how many drafts are kept, the token that follows them, and its logprobs."""
+        rows = len(pending)
+        kept = [0] * rows
+        following = [0] * rows
+        following_logprobs: list[Any] = [None] * rows
+        lazy: dict[int, Any] = {}  # rows judged in one evaluation: no processors
+        for i in range(rows):
+            if batch.logits_processors and batch.logits_processors[i]:
+                continue
+            lazy[i] = self._judge_all(batch, i, drafts[i], logprobs[i])
+        mx.eval(list(lazy.values()))
+        for i, judged in lazy.items():
+            k = len(drafts[i])
+            n = 0
+            if not k:
+                following[i] = judged.item()
+            elif self._sampling(batch, i) is None:
+                choices = judged.tolist()
+                while n < k and choices[n] == drafts[i][n]:
+                    n += 1
+                following[i] = choices[n]
+            else:
+                keep_chance, uniforms, residuals, last = (a.tolist() for a in judged)
+                while n < k and uniforms[n] < keep_chance[n]:
+                    n += 1
+                following[i] = residuals[n] if n < k else last[0]
+            kept[i] = n
+            following_logprobs[i] = logprobs[i, n]
+        for i in range(rows):
+            if i not in lazy:
+                kept[i], following[i], following_logprobs[i] = self._judge_stepwise(batch, i, pending[i], drafts[i],
+                                                                                    logprobs[i])
+        return kept, following, following_logprobs
+
+    def _sampling(self, batch: GenerationBatch, i: int) -> Sampling | None:
+        row = self._rows.get(batch.uids[i])
+        if row is not None:
+            return row.sampling
+        sampler = batch.samplers[i] if batch.samplers else None
+        if sampler is None or sampler is greedy_sampler:
+            return None
+        raise ValueError("a sampled sequence needs its sampling registered to speculate")
+
+    def _judge_all(self, batch: GenerationBatch, i: int, drafts: list[int], logprobs: mx.array) -> Any:
+        """Lazily, for a row without logits processors: greedy, the argmax at every position;
+        sampled, each draft's chance, a uniform draw each, the replacement drawn at each position,
+        and the token drawn after all drafts (by the row's own sampler, as a plain step)."""
+        k = len(drafts)
+        sampling = self._sampling(batch, i) if k else None
+        if sampling is None and k:
+            return mx.argmax(logprobs[: k + 1], axis=-1)
+        sampler = batch.samplers[i] if batch.samplers and batch.samplers[i] is not None else batch.fallback_sampler
+        last = sampler(logprobs[k: k + 1])
+        if not k:
+            return last  # a row without drafts: its next token, as a plain step draws it
+        assert sampling is not None
+        scaled = sampling.logits(logprobs[:k])
+        drafted = mx.array(drafts)[:, None]
+        chance = mx.take_along_axis(mx.softmax(scaled, axis=-1), drafted, axis=-1)[:, 0]
+        without = mx.put_along_axis(scaled, drafted, mx.array(-float("inf"), scaled.dtype), axis=-1)
+        return chance, mx.random.uniform(shape=(k,)), mx.random.categorical(without), last
+
+    def _judge_stepwise(self, batch: GenerationBatch, i: int, pending: int, drafts: list[int],
+                        logprobs: mx.array) -> tuple[int, int, mx.array]:
+        """A row with logits processors: position by position, each on the context so far (a
+        grammar consumes each token as its next position is judged), stopping at the first miss."""
+        processors = batch.logits_processors[i]
+        sampling = self._sampling(batch, i)
+        sampler = batch.samplers[i] if batch.samplers and batch.samplers[i] is not None else batch.fallback_sampler
+        fed = [pending] + drafts
+        for j in range(len(drafts) + 1):
+            context = batch._token_context[i].update_and_fetch(mx.array(fed[j: j + 1]))
+            row = logprobs[j: j + 1]
+            for processor in processors:
+                row = processor(context, row)
+            row = row - mx.logsumexp(row, axis=-1, keepdims=True)
+            if j == len(drafts):
+                return j, int(sampler(row).item()), row[0]
+            draft = drafts[j]
+            if sampling is None:
+                choice = int(mx.argmax(row, axis=-1).item())
+                if choice != draft:
+                    return j, choice, row[0]
+                continue
+            scaled = sampling.logits(row)
+            if mx.random.uniform().item() < mx.softmax(scaled, axis=-1)[0, draft].item():
+                continue
+            scaled[0, draft] = -float("inf")
+            return j, int(mx.random.categorical(scaled).item()), row[0]
+        raise AssertionError("unreachable")
