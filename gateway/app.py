@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from gateway.anthropic import routes as messages
 from gateway.chat import routes as chat
+from gateway.embeddings import routes as embeddings
 from gateway.engine.client import EngineClient
 from gateway.http.error_handlers import install_handlers
 from gateway.http.middleware import RequestMiddleware
@@ -75,6 +76,7 @@ def create_app(
                        api_keys=api_keys, protect_metrics=protect_metrics, max_body_bytes=max_body_bytes)
     install_handlers(app)
     describe_errors(app)
-    for module in (model_routes, status_page, status, chat, responses, responses_ws, messages):
+    for module in (model_routes, status_page, status, chat, responses, responses_ws, messages,
+                   embeddings):
         app.include_router(module.router)
     return app

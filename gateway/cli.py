@@ -11,6 +11,7 @@ from pathlib import Path
 
 import uvicorn
 
+from gateway.api import images
 from gateway.api.errors import GATEWAY_SHUTTING_DOWN
 from gateway.app import create_app
 from gateway.engine.aliases import ModelAliases
@@ -90,6 +91,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--load-timeout", type=float, default=300.0, metavar="SECONDS",
                         help="how long a model load may take (waiting for room included) before its requests fail "
                              "(default: 300)")
+    parser.add_argument("--max-image-mb", type=float, default=images.DEFAULT_MAX_IMAGE_BYTES / (1 << 20), metavar="MB",
+                        help="the largest image a request may send, in MB of image data (default 20; a request body "
+                             "is also bounded by --max-request-mb)")
+    parser.add_argument("--max-image-pixels", type=int, default=images.DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                        help="the most pixels (width x height, read from the image's header) an image may have "
+                             f"(default {images.DEFAULT_MAX_IMAGE_PIXELS:,}: 8K)")
+    parser.add_argument("--max-images", type=int, default=images.DEFAULT_MAX_IMAGES, metavar="N",
+                        help=f"images one request may carry, its whole conversation (default {images.DEFAULT_MAX_IMAGES})")
+    parser.add_argument("--allow-image-urls", action="store_true",
+                        help="fetch http(s) image URLs that requests send (off by default, when they get a 400: a "
+                             "server that fetches any URL can be turned against the network it sits in)")
+    parser.add_argument("--image-url-timeout", type=float, default=images.DEFAULT_URL_TIMEOUT, metavar="SECONDS",
+                        help="with --allow-image-urls: seconds one image fetch may take (default 10)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
     return parser.parse_args(argv)
@@ -105,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         aliases = ModelAliases.parse(args.model_alias)
         if not 0 < args.keepalive < float("inf"):
             raise ValueError("--keepalive must be a number of seconds more than 0")
+        if min(args.max_image_mb, args.max_image_pixels, args.max_images, args.image_url_timeout) <= 0:
+            raise ValueError("--max-image-mb, --max-image-pixels, --max-images and --image-url-timeout must be above 0")
+        images.configure(images.ImageLimits(int(args.max_image_mb * (1 << 20)), args.max_image_pixels, args.max_images,
+                                            args.allow_image_urls, args.image_url_timeout))
         catalog = load_catalog(args.models) if args.models else None
         budget = parse_size(args.memory_budget, "--memory-budget") if args.memory_budget else default_budget()
         if catalog is not None and curve is not None:

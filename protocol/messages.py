@@ -29,6 +29,12 @@ class Ready:
     # What the gateway tells clients about the model (Codex's model catalog, /v1/workers):
     tool_calls: bool = False  # the worker knows the model's tool-call format (calls come out parsed)
     thinking: bool = False  # the chat template has a thinking switch (enable_thinking)
+    vision: bool = False  # the model sees images: Generate.messages may carry image parts
+    # What the worker serves: "text" (Generate) or "embedding" (Embed); an embedding worker also
+    # says its vectors' size and whether `dimensions` may shorten them (a Matryoshka-trained model).
+    kind: str = "text"
+    embedding_size: int = 0
+    matryoshka: bool = False
 
 
 @dataclass
@@ -99,6 +105,19 @@ class Error:
     context_length: int | None = None
 
 
+@dataclass
+class Embeddings:
+    """An Embed's vectors: ``len(inputs)`` vectors of ``dimensions`` little-endian float32s each,
+    one after another in ``vectors``, in the order of the inputs."""
+
+    TYPE: ClassVar[str] = "embeddings"
+    request_id: str
+    dimensions: int
+    vectors: bytes
+    prompt_tokens: int  # tokens of all the inputs together, as the model read them
+    truncated: int = 0  # inputs cut to the model's window (Embed.truncate)
+
+
 # --- both ways ---------------------------------------------------------------------
 
 
@@ -158,6 +177,21 @@ class Generate:
 
 
 @dataclass
+class Embed:
+    """Embed inputs (an embedding worker's request): exactly one of ``texts`` or ``tokens`` is
+    set. Answered with Embeddings, or an Error (``context_length_exceeded`` for an input over the
+    model's window unless ``truncate``, ``invalid_request`` for a ``dimensions`` it cannot give)."""
+
+    TYPE: ClassVar[str] = "embed"
+    request_id: str
+    texts: list[str] | None = None
+    tokens: list[list[int]] | None = None
+    dimensions: int | None = None  # None: the model's own size; else truncated and renormalised
+    truncate: bool = False  # an input over the window is cut to it (its end dropped), not refused
+    trace_id: str | None = None
+
+
+@dataclass
 class Cancel:
     """Stop a request; the worker frees its slot at the next engine step."""
 
@@ -165,10 +199,11 @@ class Cancel:
     request_id: str
 
 
-Message = Ready | Accepted | Output | Finished | Error | Heartbeat | Generate | Cancel
+Message = Ready | Accepted | Output | Finished | Error | Heartbeat | Generate | Cancel | Embed | Embeddings
 
 MESSAGE_TYPES: dict[str, type] = {
-    cls.TYPE: cls for cls in (Ready, Accepted, Output, Finished, Error, Heartbeat, Generate, Cancel)
+    cls.TYPE: cls for cls in (Ready, Accepted, Output, Finished, Error, Heartbeat, Generate, Cancel, Embed,
+                              Embeddings)
 }
 
 # The codes a worker sends in Error; gateway/errors.py maps each to every API's error (and

@@ -172,13 +172,14 @@ def test_a_growing_conversation_renders_a_growing_prompt(source: Source):
 # --- content blocks -----------------------------------------------------------------
 
 
-def test_images_and_binary_documents_are_refused_with_where():
+def test_unreadable_images_and_binary_documents_are_refused_with_where():
+    # Images are read (tests/test_images.py); these bytes are no image.
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}
     error = refused([user([{"type": "text", "text": "look"}, image])])
-    assert error.param == "messages.0.content.1" and "text only" in error.message
+    assert error.param == "messages.0.content.1.source.data" and "not a PNG" in error.message
     result = {"type": "tool_result", "tool_use_id": "t", "content": [image]}
     assert refused([user("shot"), {"role": "assistant", "content": [use("t")]}, user([result])]).param == \
-        "messages.2.content.0.content.0"
+        "messages.2.content.0.content.0.source.data"
     refused([user([{"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "AA=="}}])])
 
 

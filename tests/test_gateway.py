@@ -102,7 +102,7 @@ def test_stop_strings_end_the_output(tiny_stack):
         ("/v1/chat/completions", {"model": TINY, "messages": HELLO, "max_tokens": 0}, 400, "max_tokens", None),
         ("/v1/chat/completions", {"model": TINY, "messages": HELLO, "n": 3}, 400, "n", None),
         ("/v1/chat/completions", {"model": TINY, "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, 400, "messages.0.content.0", None),
+            {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, 400, "messages.0.content.0.image_url", None),
         ("/v1/chat/completions", {"model": TINY, "messages": [{"role": "user", "content": "word " * 400}]},
          400, "messages", "context_length_exceeded"),
         ("/v1/chat/completions", {"model": TINY, "messages": [{"role": "function", "content": "x"}]},

@@ -227,7 +227,8 @@ def test_sampled_drafts_keep_the_models_distribution():
         counts = [0] * 6
         both = mx.concatenate([logprobs, logprobs])  # the draft's position, and one after it (unused)
         for _ in range(draws):
-            chance, uniform, residual, _ = (a.item() if a.size == 1 else a for a in speculator._judge_all(batch, 0, [draft], both))
+            judged = speculator._judge_all(batch, 0, [draft], both)
+            chance, uniform, residual, _ = (a.item() if a.size == 1 else a for a in judged)
             counts[draft if uniform < chance else int(residual)] += 1
         for token, p in enumerate(target):
             assert abs(counts[token] / draws - p) < 4 * (p * (1 - p) / draws) ** 0.5 + 1e-3, (draft, token, counts)

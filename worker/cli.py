@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from protocol.logs import configure as configure_logging
 from protocol.security import CurveClient
@@ -50,6 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128),
                         help="with --kv-bits: values sharing one scale and bias (the head dimension must divide by "
                              "it; default 64)")
+    parser.add_argument("--speculative", default="auto", choices=["auto", "always", "off"],
+                        help="speculative decoding with prompt-lookup drafts, verified in the batch's forward pass: "
+                             "auto (a step is widened when its measured cost pays; default), always, or off")
+    parser.add_argument("--max-draft", type=int, default=8, metavar="N",
+                        help="tokens drafted per sequence per step, at most (default: 8)")
     parser.add_argument("--prompt-cache-dir", default=None, metavar="DIR",
                         help="a disk tier for the prefix cache: entries leaving RAM (evicted, or the worker stopping) "
                              "are written here and restored by later prompts with the same prefix, also after a "
@@ -97,6 +103,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--exit-with-parent", action="store_true",
                         help="exit when the process that started this worker exits (the gateway starts workers of "
                              "on-demand models this way, so none outlives it)")
+    parser.add_argument("--embedding", action="store_true",
+                        help="serve the model for POST /v1/embeddings (mlx-embeddings: BERT, XLM-RoBERTa, ModernBERT, "
+                             "Qwen3-Embedding, EmbeddingGemma) instead of text generation; implied for a model "
+                             "directory of an encoder-only type (bert, xlm-roberta, modernbert)")
+    parser.add_argument("--max-batch-tokens", type=int, default=8192, metavar="N",
+                        help="embedding worker: padded tokens (rows x longest row) in one forward pass; requests "
+                             "waiting together are batched up to it (default 8192)")
+    parser.add_argument("--matryoshka", default="auto", choices=["auto", "on", "off"],
+                        help="embedding worker: whether a request's `dimensions` may shorten the vectors (truncated "
+                             "and renormalised, right only for Matryoshka-trained models); auto: on for Qwen3-Embedding "
+                             "and EmbeddingGemma, off otherwise (default auto)")
+    parser.add_argument("--vision", action="store_true",
+                        help="serve a vision-language model (mlx-vlm; images in): implied for a model directory "
+                             "whose config.json has a vision_config (see worker/vision.py)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
     return parser.parse_args(argv)
@@ -117,6 +137,9 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
     if args.prefill_chunk is not None and args.prefill_chunk < 0:
         log.error("--prefill-chunk must be 0 (mlx-lm's own prefill) or more")
         return 2
+    if not 1 <= args.max_draft <= 64:
+        log.error("--max-draft must be between 1 and 64")
+        return 2
     if not 0 < args.template_timeout < float("inf"):
         log.error("--template-timeout must be a number of seconds more than 0")
         return 2
@@ -126,6 +149,12 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
     if args.exit_with_parent:
         _exit_with_parent()
     log.info("BLAS: %s", enable_fast_blas(args.cpu_threads))
+    if args.embedding or _is_embedding_model(args.model):
+        return _run_embedding_worker(args)
+    vision = args.vision or _is_vision_model(args.model)
+    if vision and args.distributed:
+        log.error("--distributed serves text models only")
+        return 2
     if args.distributed:  # one rank of a sharded worker
         from worker.rank import run_rank
 
@@ -141,7 +170,7 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
                 raise ValueError("CURVE needs both --curve-secret-key and --curve-server-key")
             curve = CurveClient.load(args.curve_secret_key, args.curve_server_key)
         operator = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
-        loaded = load(args.model, args.served_name, args.context_length, operator)
+        loaded = (_load_vision if vision else load)(args.model, args.served_name, args.context_length, operator)
     except (ModelLoadError, ValueError, PermissionError) as exc:
         log.error("%s", exc)
         return 2
@@ -151,7 +180,7 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
     config = WorkerConfig.from_args(args)
     processors = make_logits_processors(loaded) if make_logits_processors else None
     try:
-        engine = build_engine(loaded, config, processors)
+        engine = build_engine(loaded, config, processors, **_vision_engine(vision))
     except ValueError as exc:  # e.g. --kv-bits on a model whose heads cannot be grouped so
         log.error("%s", exc)
         return 2
@@ -162,7 +191,56 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
                                getattr(engine, "kv_bits", None), getattr(engine, "kv_group_size", None))
         if disk is not None:
             engine.attach_disk_cache(disk)
-    return Worker(engine, address, config, curve).run()
+    worker = Worker(engine, address, config, curve)
+    worker.ready.vision = vision  # Ready says the model sees images (the gateway's model catalog)
+    return worker.run()
+
+
+def _is_vision_model(spec: str) -> bool:
+    from worker.vision import is_vision_model
+
+    return is_vision_model(spec)
+
+
+def _load_vision(*args: Any) -> Any:
+    from worker.vision import load_vision
+
+    return load_vision(*args)
+
+
+def _vision_engine(vision: bool) -> dict[str, Any]:
+    """``build_engine``'s engine type for a vision worker (worker/vision.py)."""
+    if not vision:
+        return {}
+    from worker.vision import VisionEngine
+
+    return {"engine_type": VisionEngine}
+
+
+def _is_embedding_model(spec: str) -> bool:
+    from worker.embeddings import is_embedding_model
+
+    return is_embedding_model(spec)
+
+
+def _run_embedding_worker(args: argparse.Namespace) -> int:
+    """``--embedding`` (or an encoder-only model): the embedding worker, worker/embeddings.py."""
+    from worker.embeddings import run_embedding_worker
+
+    try:
+        address = check_address(args.gateway or default_address())
+        curve = None
+        if args.curve_secret_key or args.curve_server_key:
+            if not (args.curve_secret_key and args.curve_server_key):
+                raise ValueError("CURVE needs both --curve-secret-key and --curve-server-key")
+            curve = CurveClient.load(args.curve_secret_key, args.curve_server_key)
+    except (ValueError, PermissionError) as exc:
+        log.error("%s", exc)
+        return 2
+    if args.distributed:
+        log.error("--distributed serves text models only")
+        return 2
+    return run_embedding_worker(args, address, curve)
 
 
 def _exit_with_parent() -> None:

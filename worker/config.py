@@ -40,6 +40,9 @@ class WorkerConfig:
     # None keeps them unquantized.
     kv_bits: int | None = None
     kv_group_size: int = 64
+    # Speculative decoding (--speculative, --max-draft; worker/speculative.py): "auto", "always" or "off".
+    speculative: str = "auto"
+    max_draft: int = 8
 
     def template_policy(self) -> TemplatePolicy:
         return TemplatePolicy(self.allow_client_templates, self.template_timeout)
@@ -63,4 +66,6 @@ class WorkerConfig:
             template_timeout=args.template_timeout,
             kv_bits=getattr(args, "kv_bits", None),
             kv_group_size=getattr(args, "kv_group_size", 64),
+            speculative=getattr(args, "speculative", "auto"),
+            max_draft=getattr(args, "max_draft", 8),
         )

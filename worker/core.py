@@ -59,8 +59,9 @@ class Worker:
         self.stop_now = False
         self._tick = time.monotonic()
 
-    def _load(self) -> tuple[int, int, dict[str, float]]:
-        """For heartbeats (read from the link's thread: plain numbers only)."""
+    def _load(self) -> tuple[int, int, dict[str, Any]]:
+        """For heartbeats (read from the link's thread: plain numbers, and the engine thread's last
+        list of its requests)."""
         return self.engine.active, self.engine.queued, self.stats.snapshot(time.monotonic())
 
     def _stalled_for(self) -> float:
@@ -90,6 +91,7 @@ class Worker:
             while not self.stop_now:
                 self._tick = time.monotonic()
                 self.stats.sample_memory(self._tick)
+                self.stats.sample_requests(engine, self._tick)
                 if self.drain_deadline is not None:
                     if not announced:
                         self.link.send(Error(ERROR_SHUTTING_DOWN, "draining before shutdown"))
@@ -213,9 +215,12 @@ class Worker:
         request_id = message.request_id or ""
         log_id, started = self._requests.pop(request_id, (request_id, time.monotonic()))
         seconds = time.monotonic() - started
+        self.stats.ended(request_id)  # before its cache hits count: a heartbeat never counts them twice
         if isinstance(message, Finished):
             self.stats.cached_tokens += message.cached_tokens
             self.stats.cached_tokens_disk += message.cached_tokens_disk
+            self.stats.drafted_tokens += message.drafted_tokens
+            self.stats.accepted_tokens += message.accepted_tokens
             rate = message.completion_tokens / seconds if seconds > 0 else 0.0
             log.info("finished (%s): %d prompt (%d cached) + %d completion tokens in %.2fs, %.1f tokens/s",
                      message.finish_reason, message.prompt_tokens, message.cached_tokens, message.completion_tokens,
@@ -231,6 +236,7 @@ def build_engine(loaded: LoadedModel, config: WorkerConfig, logits_processors: L
     (``engine_type``: a GroupEngine, worker/sharded.py)."""
     engine = engine_type(loaded, config.max_sequences, config.prefill_chunk, logits_processors,
                          prompt_cache_bytes=config.prompt_cache_mb << 20, max_output_tokens=config.max_output_tokens,
+                         speculative=config.speculative, max_draft=config.max_draft,
                          **({"kv_bits": config.kv_bits, "kv_group_size": config.kv_group_size}
                             if config.kv_bits is not None else {}))
     engine.prompts.configure(config.template_policy())  # --allow-client-templates, --template-timeout
@@ -270,6 +276,10 @@ def _post_built(inbox: queue.Queue[object], request: Generate, done: Future[Sequ
     inbox.put(_Built(request, outcome))
 
 
+REQUESTS_REPORTED = 64  # requests a heartbeat describes (Engine.progress), at most
+REQUESTS_SAMPLE_S = 0.2  # how often the engine thread lists them
+
+
 class EngineStats:
     """Every engine figure the heartbeat reports, kept here alone. The engine thread counts and
     samples memory (MLX's thread); the link's thread reads a ``snapshot`` once a heartbeat."""
@@ -279,11 +289,17 @@ class EngineStats:
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.cached_tokens_disk = 0  # of cached_tokens, restored from the disk tier
+        self.drafted_tokens = 0  # speculative decoding, finished requests: tokens drafted, and of those accepted
+        self.accepted_tokens = 0
         self.disk_cache: Any = None  # the prefix cache's disk tier (worker/disk_cache.py), for its figures
         self.active_memory_bytes = 0
         self.cache_memory_bytes = 0  # freed buffers MLX keeps for reuse: still this process's memory
         self.peak_memory_bytes = 0
         self._next_sample = 0.0
+        # Where each request stands (Engine.progress), sampled on the engine thread; the link's
+        # thread reads the last list (replaced whole, never changed in place).
+        self.requests: list[dict[str, Any]] = []
+        self._next_requests_sample = 0.0
         self._rate_sample: tuple[float, int] | None = None  # (when, generated_tokens) at the last snapshot
 
     def sample_memory(self, now: float) -> None:
@@ -296,15 +312,29 @@ class EngineStats:
         self.peak_memory_bytes = mx.get_peak_memory()
         self._next_sample = now + 0.5
 
-    def snapshot(self, now: float) -> dict[str, float]:
-        """The figures, with tokens/s since the previous snapshot."""
+    def sample_requests(self, engine: Engine, now: float) -> None:
+        """On the engine thread, between steps: at most every ``REQUESTS_SAMPLE_S``."""
+        if now < self._next_requests_sample:
+            return
+        self.requests = engine.progress(REQUESTS_REPORTED) if engine.busy else []
+        self._next_requests_sample = now + REQUESTS_SAMPLE_S
+
+    def ended(self, request_id: str) -> None:
+        """A request ended: it leaves the list at once (its figures now count in the totals)."""
+        if any(row["request_id"] == request_id for row in self.requests):
+            self.requests = [row for row in self.requests if row["request_id"] != request_id]
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """The figures, with tokens/s since the previous snapshot, and the requests now."""
         generated = self.generated_tokens
-        stats: dict[str, float] = {
+        stats: dict[str, Any] = {
             "generated_tokens": generated,
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
             "cached_tokens_ram": self.cached_tokens - self.cached_tokens_disk,
             "cached_tokens_disk": self.cached_tokens_disk,
+            "drafted_tokens": self.drafted_tokens,
+            "accepted_tokens": self.accepted_tokens,
             "active_memory_bytes": self.active_memory_bytes,
             "cache_memory_bytes": self.cache_memory_bytes,
             # what the gateway's memory budget counts for this worker (gateway/models/manager.py)
@@ -319,4 +349,5 @@ class EngineStats:
             then, before = self._rate_sample
             stats["tokens_per_second"] = (generated - before) / max(now - then, 1e-6)
         self._rate_sample = (now, generated)
+        stats["requests"] = self.requests  # the first REQUESTS_REPORTED, in arrival order
         return stats

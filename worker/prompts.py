@@ -90,6 +90,9 @@ class PromptBuilder:
         tokenizer = self.tokenizer
         if request.messages is None:
             return list(tokenizer.encode(request.prompt or ""))
+        if any(isinstance(m.get("content"), list) for m in request.messages):  # parts: images (worker/vision.py)
+            raise ValueError("image input is not supported: this model reads text only (serve a vision-language "
+                             "model for images)")
         client_template = self.client_template(request)
         if client_template is not None and not self.policy.allow_client_templates:
             raise ClientTemplateRefused(

@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -113,8 +115,8 @@ class HoleyCache:
     def _kept(self) -> tuple[list[list[int]], int]:
         """Each row's kept positions, and the longest row's count."""
         mx.eval(self.left_padding)
-        padding = self.left_padding.tolist()
-        hole = self._holes_to(self._idx).tolist()
+        padding: list[int] = self.left_padding.tolist()  # type: ignore[assignment]
+        hole: list[list[bool]] = self._holes_to(self._idx).tolist()  # type: ignore[assignment]
         kept = [[p for p in range(pad, self._idx) if not row[p]] for pad, row in zip(padding, hole, strict=True)]
         return kept, max((len(k) for k in kept), default=0)
 
@@ -145,7 +147,8 @@ class HoleyCache:
         keep = list(batch_indices)
         if self._hole is not None and keep:
             mx.eval(self.left_padding)
-            shift = min(self.left_padding.tolist()[i] for i in keep)  # what mlx-lm's filter cuts off the left
+            padding: list[int] = self.left_padding.tolist()  # type: ignore[assignment]
+            shift = min(padding[i] for i in keep)  # what mlx-lm's filter cuts off the left
             hole = self._holes_to(self._idx)[mx.array(keep)]
             counts = [self._hole_counts[i] for i in keep]  # type: ignore[index]
         super().filter(batch_indices)  # type: ignore[misc]
@@ -203,6 +206,14 @@ def _make_holey(caches: list[Any]) -> list[HoleyCache]:
     return caches
 
 
+def _int(a: mx.array) -> int:
+    return int(a.item())  # type: ignore[arg-type]
+
+
+def _float(a: mx.array) -> float:
+    return float(a.item())  # type: ignore[arg-type]
+
+
 def _map(f: Any, x: Any) -> Any:
     return tuple(f(a) for a in x) if isinstance(x, tuple) else f(x)
 
@@ -236,9 +247,9 @@ class PromptLookup:
         for n in NGRAMS:
             if len(tokens) + 1 < n:
                 continue
-            end = self._index.get(tuple(tokens[len(tokens) - n + 1:]) + (pending,))
-            if end is not None:  # what followed it, up to the pending token (the sequence's last)
-                found = tokens[end: end + limit]
+            found_at = self._index.get(tuple(tokens[len(tokens) - n + 1:]) + (pending,))
+            if found_at is not None:  # what followed it, up to the pending token (the sequence's last)
+                found = tokens[found_at: found_at + limit]
                 return found + [pending] if len(found) < limit else found
         return []
 
@@ -303,25 +314,32 @@ def expected_kept(alpha: float, drafts: int) -> float:
 
 
 class StepCost:
-    """How much a wide step costs against a plain one, measured: ``1 + beta × rows × (width - 1)``."""
+    """How much a wide step costs against a plain one: ``1 + beta × rows × (width - 1)``, with
+    beta the median of the last steps' measurements (a shared machine's timings are noisy; one
+    slow step must not switch speculation off), within ``BETA_RANGE``."""
+
+    SAMPLES = 16
+    BETA_RANGE = (0.002, 0.5)
 
     def __init__(self, beta: float = BETA_PRIOR):
         self.beta = beta
-        self._plain: dict[int, float] = {}  # rows -> seconds of a plain step
+        self._plain: dict[int, deque[float]] = {}  # rows -> seconds of the last plain steps
+        self._betas: deque[float] = deque(maxlen=self.SAMPLES)
 
     def plain(self, rows: int, seconds: float) -> None:
-        old = self._plain.get(rows)
-        self._plain[rows] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        self._plain.setdefault(rows, deque(maxlen=self.SAMPLES)).append(seconds)
 
     def plain_seconds(self, rows: int) -> float | None:
-        return self._plain.get(rows)
+        times = self._plain.get(rows)
+        return statistics.median(times) if times else None
 
     def wide(self, rows: int, width: int, seconds: float) -> None:
-        plain = self._plain.get(rows)
+        plain = self.plain_seconds(rows)
         if plain is None or width < 2:
             return
-        beta = max(seconds / plain - 1, 0.0) / (rows * (width - 1))
-        self.beta = 0.8 * self.beta + 0.2 * beta
+        self._betas.append(max(seconds / plain - 1, 0.0) / (rows * (width - 1)))
+        low, high = self.BETA_RANGE
+        self.beta = min(max(statistics.median(self._betas), low), high)
 
     def choose(self, drafts: list[tuple[int, float]]) -> int:
         """The step's width (1: a plain step) for rows with (drafts available, acceptance)."""
@@ -352,7 +370,8 @@ class Speculator:
         self.always = always  # widen whenever a row has drafts, whatever they cost (--speculative always)
         self.cost = StepCost()
         self._rows: dict[int, _Row] = {}
-        self._last = ""  # the previous step, if timed: "plain" (pipelined) or "wide"
+        self._previous: tuple[str, int, int, float] | None = None  # (kind, rows, width, since), for its cost
+        self._pending: list[int] = []  # each row's pending token (sampled, not yet in its cache), this step
         self.drafted_tokens = 0
         self.accepted_tokens = 0
         self.wide_steps = 0
@@ -366,34 +385,39 @@ class Speculator:
     def decode(self, batch: GenerationBatch, timed: bool = True) -> list[Any]:
         if not batch.uids:
             return []
-        # Timed from before the plan, which waits for the previous (pipelined) step: in a run of
-        # plain steps each call then takes one step's time; a wide step after a plain one also
-        # waited for that one, whose time is taken off.
         start = time.perf_counter()
+        mx.eval(batch._next_tokens)  # waits for the previous step, if it was a plain (pipelined) one
+        self._pending = batch._next_tokens.tolist()  # type: ignore[assignment]
+        drafting = time.perf_counter()
         plan = self._plan(batch)
+        self._timed(start, plan is None, timed)
         if plan is None:
             responses = batch.next()
-            if timed and self._last == "plain":
-                self.cost.plain(len(batch.uids), time.perf_counter() - start)
-            self._last = "plain" if timed else ""
+            self._previous = ("plain", len(batch.uids), 1, start)
             return responses
-        rows = len(plan)
         responses = self._wide_step(batch, plan)
-        if timed:
-            seconds = time.perf_counter() - start
-            if self._last == "plain":
-                seconds -= self.cost.plain_seconds(rows) or 0.0
-            self.cost.wide(rows, max(len(d) for d in plan) + 1, seconds)
-        self._last = "wide" if timed else ""
+        self._previous = ("wide", len(plan), max(len(d) for d in plan) + 1, drafting)
         return responses
+
+    def _timed(self, now: float, plain: bool, timed: bool) -> None:
+        """The previous step's cost, as the time until this one started (the engine's work on its
+        tokens included): a wide step's from its plan (it ran synchronously); a plain step's only
+        when this one is plain too, since a wide step first waits for the plain one before it."""
+        previous, self._previous = self._previous, None
+        if previous is None or not timed:  # ``timed``: no prefill ran beside the previous step
+            return
+        kind, rows, width, since = previous
+        if kind == "wide":
+            self.cost.wide(rows, width, now - since)
+        elif plain:
+            self.cost.plain(rows, now - since)
 
     def _plan(self, batch: GenerationBatch) -> list[list[int]] | None:
         """Each row's drafts for a wide step, or None for a plain one."""
         rows = [self._rows.get(uid) for uid in batch.uids]
         if not any(r is not None and r.enabled for r in rows):
             return None
-        mx.eval(batch._next_tokens)
-        pending = batch._next_tokens.tolist()
+        pending = self._pending
         drafts: list[list[int]] = []
         for i, row in enumerate(rows):
             room = min(self.max_draft, batch.max_tokens[i] - batch._num_tokens[i] - 1)
@@ -416,7 +440,7 @@ class Speculator:
         return [d[: width - 1] for d in drafts]
 
     def _wide_step(self, batch: GenerationBatch, drafts: list[list[int]]) -> list[Any]:
-        pending = batch._next_tokens.tolist()
+        pending = self._pending
         width = max(len(d) for d in drafts) + 1
         inputs = mx.array([[p] + d + [p] * (width - 1 - len(d)) for p, d in zip(pending, drafts, strict=True)])
         caches = _make_holey(batch.prompt_cache)
@@ -461,7 +485,7 @@ class Speculator:
             if not finished:
                 keep_rows.append(i)
         self.wide_steps += 1
-        batch._current_tokens = mx.array(pending)
+        batch._current_tokens = mx.array(pending)  # type: ignore[assignment]
         batch._next_tokens = mx.array(following, dtype=mx.uint32)
         batch._next_logprobs = following_logprobs
         if len(keep_rows) < len(batch.uids):
@@ -536,7 +560,7 @@ class Speculator:
                         logprobs: mx.array) -> tuple[int, int, mx.array]:
         """A row with logits processors: position by position, each on the context so far (a
         grammar consumes each token as its next position is judged), stopping at the first miss."""
-        processors = batch.logits_processors[i]
+        processors = batch.logits_processors[i] if batch.logits_processors else []
         sampling = self._sampling(batch, i)
         sampler = batch.samplers[i] if batch.samplers and batch.samplers[i] is not None else batch.fallback_sampler
         fed = [pending] + drafts
@@ -547,16 +571,16 @@ class Speculator:
                 row = processor(context, row)
             row = row - mx.logsumexp(row, axis=-1, keepdims=True)
             if j == len(drafts):
-                return j, int(sampler(row).item()), row[0]
+                return j, _int(sampler(row)), row[0]
             draft = drafts[j]
             if sampling is None:
-                choice = int(mx.argmax(row, axis=-1).item())
+                choice = _int(mx.argmax(row, axis=-1))
                 if choice != draft:
                     return j, choice, row[0]
                 continue
             scaled = sampling.logits(row)
-            if mx.random.uniform().item() < mx.softmax(scaled, axis=-1)[0, draft].item():
+            if _float(mx.random.uniform()) < _float(mx.softmax(scaled, axis=-1)[0, draft]):
                 continue
             scaled[0, draft] = -float("inf")
-            return j, int(mx.random.categorical(scaled).item()), row[0]
+            return j, _int(mx.random.categorical(scaled)), row[0]
         raise AssertionError("unreachable")

@@ -22,7 +22,10 @@
 - ``thinking`` blocks become the turn's ``reasoning_content``; with ``display: "omitted"`` the
   text is empty and read back from our signature (``signature.py``). ``redacted_thinking`` (and a
   signature that is not ours) carries nothing we can read: dropped.
-- Images, and documents that are not text, are a 400: the model reads text only. Every other
+- ``image`` blocks (base64; a URL only with ``gateway --allow-image-urls``) in user messages and in
+  tool results become images of the user turn (a tool result's follow its results: chat templates
+  take images in user turns); a text-only model refuses them (400). Documents that are not text
+  are a 400. Every other
   block a local model cannot use (``server_tool_use``, ``web_search_tool_result``, ...) is
   skipped and logged. Consecutive messages of one role merge: templates want alternation.
 
@@ -39,9 +42,21 @@ from typing import Any
 from gateway.anthropic.request import MessagesBody, MessagesRequest
 from gateway.anthropic.signature import thinking_from_signature
 from gateway.anthropic.tools import resolve_tools
+from gateway.api import images
 from gateway.api.errors import APIError
 from gateway.api.family import MESSAGES
-from gateway.api.request import Message, ModelRequest, TextPart, ToolCall, keep_alive, text_message
+from gateway.api.images import ImagePart
+from gateway.api.request import (
+    ContentPart,
+    Message,
+    ModelRequest,
+    TextPart,
+    ToolCall,
+    count_images,
+    joined,
+    keep_alive,
+    text_message,
+)
 from gateway.api.structured_output import from_messages
 from gateway.http.json_body import quoted, shown
 from protocol import SamplingParams
@@ -63,6 +78,7 @@ def to_request(body: MessagesBody, session: str | None = None) -> ModelRequest:
         else:
             _add_message(messages, message, f"messages.{index}", call_names)
     tools = resolve_tools(body.tools, body.tool_choice, body.messages)
+    count_images(messages, "messages")
     kwargs = _template_switches(body.thinking)
     kwargs.update(body.chat_template_kwargs or {})
     if session is None and isinstance((body.metadata or {}).get("user_id"), str):
@@ -110,6 +126,7 @@ def _add_message(out: list[Message], message: dict[str, Any], where: str, call_n
         raise APIError(400, "message content must be a string or a list of blocks", param=f"{where}.content")
 
     texts: list[str] = []
+    parts: list[ContentPart] = []  # texts and images in order, for a message with images
     reasoning: list[str] = []
     calls: list[ToolCall] = []
     results: list[Message] = []
@@ -121,7 +138,9 @@ def _add_message(out: list[Message], message: dict[str, Any], where: str, call_n
         if kind == "tool_use" and role == "assistant":
             calls.append(_tool_call(block, at, call_names))
         elif kind == "tool_result" and role == "user":
-            results.append(_tool_result(block, at, call_names))
+            results.append(_tool_result(block, at, call_names, parts))
+        elif kind == "image" and role == "user":
+            parts.append(_image(block, at))
         elif kind == "thinking" and role == "assistant":
             text = block.get("thinking") or thinking_from_signature(block.get("signature"))
             if isinstance(text, str) and text:
@@ -132,13 +151,16 @@ def _add_message(out: list[Message], message: dict[str, Any], where: str, call_n
             text = _block_text(block, at)
             if text:
                 texts.append(text)
+                parts.append(TextPart(text))
 
     if role == "assistant":
         _append(out, Message("assistant", [TextPart("\n\n".join(texts))], "\n\n".join(reasoning), calls))
         return
     for result in results:
         _append_tool(out, result)
-    if texts:
+    if any(isinstance(part, ImagePart) for part in parts):  # images (a user message's, or its tool results')
+        _append(out, Message("user", joined(parts, [])))
+    elif texts:
         text = "\n\n".join(texts)
         if role == "system":
             text = f"<system-reminder>\n{text}\n</system-reminder>"
@@ -154,7 +176,7 @@ def _block_text(block: dict[str, Any], at: str) -> str:
             raise APIError(400, "a text block needs text", param=f"{at}.text")
         return text
     if kind == "image":
-        raise APIError(400, "image content is not supported: this model reads text only", param=at)
+        raise APIError(400, "image content is supported in user messages and tool results only", param=at)
     if kind == "document":
         return _document_text(block, at)
     if kind == "tool_reference":  # a ToolSearch result: the tool is now offered (see _referenced_tools)
@@ -206,7 +228,23 @@ def _tool_call(block: dict[str, Any], at: str, call_names: dict[str, str]) -> To
     return ToolCall(call_id, name, arguments)
 
 
-def _tool_result(block: dict[str, Any], at: str, call_names: dict[str, str]) -> Message:
+def _image(block: dict[str, Any], at: str) -> ImagePart:
+    """An ``image`` block: ``source`` base64 (``media_type``, ``data``), or a URL (``--allow-image-urls``)."""
+    source = block.get("source")
+    if not isinstance(source, dict):
+        raise APIError(400, "an image block needs a source", param=f"{at}.source")
+    kind = source.get("type")
+    if kind == "base64":
+        return images.from_base64(source.get("data"), source.get("media_type"), f"{at}.source.data")
+    if kind == "url":
+        return images.from_url(source.get("url"), f"{at}.source.url")
+    raise APIError(400, f"image source type {quoted(kind)} is not supported: send base64 data", param=f"{at}.source")
+
+
+def _tool_result(block: dict[str, Any], at: str, call_names: dict[str, str],
+                 image_parts: list[ContentPart] | None = None) -> Message:
+    """``image_parts``: where the result's images go (they follow the results, in the user message:
+    chat templates take images in user turns)."""
     call_id = block.get("tool_use_id")
     if not isinstance(call_id, str) or not call_id:
         raise APIError(400, "a tool_result block needs a tool_use_id", param=f"{at}.tool_use_id")
@@ -217,6 +255,11 @@ def _tool_result(block: dict[str, Any], at: str, call_names: dict[str, str]) -> 
     if isinstance(content, str):
         text = content
     elif isinstance(content, list):
+        if image_parts is not None:
+            for k, inner in enumerate(content):
+                if isinstance(inner, dict) and inner.get("type") == "image":
+                    image_parts.append(_image(inner, f"{at}.content.{k}"))
+            content = [inner for inner in content if not (isinstance(inner, dict) and inner.get("type") == "image")]
         text = "\n\n".join(p for p in _inner_texts(content, f"{at}.content") if p)
     else:
         text = "" if content is None else json.dumps(content, ensure_ascii=False)
@@ -231,7 +274,10 @@ def _append(out: list[Message], message: Message) -> None:
     if last is None or last.role != message.role:
         out.append(message)
         return
-    last.content = [TextPart("\n\n".join(text for text in (last.text, message.text) if text))]
+    if last.images or message.images:
+        last.content = joined(last.content, message.content)
+    else:
+        last.content = [TextPart("\n\n".join(text for text in (last.text, message.text) if text))]
     last.reasoning = "\n\n".join(text for text in (last.reasoning, message.reasoning) if text)
     last.tool_calls.extend(message.tool_calls)
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from gateway.api.errors import APIError
 from gateway.api.family import ApiFamily
+from gateway.api.images import ImagePart, check_count
 from gateway.api.structured_output import instruction
 from protocol import Generate, SamplingParams
 
@@ -32,8 +33,8 @@ class TextPart:
     text: str
 
 
-# What a message's content is made of: text today; images next.
-ContentPart = TextPart
+# What a message's content is made of: text and images (``images.py``).
+ContentPart = TextPart | ImagePart
 
 
 @dataclass
@@ -56,11 +57,37 @@ class Message:
 
     @property
     def text(self) -> str:
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    @property
+    def images(self) -> list[ImagePart]:
+        return [part for part in self.content if isinstance(part, ImagePart)]
 
 
 def text_message(role: Literal["system", "user", "assistant", "tool"], text: str) -> Message:
     return Message(role, [TextPart(text)])
+
+
+def joined(first: list[ContentPart], second: list[ContentPart], separator: str = "\n\n") -> list[ContentPart]:
+    """Two messages' parts as one message's, in order: adjacent texts joined by ``separator``,
+    empty texts left out."""
+    out: list[ContentPart] = []
+    for part in [*first, *second]:
+        if isinstance(part, TextPart):
+            if not part.text:
+                continue
+            if out and isinstance(out[-1], TextPart):
+                out[-1] = TextPart(out[-1].text + separator + part.text)
+                continue
+        out.append(part)
+    return out
+
+
+def count_images(messages: list[Message], param: str) -> None:
+    """The request's images against ``gateway --max-images`` (a 400 naming ``param``)."""
+    total = sum(len(message.images) for message in messages)
+    if total:
+        check_count(total, param)
 
 
 @dataclass
@@ -152,8 +179,15 @@ def to_generate(request: ModelRequest, request_id: str, trace_id: str | None = N
 
 
 def template_message(message: Message) -> dict[str, Any]:
-    """The plain ``{role, content, ...}`` dict chat templates expect."""
-    out: dict[str, Any] = {"role": message.role, "content": message.text}
+    """The plain ``{role, content, ...}`` dict chat templates expect. With images, ``content`` is a
+    list of parts, ``{"type": "text", "text"}`` and ``{"type": "image", "data", "media_type"}``,
+    for a vision worker (protocol/README.md); without, the text, as ever."""
+    content: Any = message.text
+    if message.images:
+        content = [{"type": "text", "text": part.text} if isinstance(part, TextPart)
+                   else {"type": "image", "data": part.data, "media_type": part.media_type}
+                   for part in message.content if not isinstance(part, TextPart) or part.text]
+    out: dict[str, Any] = {"role": message.role, "content": content}
     if message.reasoning:
         out["reasoning_content"] = message.reasoning
     if message.tool_calls:

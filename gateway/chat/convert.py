@@ -10,10 +10,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.api import images
 from gateway.api.errors import APIError
 from gateway.api.family import CHAT, COMPLETIONS
 from gateway.api.json_schema import tool_schema
-from gateway.api.request import Message, ModelRequest, TextPart, Tool, ToolCall, choose_tools, keep_alive
+from gateway.api.request import (
+    ContentPart,
+    Message,
+    ModelRequest,
+    TextPart,
+    Tool,
+    ToolCall,
+    choose_tools,
+    count_images,
+    keep_alive,
+)
 from gateway.api.structured_output import from_chat
 from gateway.chat.request import ChatCompletionRequest, ChatMessage, CompletionRequest
 from gateway.http.json_body import quoted
@@ -28,6 +39,7 @@ def chat_request(body: ChatCompletionRequest) -> ModelRequest:
     if messages[0].role == "system" and messages[0].name is None:  # a named one stays as it is
         system = [messages.pop(0).text]
     tools, tool_choice = _tools(body)
+    count_images(messages, "messages")
     return ModelRequest(
         family=CHAT,
         model=body.model,
@@ -61,11 +73,17 @@ def completion_request(body: CompletionRequest) -> ModelRequest:
 
 def _message(message: ChatMessage, index: int) -> Message:
     content = message.content
-    parts: list[TextPart] = []
+    parts: list[ContentPart] = []
     if isinstance(content, list):
         for j, part in enumerate(content):
+            if part.type == "image_url" and message.role == "user":
+                image_url = (part.model_extra or {}).get("image_url")
+                url = image_url.get("url") if isinstance(image_url, dict) else image_url
+                parts.append(images.from_url(url, f"messages.{index}.content.{j}.image_url"))
+                continue
             if part.type not in ("text", "input_text") or part.text is None:
-                raise APIError(400, f"content part type '{part.type}' is not supported; send text",
+                what = " in a user message" if part.type == "image_url" else ""
+                raise APIError(400, f"content part type '{part.type}' is not supported{what}; send text",
                                param=f"messages.{index}.content.{j}")
             parts.append(TextPart(part.text))
     elif content:

@@ -44,7 +44,7 @@ from protocol import (
     Output,
     Ready,
 )
-from protocol.messages import ERROR_SHUTTING_DOWN
+from protocol.messages import ERROR_INVALID_REQUEST, ERROR_SHUTTING_DOWN, Embed, Embeddings
 from protocol.security import CurveServer
 from protocol.transport import HEARTBEAT_INTERVAL_S, HEARTBEAT_MISSES_ALLOWED
 
@@ -197,6 +197,28 @@ class RequestStream:
             self._client.cancel(self)
 
 
+class WrongModelKind(EngineError):
+    """An embedding request for a text model (``/v1/embeddings`` answers a 400 naming ``model``)."""
+
+
+class EmbedCall:
+    """One Embed in flight: its worker and the future its reply (or failure) resolves."""
+
+    def __init__(self, request: Embed, model: str):
+        self.request = request
+        self.model = model
+        self.worker: WorkerInfo | None = None
+        self.reply: asyncio.Future[Embeddings | Error | EngineError] = asyncio.get_running_loop().create_future()
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    def resolve(self, item: Embeddings | Error | EngineError) -> None:
+        if not self.reply.done():
+            self.reply.set_result(item)
+
+
 def _as_failure(item: Error | EngineError) -> EngineError:
     if isinstance(item, EngineError):
         return item
@@ -224,6 +246,7 @@ class EngineClient:
         self._heartbeat_interval = heartbeat_interval
         self._dead_after = heartbeat_interval * misses_allowed
         self._streams: dict[str, RequestStream] = {}
+        self._embeds: dict[str, EmbedCall] = {}  # embedding requests in flight (``embed``)
         self._heartbeats: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -235,6 +258,8 @@ class EngineClient:
         for stream in list(self._streams.values()):
             stream.deliver(EngineError(code, message))
             self._forget(stream)
+        for call in list(self._embeds.values()):
+            call.resolve(EngineError(code, message))
 
     async def close(self) -> None:
         self.fail_all(GATEWAY_SHUTTING_DOWN, "the gateway is shutting down")
@@ -245,7 +270,8 @@ class EngineClient:
 
     def load(self, model: str) -> int:
         """Requests of ``model`` running, queued in workers, or waiting for a worker."""
-        return sum(1 for s in self._streams.values() if s.model == model)
+        return (sum(1 for s in self._streams.values() if s.model == model)
+                + sum(1 for c in self._embeds.values() if c.model == model))
 
     def waiting_for_worker(self, model: str) -> int:
         return sum(1 for s in self._streams.values() if s.model == model and s.worker is None)
@@ -355,6 +381,79 @@ class EngineClient:
             self.link.send(stream.worker.identity, Cancel(stream.request_id))
         self._forget(stream)
 
+    # --- embeddings -----------------------------------------------------------------------
+
+    async def embed(self, model: str, request: Embed, keep_alive: float | None = None) -> Embeddings:
+        """Send ``request`` to an embedding worker of ``model`` and wait for its vectors. Raises
+        EngineError: unknown model, queue full, a failed load, no worker, the worker's refusal,
+        ``worker_crashed`` when its worker dies meanwhile, and ``WrongModelKind`` for a text model.
+        A worker that was draining when the request reached it passes it to another."""
+        self.admit(model)
+        model = self.resolve(model)
+        call = EmbedCall(request, model)
+        self._embeds[request.request_id] = call
+        if self.on_demand is not None:
+            self.on_demand.request_started(model)
+        try:
+            for _ in range(8):
+                worker = await self._embedding_worker(model)
+                call.worker = worker
+                worker.in_flight.add(request.request_id)
+                self.link.send(worker.identity, request)
+                reply = await call.reply
+                worker.in_flight.discard(request.request_id)
+                if isinstance(reply, Error) and reply.code == ERROR_SHUTTING_DOWN:
+                    call.reply = asyncio.get_running_loop().create_future()
+                    call.worker = None
+                    continue  # it reached a draining worker: try another
+                break
+            if isinstance(reply, Embeddings):
+                return reply
+            raise _as_failure(reply)
+        except EngineError as failure:
+            self.observer.request_failed(model, request.trace_id or request.request_id, failure.code, failure.message)
+            raise
+        finally:
+            self._embeds.pop(request.request_id, None)
+            worker_now = call.worker
+            if worker_now is not None and request.request_id in worker_now.in_flight:
+                worker_now.in_flight.discard(request.request_id)
+                self.link.send(worker_now.identity, Cancel(request.request_id))  # its client left
+            if self.on_demand is not None:
+                self.on_demand.request_ended(model, keep_alive)
+
+    async def _embedding_worker(self, model: str) -> WorkerInfo:
+        """The least-loaded live worker of ``model`` (loading it, or waiting for one, as ``submit``
+        does); WrongModelKind if it serves text."""
+        worker = self.registry.pick(model)
+        if worker is None and self.on_demand is not None and self.on_demand.manages(model):
+            try:
+                await self.on_demand.ensure_loaded(model)
+            except EngineError:
+                raise
+            except Exception as exc:
+                log.error("loading %s failed: %r", model, exc)
+                raise EngineError(MODEL_LOAD_FAILED, f"model '{model}' failed to load: {exc}") from None
+            worker = self.registry.pick(model)
+        if worker is None:
+            log.info("no live worker for %s; an embedding request waits up to %.0fs", model, self.queue_timeout)
+            worker = await self.registry.wait_for(model, self.queue_timeout)
+        if worker is None:
+            raise EngineError(NO_WORKER, f"no live worker for model '{model}' within {self.queue_timeout:.0f}s")
+        if worker.kind != "embedding":
+            raise WrongModelKind(ERROR_INVALID_REQUEST, f"'{model}' is a text-generation model, not an embedding "
+                                                        "model: it cannot serve /v1/embeddings")
+        return worker
+
+    def _route_embedding(self, worker: WorkerInfo, message: Embeddings | Error) -> bool:
+        """An embedding worker's reply (or refusal) to its EmbedCall; False if it is no Embed's."""
+        call = self._embeds.get(message.request_id or "")
+        if call is None:
+            return isinstance(message, Embeddings)
+        if call.worker is worker:
+            call.resolve(message)
+        return True
+
     def _forget(self, stream: RequestStream) -> None:
         forgotten = self._streams.pop(stream.request_id, None)
         if stream.worker is not None:
@@ -383,6 +482,8 @@ class EngineClient:
                 log.info("worker %s (model %s) is draining: no new requests", worker.worker_id, worker.model)
             else:
                 log.error("worker %s reports: %s (%s)", worker.worker_id, message.message, message.code)
+        elif isinstance(message, (Embeddings, Error)) and self._route_embedding(worker, message):
+            return
         elif isinstance(message, (Accepted, Finished, Error)):
             self._route(worker, message.request_id, message)
 
@@ -445,6 +546,9 @@ class EngineClient:
                 self._forget(stream)
             else:
                 self._retry(stream)  # nothing reached the client yet: run it elsewhere
+        for call in list(self._embeds.values()):
+            if call.worker is worker:
+                call.resolve(EngineError(WORKER_CRASHED, f"the worker serving model '{worker.model}' stopped ({reason})"))
         worker.in_flight.clear()
 
     def _retry(self, stream: RequestStream) -> None:

@@ -28,6 +28,10 @@ class WorkerInfo:
     fd: int | None = None  # the gateway-side connection, to match a disconnect to this worker
     tool_calls: bool = False  # the worker parses the model's tool calls (from its Ready)
     thinking: bool = False  # the model's chat template has a thinking switch
+    vision: bool = False  # the model sees images (a vision worker)
+    kind: str = "text"  # "text" (Generate) or "embedding" (Embed), from its Ready
+    embedding_size: int = 0  # an embedding worker's vector size
+    matryoshka: bool = False  # an embedding worker's vectors may be shortened (`dimensions`)
     state: WorkerState = WorkerState.READY
     registered_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
@@ -63,7 +67,8 @@ class WorkerRegistry:
             existing.fd = fd if fd is not None else existing.fd
             return existing, False
         worker = WorkerInfo(identity, ready.model, ready.pid, ready.max_sequences, ready.context_length, fd,
-                            tool_calls=ready.tool_calls, thinking=ready.thinking)
+                            tool_calls=ready.tool_calls, thinking=ready.thinking, vision=ready.vision, kind=ready.kind,
+                            embedding_size=ready.embedding_size, matryoshka=ready.matryoshka)
         self._workers[identity] = worker
         self._known_models.add(ready.model)
         self._registered.set()

@@ -16,14 +16,26 @@ clients send) into uniform stored items with ids. ``to_request`` reads a whole c
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from typing import Any
 
+from gateway.api import images
 from gateway.api.errors import APIError
 from gateway.api.family import RESPONSES
 from gateway.api.ids import new_id
-from gateway.api.request import Message, ModelRequest, TextPart, ToolCall, keep_alive, text_message
+from gateway.api.request import (
+    ContentPart,
+    Message,
+    ModelRequest,
+    TextPart,
+    ToolCall,
+    count_images,
+    joined,
+    keep_alive,
+    text_message,
+)
 from gateway.api.structured_output import from_responses
 from gateway.http.json_body import quoted
 from gateway.responses import compaction_item
@@ -119,12 +131,40 @@ def _normalize_message(item: dict[str, Any], index: int) -> dict[str, Any]:
             parts.append(normalized)
         elif kind == "refusal":
             parts.append(part)
-        elif kind in ("input_image", "input_file", "input_audio"):
-            raise APIError(400, f"{kind} is not supported: this model reads text only",
+        elif kind == "input_image" and role == "user":
+            parts.append(_input_image(part, f"input[{index}].content[{j}]"))
+        elif kind == "input_image":
+            raise APIError(400, "input_image is supported in user messages only", param=f"input[{index}].content[{j}]")
+        elif kind in ("input_file", "input_audio"):
+            raise APIError(400, f"{kind} is not supported: this server reads text and images",
                            param=f"input[{index}].content[{j}]")
         else:
             raise APIError(400, f"unknown content part type {quoted(kind)}", param=f"input[{index}].content[{j}]")
     return {**item, "type": "message", "role": role, "content": parts}
+
+
+def _input_image(part: dict[str, Any], at: str) -> dict[str, Any]:
+    """An ``input_image`` part, checked (``api/images.py``) and kept as a data URL: a fetched URL
+    (``--allow-image-urls``) is fetched once, not again when a later response continues from it."""
+    if part.get("file_id") is not None:
+        raise APIError(400, "input_image file_id is not supported (this server has no Files API): send the image "
+                       "as a data: URL in image_url", param=f"{at}.file_id")
+    url = part.get("image_url")
+    image = images.from_url(url, f"{at}.image_url")
+    if not (isinstance(url, str) and url[:5].lower() == "data:"):
+        url = f"data:{image.media_type};base64,{base64.b64encode(image.data).decode()}"
+    return {"type": "input_image", "image_url": url, "detail": part.get("detail") or "auto"}
+
+
+def _user_message(item: dict[str, Any]) -> Message:
+    """A user message item: its text, and its images where they stand."""
+    parts: list[ContentPart] = []
+    for part in item.get("content") or []:
+        if part.get("type") == "input_image":
+            parts.append(images.from_url(part.get("image_url"), "input"))
+        else:
+            parts.append(TextPart(part.get("text") or part.get("refusal") or ""))
+    return Message("user", joined(parts, [], ""))
 
 
 def message_text(item: dict[str, Any]) -> str:
@@ -155,6 +195,7 @@ def to_request(body: ResponsesRequest, context: list[dict[str, Any]], tools: Too
     """``context``: every item the model sees (the previous response's, then this input's)."""
     constraint = from_responses(body.text)
     system, messages = _conversation(body.instructions, context)
+    count_images(messages, "input")
     if not messages and not system and constraint is None:
         unknown = sorted({str(item_type(item)) for item in context})
         raise APIError(400, "input holds nothing the model can read" + (f" (item types: {', '.join(unknown)})"
@@ -211,6 +252,8 @@ def _conversation(instructions: str | None, items: list[dict[str, Any]]) -> tupl
             elif role == "assistant":
                 message = assistant_turn()
                 message.content = [TextPart(message.text + text)]
+            elif any(part.get("type") == "input_image" for part in item.get("content") or []):
+                messages.append(_user_message(item))
             else:
                 messages.append(text_message("user", text))
         elif kind in ("function_call", "custom_tool_call"):

@@ -103,9 +103,9 @@ class ResponsesService:
         else:
             builder = ResponseEvents(state, tools, "reasoning.encrypted_content" in (body.include or []))
         run = Run(state, request, items, context, builder, trace_id, owner)
-        if request.constraint is not None or request.strict_tools:
-            # A schema the worker cannot apply is a 400 even for a stream, whose first event would
-            # otherwise go out before the worker has seen the request.
+        if request.constraint is not None or request.strict_tools or any(m.images for m in request.messages):
+            # A schema the worker cannot apply (or images for a text-only model) is a 400 even for a
+            # stream, whose first event would otherwise go out before the worker has seen the request.
             run.stream = await self._submit(run)
         return run
 

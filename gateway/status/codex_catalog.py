@@ -86,7 +86,7 @@ def model_info(model: ServedModel, priority: int = 1, instructions: str | None =
         "auto_compact_token_limit": int(window * AUTO_COMPACT_FRACTION),
         "effective_context_window_percent": 95,
         "experimental_supported_tools": [],
-        "input_modalities": ["text"],  # the gateway takes no images
+        "input_modalities": ["text", "image"] if model.vision else ["text"],  # images: a vision worker
     }
     if model.thinking:
         info["default_reasoning_level"] = "medium"

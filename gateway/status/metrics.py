@@ -89,8 +89,11 @@ class GatewayMetrics:
                                                      self.inter_token_latency.labels(model))
         children[0].inc(count)
         self.activity.tokens(count)
-        if seconds_since_previous is not None and count:
-            children[1].observe(seconds_since_previous / count)
+        # One observation per gap between two tokens, as the client sees them: tokens that come in
+        # one delta (several per step with speculative decoding) arrive together.
+        gaps = [seconds_since_previous] if seconds_since_previous is not None and count else []
+        for seconds in gaps + [0.0] * max(count - 1, 0):
+            children[1].observe(seconds)
 
     def compaction(self, model: str, outcome: str, seconds: float) -> None:
         self.compactions.labels(model, outcome).inc()
@@ -138,6 +141,9 @@ class _LiveState(Collector):
             "cached_tokens_ram": ("mlxgw_worker_cached_prompt_tokens_ram", "Prompt tokens served from the prefix cache in RAM"),
             "cached_tokens_disk": ("mlxgw_worker_cached_prompt_tokens_disk",
                                    "Prompt tokens restored from the prefix cache's disk tier (--prompt-cache-dir)"),
+            "drafted_tokens": ("mlxgw_worker_drafted_tokens", "Tokens drafted by speculative decoding (finished requests)"),
+            "accepted_tokens": ("mlxgw_worker_accepted_tokens",
+                                "Drafted tokens the model accepted (finished requests); over drafted: the acceptance rate"),
             "disk_cache_bytes": ("mlxgw_worker_disk_cache_bytes", "Bytes in the prefix cache's disk tier"),
             "disk_cache_entries": ("mlxgw_worker_disk_cache_entries", "Entries in the prefix cache's disk tier"),
             "disk_cache_writes": ("mlxgw_worker_disk_cache_writes", "Prefix-cache entries written to disk since start"),

@@ -41,7 +41,9 @@ def _model_card(model: str, workers: list[WorkerInfo], anthropic: bool = False,
         if window:
             card["max_input_tokens"] = window
         return card
-    return {"id": model, "object": "model", "created": created, "owned_by": "mlx-gateway", **(state or {})}
+    kind = "embedding" if workers and all(w.kind == "embedding" for w in workers) else "text"
+    return {"id": model, "object": "model", "created": created, "owned_by": "mlx-gateway", "kind": kind,
+            **(state or {})}
 
 
 _STARTED = time.time()

@@ -20,6 +20,7 @@ class ServedModel:
     context_window: int
     tool_calls: bool = False  # the gateway returns its tool calls parsed
     thinking: bool = False  # its chat template has a thinking switch (reasoning.effort turns it)
+    vision: bool = False  # it sees images (a vision worker)
 
 
 def served_models(workers: Iterable[Mapping[str, Any]]) -> list[ServedModel]:
@@ -33,11 +34,13 @@ def served_models(workers: Iterable[Mapping[str, Any]]) -> list[ServedModel]:
         if worker.get("state", "ready") != "ready":
             continue
         model = ServedModel(str(worker["model"]), int(worker["context_length"]),
-                            bool(worker.get("tool_calls", False)), bool(worker.get("thinking", False)))
+                            bool(worker.get("tool_calls", False)), bool(worker.get("thinking", False)),
+                            bool(worker.get("vision", False)))
         seen = merged.get(model.name)
         if seen is not None:
             model = ServedModel(model.name, min(model.context_window, seen.context_window),
-                                model.tool_calls and seen.tool_calls, model.thinking and seen.thinking)
+                                model.tool_calls and seen.tool_calls, model.thinking and seen.thinking,
+                                model.vision and seen.vision)
         merged[model.name] = model
     return [merged[name] for name in sorted(merged)]
 

@@ -43,6 +43,50 @@ function post(path, body) {
   });
 }
 
+function percent(rate) {
+  return `${Math.floor(rate * 100)}%`;
+}
+
+function bar(share, className) {
+  const outer = document.createElement("div");
+  outer.className = className ? `bar ${className}` : "bar";
+  const fill = document.createElement("div");
+  fill.style.width = `${Math.min(Math.max(share, 0), 1) * 100}%`;
+  outer.appendChild(fill);
+  return outer;
+}
+
+// A prompt's tokens; while it is prefilled, how many are in its KV cache so far, as a bar.
+function promptCell(r) {
+  const td = cell(r.prompt_tokens || null, "prompt");
+  if (r.state === "prefilling" && r.prompt_tokens) {
+    td.dataset.progress = String(Math.floor(r.prefill_progress * 100));
+    td.title = "prompt tokens in the KV cache so far (from the prefix cache, or prefilled)";
+    const label = document.createElement("span");
+    label.className = "progress";
+    label.textContent = `${r.prefilled_tokens} / ${r.prompt_tokens} (${percent(r.prefill_progress)})`;
+    td.replaceChildren(bar(r.prefill_progress, "prefill"), label);
+  }
+  return td;
+}
+
+// Prompt tokens served from the prefix cache, by tier.
+function cachedCell(cached, ram, disk) {
+  const td = cell(cached ? `${cached} (RAM ${ram} / disk ${disk})` : cached, "cached");
+  td.title = "prompt tokens served from the prefix cache (RAM, disk tier)";
+  return td;
+}
+
+function modelCache(m) {
+  const cache = m.prompt_cache;
+  if (!cache || !cache.prompt_tokens) return "–";
+  return `${percent(cache.hit_rate)} of ${cache.prompt_tokens} prompt tokens (RAM ${cache.cached_tokens_ram} / disk ${cache.cached_tokens_disk})`;
+}
+
+function speculation(drafted, accepted, rate) {
+  return drafted ? `${percent(rate)} (${accepted} of ${drafted})` : "–";
+}
+
 function bytes(n) {
   if (!n) return "0";
   const units = ["B", "KB", "MB", "GB", "TB"];
@@ -57,16 +101,14 @@ function renderMemory(memory) {
   box.innerHTML = "";
   const label = document.createElement("div");
   label.textContent = `memory ${bytes(memory.used_bytes)} of ${bytes(memory.budget_bytes)} budget`;
-  const bar = document.createElement("div");
-  bar.className = share > 1 ? "bar over" : "bar";
-  const fill = document.createElement("div");
-  fill.style.width = `${Math.min(share, 1) * 100}%`;
-  bar.appendChild(fill);
-  box.append(label, bar);
+  box.append(label, bar(share, share > 1 ? "over" : ""));
 }
 
 function renderModels(models, budget) {
   const body = $("#models tbody");
+  // Speculation's column only once a worker reports its figures.
+  const speculating = models.some((m) => m.speculation);
+  document.querySelectorAll("#models .speculation").forEach((th) => { th.hidden = !speculating; });
   body.replaceChildren(...models.map((m) => {
     const row = document.createElement("tr");
     row.dataset.model = m.name;
@@ -74,7 +116,11 @@ function renderModels(models, budget) {
     const abilities = `${m.tool_calls ? "tools" : "–"} / ${m.thinking ? "thinking" : "–"}`;
     const state = m.reason && m.state !== "loaded" ? `${m.state}: ${m.reason}` : m.state;
     row.append(cell(m.name), cell(state, `state state-${m.state}`), cell((m.pids || []).join(", ")),
-      cell(memory), cell(m.context_length), cell(abilities), cell(m.requests ?? ""));
+      cell(memory), cell(m.context_length), cell(abilities), cell(m.requests ?? ""), cell(modelCache(m), "cache"));
+    if (speculating) {
+      const s = m.speculation || {};
+      row.append(cell(speculation(s.drafted_tokens, s.accepted_tokens, s.acceptance_rate), "speculation"));
+    }
     const actions = document.createElement("td");
     if (!m.external) {
       const name = encodeURIComponent(m.name);
@@ -98,9 +144,13 @@ function renderRequests(requests) {
     const row = document.createElement("tr");
     row.dataset.request = r.id;
     row.dataset.model = r.model;
-    row.append(cell(r.id), cell(r.family), cell(r.model), cell(r.key || "none"),
-      cell(r.state, `state state-${r.state}`), cell(r.prompt_tokens), cell(r.output_tokens, "output"),
-      cell(r.tokens_per_second), cell(`${r.elapsed_s} s`));
+    const id = cell(r.id, "id");
+    id.title = r.id;
+    row.append(id, cell(r.family), cell(r.model), cell(r.key || "none"),
+      cell(r.state, `state state-${r.state}`), promptCell(r),
+      cachedCell(r.cached_tokens, r.cached_tokens_ram, r.cached_tokens_disk), cell(r.output_tokens, "output"),
+      cell(r.tokens_per_second), cell(speculation(r.drafted_tokens, r.accepted_tokens, r.acceptance_rate), "accepted"),
+      cell(`${r.elapsed_s} s`));
     const actions = document.createElement("td");
     actions.append(button("Cancel", `Cancel ${r.id}? Its client gets an error.`,
       () => post(`/v1/requests/${encodeURIComponent(r.request_id)}/cancel`)));
