@@ -9,6 +9,7 @@ rejections both (each checks that drafts were made and kept).
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -264,3 +265,65 @@ def test_the_cost_model_widens_only_when_drafts_pay():
     cost.plain(1, 0.01)
     cost.wide(1, 9, 0.011)  # measured: a wide step is nearly free (a GPU)
     assert cost.beta < 0.06
+
+
+# --- through the gateway -------------------------------------------------------------
+
+
+def test_through_the_gateway_off_per_request_and_reported(fresh_stack, tiny_model_dir):
+    import httpx
+    from conftest import TINY
+
+    fresh_stack.start_gateway()
+    fresh_stack.start_worker(str(tiny_model_dir), TINY, "--speculative", "always")
+    fresh_stack.wait_for_models(TINY)
+    body = {"model": TINY, "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 40, "temperature": 0}
+
+    def reply(**extra) -> httpx.Response:
+        return httpx.post(f"{fresh_stack.base_url}/v1/chat/completions", json={**body, **extra}, timeout=120)
+
+    drafted = reply()
+    plain = reply(speculative=False)
+    assert drafted.status_code == plain.status_code == 200, drafted.text
+    assert drafted.json()["choices"][0]["message"]["content"] == plain.json()["choices"][0]["message"]["content"]
+    bad = reply(speculative="yes")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "speculative"
+    # The worker's totals (counted as requests finish) reach /v1/workers and the metrics.
+    deadline = time.monotonic() + 60
+    while True:
+        workers = httpx.get(f"{fresh_stack.base_url}/v1/workers", timeout=10).json()["data"]
+        speculation = workers[0].get("speculation") or {}
+        if speculation.get("accepted_tokens", 0) > 0:
+            break
+        assert time.monotonic() < deadline, workers
+        time.sleep(0.3)
+    assert 0 < speculation["accepted_tokens"] <= speculation["drafted_tokens"]
+    metrics = httpx.get(f"{fresh_stack.base_url}/metrics", timeout=10).text
+    assert f'mlxgw_worker_drafted_tokens{{model="{TINY}"' in metrics
+
+
+# --- SmolLM2 ---------------------------------------------------------------------------
+
+
+EDIT_SOURCE = "\n".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(12))
+
+
+def edit_prompt(source: str = EDIT_SOURCE) -> str:
+    """The agent pattern as a raw completion: a file, then its edited copy begun (SmolLM2-135M
+    does not follow an instruction to copy a file, but continues a copy it sees begun)."""
+    head = "\n".join(source.splitlines()[:2])
+    return f"Original:\n```python\n{source}```\n\nThe same file with f3 renamed to g3:\n```python\n{head}\n"
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_identical_and_edits_mostly_accepted():
+    from worker.models import load
+
+    smol = load("smollm2-135m", None)
+    edit = [Generate(f"e{i}", prompt=edit_prompt(), max_tokens=120, sampling=GREEDY) for i in range(2)]
+    chats = [chat(f"c{i}", p, max_tokens=40) for i, p in enumerate(PROMPTS)]
+    for batch in (edit[:1], edit + chats):
+        plain, fast, done = compare(smol, batch)
+        assert fast == plain
+    drafted, kept = drafted_and_kept({k: v for k, v in done.items() if k.startswith("e")})
+    assert kept > 0.6 * drafted and kept > 60, (drafted, kept)

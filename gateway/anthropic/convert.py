@@ -53,8 +53,8 @@ from gateway.api.request import (
     TextPart,
     ToolCall,
     count_images,
+    extensions,
     joined,
-    keep_alive,
     text_message,
 )
 from gateway.api.structured_output import from_messages
@@ -99,7 +99,7 @@ def to_request(body: MessagesBody, session: str | None = None) -> ModelRequest:
         chat_template_kwargs=kwargs,
         prompt_cache_key=session,
         count_only=counting,
-        keep_alive=keep_alive((body.model_extra or {}).get("keep_alive")),
+        **extensions(body.model_extra),
     )
 
 

@@ -122,6 +122,7 @@ class ModelRequest:
     # Ollama's keep_alive: seconds an on-demand model stays loaded after this request (0: unload
     # once idle; inf: never unload for idleness); None: the model list's idle_ttl.
     keep_alive: float | None = None
+    speculative: bool = True  # False: the worker decodes it without speculative drafts
 
     @property
     def strict_tools(self) -> bool:
@@ -130,6 +131,16 @@ class ModelRequest:
 
 _DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _SECONDS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def extensions(extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The fields every family takes beyond its vendor's: ``keep_alive`` (Ollama's) and
+    ``speculative`` (false: no speculative decoding for this request), as ``ModelRequest`` fields."""
+    extra = extra or {}
+    speculative = extra.get("speculative", True)
+    if not isinstance(speculative, bool):
+        raise APIError(400, f"Invalid speculative {repr(speculative)[:64]}: give true or false.", param="speculative")
+    return {"keep_alive": keep_alive(extra.get("keep_alive")), "speculative": speculative}
 
 
 def keep_alive(value: Any) -> float | None:
@@ -175,6 +186,7 @@ def to_generate(request: ModelRequest, request_id: str, trace_id: str | None = N
         trace_id=trace_id,
         count_only=request.count_only,
         constraint=None if request.count_only else request.constraint,  # counting compiles no grammar
+        speculative=request.speculative,
     )
 
 

@@ -23,7 +23,7 @@ from gateway.api.request import (
     ToolCall,
     choose_tools,
     count_images,
-    keep_alive,
+    extensions,
 )
 from gateway.api.structured_output import from_chat
 from gateway.chat.request import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -53,7 +53,7 @@ def chat_request(body: ChatCompletionRequest) -> ModelRequest:
         stop=body.stop_list(),
         constraint=from_chat(body.response_format),
         chat_template_kwargs=body.chat_template_kwargs or {},
-        keep_alive=keep_alive((body.model_extra or {}).get("keep_alive")),
+        **extensions(body.model_extra),
     )
 
 
@@ -67,7 +67,7 @@ def completion_request(body: CompletionRequest) -> ModelRequest:
         sampling=body.sampling(),
         max_tokens=body.max_tokens or DEFAULT_MAX_TOKENS,
         stop=body.stop_list(),
-        keep_alive=keep_alive((body.model_extra or {}).get("keep_alive")),
+        **extensions(body.model_extra),
     )
 
 

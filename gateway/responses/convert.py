@@ -32,8 +32,8 @@ from gateway.api.request import (
     TextPart,
     ToolCall,
     count_images,
+    extensions,
     joined,
-    keep_alive,
     text_message,
 )
 from gateway.api.structured_output import from_responses
@@ -219,7 +219,7 @@ def to_request(body: ResponsesRequest, context: list[dict[str, Any]], tools: Too
         constraint=constraint,
         chat_template_kwargs=template_kwargs,
         prompt_cache_key=body.prompt_cache_key,
-        keep_alive=keep_alive((body.model_extra or {}).get("keep_alive")),
+        **extensions(body.model_extra),
     )
 
 
