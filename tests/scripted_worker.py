@@ -13,6 +13,9 @@ off to fit), from the step after the last one this worker wrote. Claude Code put
 in the continued conversation's first user message, and a user message with "RESUME:" plays on
 like one with "SCRIPT:" (step s + k once k tool results follow it), so the session goes on.
 
+``--answer TEXT``: every request without a script is answered with TEXT (a whole reply, then the
+end of the turn), for suites whose prompts cannot carry one.
+
 ``--script-log FILE`` appends one JSON object a line for every request the model serves: ``kind``
 ("script", "summary" or "model": not scripted), ``step`` and ``steps`` (the step written, or
 the first one a summary leaves to play, of how many), ``resumed`` (the script went on from a
@@ -57,8 +60,9 @@ def _tool_results(messages: list[dict[str, Any]]) -> int:
 class ScriptedModel:
     """The logits-processor factory: scripted steps, compaction summaries, else the model."""
 
-    def __init__(self, loaded: Any, log_path: Path | None) -> None:
+    def __init__(self, loaded: Any, log_path: Path | None, answer: str | None = None) -> None:
         self.tokenizer = loaded.tokenizer
+        self.answer = answer  # --answer: what a request without a script gets (else the model's own)
         self.plain = scripted_logits_processors(loaded)
         self.log_path = log_path
         self.scripts: dict[str, list[str]] = {}  # every script seen, by id
@@ -92,6 +96,8 @@ class ScriptedModel:
         scripted = self._scripted(messages)
         if scripted is None or (request.chat_template_kwargs or {}).get("test_script") is not None:
             processors = self.plain(request)
+            if not processors and self.answer is not None:
+                processors = [forced_output(self.tokenizer, self.answer)]
             self._log(kind="script" if processors else "model", step=None, steps=None, resumed=False,
                       tool_results=_tool_results(messages), messages=len(messages))
             return processors
@@ -136,14 +142,17 @@ class ScriptedModel:
 
 
 def main(argv: list[str]) -> int:
-    log_path = None
-    if "--script-log" in argv:
-        at = argv.index("--script-log")
-        log_path = Path(argv[at + 1])
-        argv = argv[:at] + argv[at + 2:]
+    options: dict[str, str] = {}
+    for name in ("--script-log", "--answer"):
+        if name in argv:
+            at = argv.index(name)
+            options[name] = argv[at + 1]
+            argv = argv[:at] + argv[at + 2:]
+    log_path = Path(options["--script-log"]) if "--script-log" in options else None
     from worker.cli import main as worker_main
 
-    return worker_main(argv, make_logits_processors=lambda loaded: ScriptedModel(loaded, log_path))
+    return worker_main(argv, make_logits_processors=lambda loaded: ScriptedModel(loaded, log_path,
+                                                                                 options.get("--answer")))
 
 
 if __name__ == "__main__":

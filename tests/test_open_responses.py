@@ -46,7 +46,7 @@ WEBSOCKET_TIMEOUT = [r"Timed out waiting for terminal WebSocket response event",
 
 # test id -> (why, the patterns every one of its error lines must match)
 EXPECTED_FAILURES: dict[str, tuple[str, list[str]]] = {
-    "image-input": ("SmolLM2 reads text only: input_image is a 400 (a vision model is the vision issue's)",
+    "image-input": ("SmolLM2 reads text only: input_image is a 400 (a vision worker passes it: the next test)",
                     [r"^HTTP 400"]),
     "tool-calling": ("SmolLM2's chat template has no tool-call format: it answers in text, never with a "
                      "function_call", [r'Expected output item of type "function_call"']),
@@ -105,6 +105,27 @@ def test_the_open_responses_suite_passes_but_for_the_known_failures(request):
         errors = results[test_id].get("errors") or []
         other = [e for e in errors if not any(re.search(p, e) for p in patterns)]
         assert errors and not other, f"{shown(test_id)}\nknown to fail only because {why}"
+
+
+def test_the_suites_image_input_passes_against_a_vision_worker(fresh_stack, tmp_path):
+    """The suite's image-input test (a PNG data URL in ``input_image``) on the tiny vision model,
+    scripted to answer in one sentence and stop (random weights never end a turn)."""
+    bun, suite = suite_or_skip()
+    pytest.importorskip("mlx_vlm")
+    from tiny_vlm import write_tiny_vlm
+
+    model = write_tiny_vlm(tmp_path / "vlm")
+    fresh_stack.start_gateway()
+    fresh_stack.start_worker(str(model), "tiny-vlm", "--answer", "A red heart on a white background.", scripted=True)
+    fresh_stack.wait_for_models("tiny-vlm")
+    result = subprocess.run(
+        [bun, "bin/compliance-test.ts", "--base-url", f"{fresh_stack.base_url}/v1", "--api-key", "unused",
+         "--model", "tiny-vlm", "--filter", "image-input", "--json"],
+        cwd=suite, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )
+    report = json.loads(result.stdout)
+    (image_input,) = report["results"]
+    assert image_input["status"] == "passed", f"{image_input}\n{fresh_stack.logs()[-4000:]}"
 
 
 # --- the compaction budget the suite needs (fast) --------------------------------------

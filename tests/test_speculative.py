@@ -51,6 +51,16 @@ def test_greedy_output_is_identical_with_speculation(tiny_model, batch):
     assert 0 < kept < drafted, "drafts were made, some kept and some rejected"
 
 
+def test_auto_probes_drafts_at_a_large_batch(tiny_model):
+    # Eight rows at the CPU's prior cost: unknown drafts are not worth a wide step at first, but a
+    # probe now and then learns what they are worth; the output stays the same.
+    reqs = [chat(str(i), PROMPTS[i % len(PROMPTS)] + " " * i, max_tokens=80) for i in range(8)]
+    plain, _ = run(Engine(tiny_model, speculative="off"), *reqs)
+    fast, done = run(Engine(tiny_model, speculative="auto"), *[Generate(**{**r.__dict__}) for r in reqs])
+    assert fast == plain
+    assert drafted_and_kept(done)[1] > 0
+
+
 def test_a_request_can_turn_speculation_off(tiny_model):
     reqs = requests()[:2]
     reqs[1].speculative = False
@@ -137,6 +147,26 @@ def test_with_penalties(tiny_model):
     plain, fast, done = compare(tiny_model, reqs)
     assert fast == plain
     assert drafted_and_kept(done)[1] > 0
+
+
+def test_with_a_processor_that_is_not_shift_invariant(tiny_model):
+    # mlx-lm's repetition penalty multiplies: it must see the raw logits, as in a plain step.
+    from mlx_lm.sample_utils import make_repetition_penalty
+
+    def hook(request):
+        return [make_repetition_penalty(1.05, 20)]
+
+    plain, fast, done = compare(tiny_model, requests()[:2], logits_processors=hook)
+    assert fast == plain
+    assert drafted_and_kept(done)[1] > 0
+
+
+def test_sampled_requests_with_processors_speculate_and_finish(tiny_model):
+    sampled = SamplingParams(temperature=0.3, top_k=3, presence_penalty=0.2)
+    reqs = [chat(str(i), p, max_tokens=40, sampling=sampled) for i, p in enumerate(PROMPTS)]
+    _, done = run(Engine(tiny_model, speculative="always"), *reqs)
+    assert all(f.completion_tokens == 40 for f in done.values())
+    assert drafted_and_kept(done)[0] > 0
 
 
 def test_with_quantized_kv(kv_model):  # noqa: F811 (the fixture)

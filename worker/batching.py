@@ -245,6 +245,8 @@ class ChunkedBatchGenerator(BatchGenerator):
             self._counters.generation_steps += 1
             if self._counters.generation_steps % 512 == 0:
                 mx.clear_cache()
+        elif self.speculator is not None:
+            self.speculator.pause()
         if len(self._generation_batch) >= self.completion_batch_size:
             return prompt_responses, generation_responses
 

@@ -23,7 +23,8 @@ pending token, as in mlx-lm's ``GenerationBatch``. Positions fed but not kept le
 every row's cache is trimmed by the fewest any row rejected, and a row that rejected more gets
 the rest as *holes* (``HoleyCache``): masked out of attention and out of its RoPE offset, so the
 next tokens see exactly the cache they would have without speculation. Holes are squeezed out when
-a row has ``COMPACT_AT`` of them (one gather of the batch's KV) and whenever a cache is extracted
+a row has ``COMPACT_AT`` of them or an eighth of the cache (one gather of the batch's KV; masked
+holes cost attention almost nothing meanwhile) and whenever a cache is extracted
 (the prefix cache stores contiguous caches).
 
 Whether to widen a step at all is decided per step from measured costs (``StepCost``): a wide
@@ -42,7 +43,7 @@ import logging
 import statistics
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import mlx.core as mx
@@ -56,8 +57,9 @@ log = logging.getLogger(__name__)
 
 MAX_DRAFT = 8  # drafted tokens per sequence per step, at most
 NGRAMS = (4, 3, 2)  # suffix lengths looked up, longest first
-COMPACT_AT = 64  # holes in one row that trigger squeezing the batch's cache
+COMPACT_AT = 64  # holes in one row (or an eighth of the cache, if more) that trigger squeezing it
 BETA_PRIOR = 0.06  # a wide step's extra cost per extra row-position, until measured (this CPU's)
+PROBE_AFTER, PROBE_WIDTH = 24, 3  # a step of this width after this many plain steps that had drafts
 
 
 # --- the KV cache with holes -------------------------------------------------------
@@ -112,23 +114,27 @@ class HoleyCache:
     def most_holes(self) -> int:
         return max(self._hole_counts or [0], default=0)
 
-    def _kept(self) -> tuple[list[list[int]], int]:
-        """Each row's kept positions, and the longest row's count."""
-        mx.eval(self.left_padding)
-        padding: list[int] = self.left_padding.tolist()  # type: ignore[assignment]
-        hole: list[list[bool]] = self._holes_to(self._idx).tolist()  # type: ignore[assignment]
-        kept = [[p for p in range(pad, self._idx) if not row[p]] for pad, row in zip(padding, hole, strict=True)]
-        return kept, max((len(k) for k in kept), default=0)
+    def kept_index(self) -> tuple[mx.array, mx.array, int]:
+        """Where each row's kept positions are, right-aligned ([rows, longest]; a shorter row's
+        first entries point at positions it does not keep: its new left padding), its new left
+        padding, and the longest row's count. Computed in MLX; one sync (the count)."""
+        positions = mx.arange(self._idx)[None, :]
+        kept = mx.logical_and(positions >= self.left_padding[:, None], mx.logical_not(self._holes_to(self._idx)))
+        counts = kept.sum(axis=1)
+        longest = _int(counts.max()) if self._idx else 0
+        # Sorted, positions not kept come first and kept ones after, each in order.
+        order = mx.argsort(mx.where(kept, positions + self._idx, positions), axis=1)
+        return order[:, self._idx - longest:], longest - counts, longest
 
-    def compact(self) -> None:
-        """Squeeze the holes out: every row's kept positions right-aligned again (one gather)."""
+    def compact(self, index: tuple[mx.array, mx.array, int] | None = None) -> None:
+        """Squeeze the holes out: every row's kept positions right-aligned again (one gather).
+        ``index``: ``kept_index()`` of a layer with the same holes (every layer has), to reuse."""
         if self._hole is None:
             return
-        kept, longest = self._kept()
-        index = mx.array([[0] * (longest - len(k)) + k for k in kept], dtype=mx.int32)
-        self.keys = _take(self.keys, index)
-        self.values = _take(self.values, index)
-        self.left_padding = mx.array([longest - len(k) for k in kept])
+        order, padding, longest = index or self.kept_index()
+        self.keys = _take(self.keys, order)
+        self.values = _take(self.values, order)
+        self.left_padding = padding.astype(self.left_padding.dtype)
         self._idx = longest
         self._hole, self._hole_counts = None, None
 
@@ -229,21 +235,33 @@ def _take(x: Any, index: mx.array) -> Any:
 
 class PromptLookup:
     """One sequence's n-gram index: each 2/3/4-gram of its tokens -> where its most recent
-    occurrence ended (the position of the token that followed it). Built once from the prompt,
-    then extended with each token kept; ~3 dict entries per token."""
+    occurrence ended (the position of the token that followed it); ~3 dict entries per token.
+    New tokens are indexed as they come; the prompt, newest first, ``BACKFILL`` tokens a step, so
+    a long prompt never stalls a step (100k tokens would take ~0.3 s at once)."""
+
+    BACKFILL = 4096
 
     def __init__(self) -> None:
         self._index: dict[tuple[int, ...], int] = {}
-        self._indexed = 0
+        self._indexed = -1  # positions from here on are indexed as they come (-1: not started)
+        self._backfilled = 0  # positions from here to _indexed are indexed; below, still to do
 
     def draft(self, tokens: list[int], pending: int, limit: int) -> list[int]:
         """Up to ``limit`` tokens that followed the latest earlier occurrence of the sequence's
         last tokens (``tokens`` in the cache, then ``pending``)."""
-        for end in range(self._indexed, len(tokens)):
+        if self._indexed < 0:
+            self._indexed = self._backfilled = len(tokens)
+        for end in range(self._indexed, len(tokens)):  # newer than anything indexed: they win
             for n in NGRAMS:
                 if end >= n:
                     self._index[tuple(tokens[end - n: end])] = end
         self._indexed = max(self._indexed, len(tokens))
+        stop = max(self._backfilled - self.BACKFILL, 0)
+        for end in range(self._backfilled - 1, stop - 1, -1):  # older than what is indexed: never replace
+            for n in NGRAMS:
+                if end >= n:
+                    self._index.setdefault(tuple(tokens[end - n: end]), end)
+        self._backfilled = stop
         for n in NGRAMS:
             if len(tokens) + 1 < n:
                 continue
@@ -279,6 +297,24 @@ class Counts(Protocol):
     accepted_tokens: int
 
 
+class Acceptance:
+    """Drafts kept, and first rejections, decayed: a draft token's chance of being kept."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.kept = 0.0
+        self.missed = 0.0
+
+    def judged(self, drafted: int, kept: int) -> None:
+        self.kept = self.decay * self.kept + kept
+        self.missed = self.decay * self.missed + (kept < drafted)
+
+    def chance(self, prior: float, weight: float = 2.0) -> float:
+        """The estimate, with ``weight`` imagined drafts at ``prior`` (the worker's overall rate
+        for a sequence that has not drafted yet)."""
+        return (self.kept + weight * prior) / (self.kept + self.missed + weight)
+
+
 @dataclass
 class _Row:
     """One sequence's speculation state."""
@@ -287,25 +323,18 @@ class _Row:
     sampling: Sampling | None  # None: greedy
     enabled: bool = True
     lookup: PromptLookup | None = None
-    successes: float = 0.0  # kept drafts, and rejections, decayed: its acceptance estimate
-    failures: float = 0.0
-
-    @property
-    def alpha(self) -> float:
-        """The chance its next draft token is kept (a prior of 1/2 until it has drafted)."""
-        return (self.successes + 1) / (self.successes + self.failures + 2)
+    acceptance: Acceptance = field(default_factory=lambda: Acceptance(0.9))
 
     def judged(self, drafted: int, kept: int) -> None:
-        self.successes = 0.9 * self.successes + kept
-        self.failures = 0.9 * self.failures + (kept < drafted)
+        self.acceptance.judged(drafted, kept)
         if self.counts is not None:
             self.counts.drafted_tokens += drafted
             self.counts.accepted_tokens += kept
 
     def idle(self) -> None:
         """It had drafts but none were worth a step: its record fades, so it is tried again later."""
-        self.successes *= 0.97
-        self.failures *= 0.97
+        self.acceptance.kept *= 0.97
+        self.acceptance.missed *= 0.97
 
 
 def expected_kept(alpha: float, drafts: int) -> float:
@@ -375,6 +404,8 @@ class Speculator:
         self.drafted_tokens = 0
         self.accepted_tokens = 0
         self.wide_steps = 0
+        self.overall = Acceptance(0.99)  # every sequence's drafts: the prior for a new one
+        self._plain_with_drafts = 0  # plain steps in a row that had drafts: a probe is due at PROBE_AFTER
 
     def register(self, uid: int, counts: Counts | None, sampling: Sampling | None, enabled: bool = True) -> None:
         self._rows[uid] = _Row(counts, sampling, enabled)
@@ -384,8 +415,14 @@ class Speculator:
 
     def decode(self, batch: GenerationBatch, timed: bool = True) -> list[Any]:
         if not batch.uids:
+            self.pause()
             return []
         start = time.perf_counter()
+        if not self._worth_planning(batch):  # a plain step, pipelined as mlx-lm's: no wait here
+            self._timed(start, True, timed)
+            responses = batch.next()
+            self._previous = ("plain", len(batch.uids), 1, start)
+            return responses
         mx.eval(batch._next_tokens)  # waits for the previous step, if it was a plain (pipelined) one
         self._pending = batch._next_tokens.tolist()  # type: ignore[assignment]
         drafting = time.perf_counter()
@@ -398,6 +435,27 @@ class Speculator:
         responses = self._wide_step(batch, plan)
         self._previous = ("wide", len(plan), max(len(d) for d in plan) + 1, drafting)
         return responses
+
+    def pause(self) -> None:
+        """No decode step ran: the next one's time says nothing about the last one's."""
+        self._previous = None
+
+    def _worth_planning(self, batch: GenerationBatch) -> bool:
+        """Whether drafts could pay this step, were every row to find a full draft: drafting
+        needs the pending tokens, which costs a pipelined step its overlap."""
+        prior = self.overall.chance(0.5)
+        best: list[tuple[int, float]] = []
+        for i, uid in enumerate(batch.uids):
+            row = self._rows.get(uid)
+            room = min(self.max_draft, batch.max_tokens[i] - batch._num_tokens[i] - 1)
+            best.append((room, row.acceptance.chance(prior)) if row is not None and row.enabled and room > 0
+                        else (0, 0.0))
+        if not any(room for room, _ in best):
+            return False
+        if self.always or self._plain_with_drafts >= PROBE_AFTER or self.cost.choose(best) > 1:
+            return True
+        self._plain_with_drafts += 1
+        return False
 
     def _timed(self, now: float, plain: bool, timed: bool) -> None:
         """The previous step's cost, as the time until this one started (the engine's work on its
@@ -427,11 +485,21 @@ class Speculator:
             if row.lookup is None:
                 row.lookup = PromptLookup()
             drafts.append(row.lookup.draft(batch.tokens[i], pending[i], room))
+        longest = max(len(d) for d in drafts)
+        prior = self.overall.chance(0.5)
         if self.always:
-            width = max(len(d) for d in drafts) + 1
+            width = longest + 1
         else:
-            width = self.cost.choose([(len(d), r.alpha if r is not None else 0.0)
+            width = self.cost.choose([(len(d), r.acceptance.chance(prior) if r is not None else 0.0)
                                       for d, r in zip(drafts, rows, strict=True)])
+            if width == 1 and longest:
+                # Estimates only improve by drafting: now and then a narrow step tries the drafts
+                # (and measures what a wide step costs at this batch size).
+                self._plain_with_drafts += 1
+                if self._plain_with_drafts >= PROBE_AFTER:
+                    width = min(longest, PROBE_WIDTH - 1) + 1
+        if width > 1:
+            self._plain_with_drafts = 0
         if width == 1:
             for d, row in zip(drafts, rows, strict=True):
                 if d and row is not None:
@@ -447,7 +515,7 @@ class Speculator:
         logits = batch.model(inputs, cache=caches)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
-        kept, following, following_logprobs = self._verify(batch, pending, drafts, logprobs)
+        kept, following, following_logprobs = self._verify(batch, pending, drafts, logits, logprobs)
 
         # The cache: positions fed but not kept leave it (trimmed alike, the rest as holes).
         rejected = [width - 1 - k for k in kept]
@@ -455,9 +523,10 @@ class Speculator:
         for cache in caches:
             cache.trim(fewest)
             cache.reject([r - fewest for r in rejected])
-        if caches and caches[0].most_holes >= COMPACT_AT:
+        if caches and caches[0].most_holes >= max(COMPACT_AT, caches[0]._idx // 8):
+            index = caches[0].kept_index()  # the same holes in every layer
             for cache in caches:
-                cache.compact()
+                cache.compact(index)
 
         responses: list[Any] = []
         keep_rows: list[int] = []
@@ -465,6 +534,7 @@ class Speculator:
             row = self._rows.get(uid)
             if drafts[i] and row is not None:
                 row.judged(len(drafts[i]), kept[i])
+                self.overall.judged(len(drafts[i]), kept[i])
                 self.drafted_tokens += len(drafts[i])
                 self.accepted_tokens += kept[i]
             emitted = [pending[i]] + drafts[i][: kept[i]]
@@ -492,7 +562,7 @@ class Speculator:
             batch.filter(keep_rows)
         return responses
 
-    def _verify(self, batch: GenerationBatch, pending: list[int], drafts: list[list[int]],
+    def _verify(self, batch: GenerationBatch, pending: list[int], drafts: list[list[int]], logits: mx.array,
                 logprobs: mx.array) -> tuple[list[int], list[int], list[mx.array]]:
         """Per row: how many drafts are kept, the token that follows them, and its logprobs."""
         rows = len(pending)
@@ -525,7 +595,7 @@ class Speculator:
         for i in range(rows):
             if i not in lazy:
                 kept[i], following[i], following_logprobs[i] = self._judge_stepwise(batch, i, pending[i], drafts[i],
-                                                                                    logprobs[i])
+                                                                                    logits[i])
         return kept, following, following_logprobs
 
     def _sampling(self, batch: GenerationBatch, i: int) -> Sampling | None:
@@ -557,16 +627,17 @@ class Speculator:
         return chance, mx.random.uniform(shape=(k,)), mx.random.categorical(without), last
 
     def _judge_stepwise(self, batch: GenerationBatch, i: int, pending: int, drafts: list[int],
-                        logprobs: mx.array) -> tuple[int, int, mx.array]:
+                        logits: mx.array) -> tuple[int, int, mx.array]:
         """A row with logits processors: position by position, each on the context so far (a
-        grammar consumes each token as its next position is judged), stopping at the first miss."""
+        grammar consumes each token as its next position is judged), stopping at the first miss.
+        Processors see the raw logits, as in a plain step."""
         processors = batch.logits_processors[i] if batch.logits_processors else []
         sampling = self._sampling(batch, i)
         sampler = batch.samplers[i] if batch.samplers and batch.samplers[i] is not None else batch.fallback_sampler
         fed = [pending] + drafts
         for j in range(len(drafts) + 1):
             context = batch._token_context[i].update_and_fetch(mx.array(fed[j: j + 1]))
-            row = logprobs[j: j + 1]
+            row = logits[j: j + 1]
             for processor in processors:
                 row = processor(context, row)
             row = row - mx.logsumexp(row, axis=-1, keepdims=True)

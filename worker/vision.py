@@ -83,7 +83,6 @@ REFUSED = {
 }
 VIRTUAL_BASE = 1 << 30  # image token ids: VIRTUAL_BASE + 30 bits (int32, above any vocabulary)
 FEATURE_CACHE_BYTES = 512 << 20  # image features kept for images sent again (pinned ones beyond it)
-MAX_PREPARED = 64  # preprocessed requests waiting to be queued (one cancelled while built is never taken)
 
 
 class ImageError(ValueError):
@@ -241,18 +240,30 @@ def _image_token_id(vlm: Any, raw: dict[str, Any], processor: Any) -> int:
     raise ModelLoadError("cannot tell the model's image token (no image_token_index in config.json)")
 
 
+class FeatureError(RuntimeError):
+    """The feature table cannot serve a request's image ids: it fails the request, never runs it on
+    another image's features or on zeros."""
+
+
 class FeatureTable:
     """Image features by image key, for the language model's virtual image token ids.
 
-    An entry is pinned while a request that needs it has not finished its prefill; unpinned ones
-    stay, least recently used out first, within ``budget`` bytes (an image sent again is not encoded
-    again). Written and read on the engine thread only; ``pinned`` is read by the model wrapper."""
+    A key is a hash of the caller's cache scope and the image (``_scoped``), so one caller's cached
+    image is never a hit (nor a timing signal) for another. A virtual id maps to one live key only:
+    a new entry whose ids collide with an unpinned entry's evicts it; with a pinned one's, the new
+    request fails (``FeatureError``) rather than read the other image's rows.
+
+    An entry is pinned (``pin``, before it is ``put``) while a request that needs it has not finished
+    its prefill; unpinned ones stay, least recently used out first, within ``budget`` bytes (an image
+    sent again is not encoded again), and pinned ones are never evicted. Written and read on the
+    engine thread only; ``pinned`` is read by the model wrapper."""
 
     def __init__(self, budget: int):
         self.budget = budget
         self._entries: OrderedDict[str, tuple[np.ndarray, mx.array]] = OrderedDict()  # key -> (ids, features)
         self._where: dict[int, tuple[str, int]] = {}  # virtual id -> (key, row)
         self._pins: dict[str, int] = {}
+        self._pinned_ids: dict[int, str] = {}  # the ids of pinned keys -> their key
         self.nbytes = 0
 
     @property
@@ -265,14 +276,28 @@ class FeatureTable:
     def put(self, key: str, ids: np.ndarray, features: mx.array) -> None:
         if key in self._entries:
             return
+        tokens = ids.tolist()
+        owners = {where[0] for token in tokens if (where := self._where.get(token)) is not None and where[0] != key}
+        owners |= {owner for token in tokens if (owner := self._pinned_ids.get(token)) not in (None, key)}
+        if any(owner in self._pins for owner in owners):
+            raise FeatureError("an image's token ids collide with another image's in use; retry the request")
+        for owner in owners:
+            self._drop(owner)
         self._entries[key] = (ids, features)
-        for row, token in enumerate(ids.tolist()):
+        for row, token in enumerate(tokens):
             self._where[token] = (key, row)
         self.nbytes += features.nbytes
         self._evict()
 
-    def pin(self, key: str) -> None:
+    def pin(self, key: str, ids: np.ndarray | None = None) -> None:
+        """Keep ``key`` (whose virtual ids are ``ids``) until as many ``unpin``; pinned before it is put,
+        so that putting it (or any other entry) cannot evict it."""
+        tokens = [] if ids is None else ids.tolist()
+        if any(self._pinned_ids.get(token, key) != key for token in tokens):
+            raise FeatureError("an image's token ids collide with another image's in use; retry the request")
         self._pins[key] = self._pins.get(key, 0) + 1
+        for token in tokens:
+            self._pinned_ids[token] = key
         if key in self._entries:
             self._entries.move_to_end(key)
 
@@ -282,27 +307,39 @@ class FeatureTable:
             self._pins[key] = left
         else:
             self._pins.pop(key, None)
+            for token in [t for t, owner in self._pinned_ids.items() if owner == key]:
+                del self._pinned_ids[token]
         self._evict()
+
+    def _drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        ids, features = entry
+        self.nbytes -= features.nbytes
+        for token in ids.tolist():
+            if self._where.get(token, (None,))[0] == key:
+                del self._where[token]
 
     def _evict(self) -> None:
         for key in list(self._entries):
             if self.nbytes <= self.budget:
                 return
-            if key in self._pins:
-                continue
-            ids, features = self._entries.pop(key)
-            self.nbytes -= features.nbytes
-            for token in ids.tolist():
-                if self._where.get(token, (None,))[0] == key:
-                    del self._where[token]
+            if key not in self._pins:
+                self._drop(key)
 
     def rows(self, tokens: np.ndarray, width: int) -> mx.array:
-        """The feature rows of ``tokens`` (virtual ids), in order. An id with no entry (a draft of
-        speculative decoding copied from a prompt's image tokens: never accepted, as no sampled token
-        is an image id) gets zeros."""
-        found = [self._where.get(token) for token in tokens.tolist()]
+        """The feature rows of ``tokens`` (virtual ids), in order. An id of a pinned image with no
+        entry raises ``FeatureError`` (the batch fails: never KV from wrong features); any other id
+        with no entry (a draft of speculative decoding copied from a prompt's image tokens: never
+        accepted, as no sampled token is an image id) gets zeros."""
+        listed = tokens.tolist()
+        found = [self._where.get(token) for token in listed]
+        missing = [token for token, where in zip(listed, found, strict=True) if where is None]
+        if any(token in self._pinned_ids for token in missing):
+            raise FeatureError("an image's features are missing from the feature table")
         keys = {where[0] for where in found if where is not None}
-        if len(keys) == 1 and all(where is not None for where in found):
+        if len(keys) == 1 and not missing:
             (key,) = keys
             return mx.take(self._entries[key][1], mx.array([where[1] for where in found if where]), axis=0)
         zeros = mx.zeros((width,))
@@ -380,20 +417,28 @@ class PreparedImages:
 
 class VisionPromptBuilder(PromptBuilder):
     """Prompts with images: the chat template renders the model's image placeholders, the model's
-    processor expands them and prepares the pixels, and image tokens become virtual ids."""
+    processor expands them and prepares the pixels, and image tokens become virtual ids.
+
+    Every message's content reaches the template as parts (``{"type": "text", ...}``, ``{"type":
+    "image"}``), text-only requests' too: VLM templates (SmolVLM's, Idefics3's, LLaVA's) loop over
+    content parts and render a plain string as nothing. The template writes any BOS itself, so the
+    prompt is tokenized without special tokens on both paths. A request's images, once prepared,
+    are left for ``take_prepared`` (the same thread: ``VisionEngine.prepare`` carries them on the
+    request's Sequence)."""
 
     def __init__(self, base: PromptBuilder, parts: VisionParts):
         super().__init__(base.tokenizer, base.tool_format, base.policy)
         self.parts = parts
-        self.prepared: dict[str, PreparedImages] = {}  # request id -> its images, until queued
-        self._lock = threading.Lock()
+        self._local = threading.local()  # .prepared: the images of the request this thread just built
 
-    def take(self, request_id: str) -> PreparedImages | None:
-        with self._lock:
-            return self.prepared.pop(request_id, None)
+    def take_prepared(self) -> PreparedImages | None:
+        prepared = getattr(self._local, "prepared", None)
+        self._local.prepared = None
+        return prepared
 
     def tokenize(self, request: Generate, forced_tool_call: bool) -> list[int]:
-        if not has_images(request):
+        self._local.prepared = None
+        if request.messages is None:
             return super().tokenize(request, forced_tool_call)
         started = time.perf_counter()
         client_template = self.client_template(request)
@@ -405,7 +450,9 @@ class VisionPromptBuilder(PromptBuilder):
         messages = []
         for message in request.messages or ():
             content = message.get("content")
-            if isinstance(content, list):
+            if isinstance(content, str):
+                message = {**message, "content": [{"type": "text", "text": content}]}
+            elif isinstance(content, list):
                 parts = []
                 for part in content:
                     if part.get("type") == "image":
@@ -416,29 +463,47 @@ class VisionPromptBuilder(PromptBuilder):
                 message = {**message, "content": parts}
             messages.append(template_message(message))
         tokenizer = self.tokenizer
+        kwargs = dict(request.chat_template_kwargs)
+        if "chat_template" not in kwargs and not getattr(tokenizer, "chat_template", None):
+            own = getattr(self.parts.processor, "chat_template", None)  # only in the processor's chat_template.json
+            if own:
+                kwargs["chat_template"] = own
 
         def render() -> str:
             return tokenizer.apply_chat_template(messages, tools=request.tools or None, add_generation_prompt=True,
-                                                 tokenize=False, **request.chat_template_kwargs)
+                                                 tokenize=False, **kwargs)
 
         bounded = render_traced if client_template is not None else render_watched
         text = bounded(render, self.policy.timeout)
         if forced_tool_call and self.tool_format is not None:
             text += self.tool_format.forced_prefix
-        outputs = self.parts.processor(text=[text], images=[image for _, image in images], return_tensors="np")
+        if not images:
+            return list(tokenizer.encode(text, add_special_tokens=False))  # the template writes any BOS
+        outputs = self.parts.processor(text=[text], images=[image for _, image in images], return_tensors="np",
+                                       add_special_tokens=False)
         input_ids = np.asarray(outputs["input_ids"]).reshape(-1).astype(np.int64)
         pixels = {name: np.asarray(value) for name, value in outputs.items()
                   if name not in ("input_ids", "attention_mask") and value is not None}
-        groups = _image_groups(input_ids, self.parts.image_token_id, [key for key, _ in images])
+        groups = _image_groups(input_ids, self.parts.image_token_id,
+                               [_scoped(request.cache_scope, key) for key, _ in images])
         tokens = input_ids.copy()
         for _, positions, ids in groups:
             tokens[positions] = ids
-        prepared = PreparedImages(input_ids, pixels, groups, time.perf_counter() - started, images=len(images))
-        with self._lock:
-            self.prepared[request.request_id] = prepared
-            while len(self.prepared) > MAX_PREPARED:  # built for requests that never came to be queued
-                del self.prepared[next(iter(self.prepared))]
+        self._local.prepared = PreparedImages(input_ids, pixels, groups, time.perf_counter() - started,
+                                              images=len(images))
         return [int(t) for t in tokens]
+
+    def client_template(self, request: Generate) -> object | None:
+        sent = super().client_template(request)
+        if sent is not None and sent == getattr(self.parts.processor, "chat_template", None):
+            return None  # the model's own, from its processor
+        return sent
+
+
+def _scoped(scope: str, image_key: str) -> str:
+    """An image's feature-table key (and so its virtual ids): the caller's cache scope with the image's
+    SHA-256, so that the same image sent by two callers shares neither features nor timing."""
+    return hashlib.sha256(f"{scope}\0{image_key}".encode()).hexdigest()
 
 
 def _decode_image(part: dict[str, Any], index: int) -> tuple[str, Any]:
@@ -476,9 +541,17 @@ def virtual_ids(key: str, count: int) -> np.ndarray:
     """The virtual token ids of an image's ``count`` tokens: a function of its key alone."""
     seed = bytes.fromhex(key)
     out = np.empty(count, dtype=np.int64)
+    seen: set[int] = set()
     for index in range(count):
-        digest = hashlib.blake2b(seed + index.to_bytes(4, "little"), digest_size=4).digest()
-        out[index] = VIRTUAL_BASE + (int.from_bytes(digest, "little") & (VIRTUAL_BASE - 1))
+        salt = b""
+        while True:  # distinct within the image: each id is one feature row
+            digest = hashlib.blake2b(seed + index.to_bytes(4, "little") + salt, digest_size=4).digest()
+            token = VIRTUAL_BASE + (int.from_bytes(digest, "little") & (VIRTUAL_BASE - 1))
+            if token not in seen:
+                break
+            salt = (int.from_bytes(salt or b"\0", "little") + 1).to_bytes(4, "little")
+        seen.add(token)
+        out[index] = token
     return out
 
 
@@ -504,28 +577,43 @@ class VisionEngine(Engine):
 
     def count(self, request: Generate) -> Accepted | Error:
         counted = super().count(request)
-        self.vision_prompts.take(request.request_id)
+        self.vision_prompts.take_prepared()
         return counted
 
     def prepare(self, request: Generate) -> Sequence | Error:
+        """As the text engine's; the request's prepared images travel on its Sequence (``images``)."""
+        self.vision_prompts.take_prepared()
         prepared = super().prepare(request)
-        if isinstance(prepared, Error):
-            self.vision_prompts.take(request.request_id)
+        images = self.vision_prompts.take_prepared()
+        if isinstance(prepared, Sequence):
+            prepared.images = images  # type: ignore[attr-defined]
         return prepared
 
     def enqueue(self, sequence: Sequence) -> Accepted | Error:
         request_id = sequence.request.request_id
-        images = self.vision_prompts.take(request_id)
-        if images is not None:
+        if request_id in self._by_request or request_id in self._pinned:
+            return super().enqueue(sequence)  # a duplicate id: refused, and the first one's pins stay
+        images: PreparedImages | None = getattr(sequence, "images", None)
+        vocab = int(self.loaded.model.vocab_size)
+        if images is None:
+            if any(token >= vocab for token in sequence.prompt):
+                return Error(ERROR_INVALID_REQUEST, "the prompt holds image tokens but its images were not prepared",
+                             request_id)
+        else:
+            pinned: list[str] = []
+            self._pinned[request_id] = pinned
             try:
+                for key, _, ids in images.groups:  # pinned before put: encoding cannot evict them
+                    self.parts.features.pin(key, ids)
+                    pinned.append(key)
                 self._encode(images)
+            except FeatureError as exc:
+                self._unpin(request_id)
+                return Error(ERROR_INVALID_REQUEST, f"the images could not be used: {exc}", request_id)
             except Exception as exc:
+                self._unpin(request_id)
                 log.exception("the vision tower failed")
                 return Error(ERROR_INVALID_REQUEST, f"the images could not be encoded: {exc}", request_id)
-            keys = [key for key, _, _ in images.groups]
-            for key in keys:
-                self.parts.features.pin(key)
-            self._pinned[request_id] = keys
             self._keep_timings(request_id, images)
         reply = super().enqueue(sequence)
         if isinstance(reply, Error):
