@@ -357,3 +357,50 @@ def test_smollm2_greedy_identical_and_edits_mostly_accepted():
         assert fast == plain
     drafted, kept = drafted_and_kept({k: v for k, v in done.items() if k.startswith("e")})
     assert kept > 0.6 * drafted and kept > 60, (drafted, kept)
+
+
+# --- a draft model ---------------------------------------------------------------------
+
+
+def test_a_draft_model_drafts_and_greedy_output_is_unchanged(tiny_model):
+    # The tiny model drafting for itself: every greedy draft is the target's own token, so all
+    # are kept; sequences join and leave the batch (different lengths), and a request opts out.
+    reqs = [chat(str(i), p, max_tokens=20 + 10 * i) for i, p in enumerate(PROMPTS)]
+    reqs[3].speculative = False
+    plain, _ = run(Engine(tiny_model, speculative="off"), *reqs)
+    fast, done = run(Engine(tiny_model, speculative="always", draft_model=tiny_model, max_draft=4),
+                     *[Generate(**{**r.__dict__}) for r in reqs])
+    assert fast == plain
+    for request_id in ("0", "1", "2"):
+        assert done[request_id].accepted_tokens == done[request_id].drafted_tokens > 0
+    assert done["3"].drafted_tokens == 0
+
+
+def test_a_draft_model_with_prefix_hits_stops_and_cancel(tiny_model):
+    engine = Engine(tiny_model, speculative="always", draft_model=tiny_model, prefill_chunk=16)
+    plain_engine = Engine(tiny_model, speculative="off", prefill_chunk=16)
+    history = [{"role": "system", "content": "You are terse. " * 12}, {"role": "user", "content": "Hello"}]
+    for e in (engine, plain_engine):
+        run(e, Generate("warm", messages=history, max_tokens=10, sampling=GREEDY))
+    full, _ = run(plain_engine, chat("s", PROMPTS[2], max_tokens=40))
+    stop = full["s"][12:16]
+    reqs = [Generate("b", messages=history, max_tokens=30, sampling=GREEDY),
+            chat("s", PROMPTS[2], max_tokens=40, stop=[stop]),
+            chat("long", "Tell me everything about the sea. " * 10, max_tokens=30)]
+    fast, done = run(engine, *reqs)
+    plain, _ = run(plain_engine, *[Generate(**{**r.__dict__}) for r in reqs])
+    assert fast == plain and done["b"].cached_tokens > 0
+    assert fast["s"] == full["s"][: full["s"].index(stop)]
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused(tiny_model_dir, tiny_variant_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from processes import REPO_ROOT
+
+    result = subprocess.run([sys.executable, "-m", "worker", "--model", str(tiny_model_dir), "--draft-model",
+                             str(tiny_variant_dir("qwen")), "--gateway", f"ipc://{tmp_path / 'none.sock'}"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "its tokenizer is not" in result.stderr

@@ -20,13 +20,26 @@ IMAGE_TOKEN = "<image>"
 IMAGE_SIZE = 56
 PATCH_SIZE = 14
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # per image
+# As the real VLMs' templates (SmolVLM's, Idefics3's, LLaVA's): content is always a list of parts
+# (a plain string would render as nothing), and the template writes the BOS itself.
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% for p in m['content'] %}"
     "{% if p['type'] == 'image' %}<image>\n{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+def _adds_bos(tokenizer: Any) -> Any:
+    """As llama's tokenizers: encoding with special tokens (the default) puts a BOS first, here the
+    template's own first token, so a prompt tokenized with them would start with two."""
+    from tokenizers.processors import TemplateProcessing
+
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))])
+    return tokenizer
 
 
 def write_tiny_vlm(out_dir: Path, image_size: int = IMAGE_SIZE) -> Path:
@@ -37,7 +50,7 @@ def write_tiny_vlm(out_dir: Path, image_size: int = IMAGE_SIZE) -> Path:
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(CHAT_TEMPLATE, (IMAGE_TOKEN,))
+    tokenizer = _adds_bos(build_tokenizer(CHAT_TEMPLATE, (IMAGE_TOKEN,)))
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     text: dict[str, Any] = {
         "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
@@ -78,9 +91,9 @@ def write_tiny_vlm(out_dir: Path, image_size: int = IMAGE_SIZE) -> Path:
 
 IDEFICS3_TEMPLATE = (
     "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}"
-    "{% if m['content'] is string %}: {{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% for p in m['content'] %}"
     "{% if p['type'] == 'image' %}<image>{% elif p['type'] == 'text' %}: {{ p['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
 

@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--speculative", default="auto", choices=["auto", "always", "off"],
                         help="speculative decoding with prompt-lookup drafts, verified in the batch's forward pass: "
                              "auto (a step is widened when its measured cost pays; default), always, or off")
+    parser.add_argument("--draft-model", default=None, metavar="MODEL",
+                        help="draft with this smaller model (same tokenizer) instead of prompt lookup")
     parser.add_argument("--max-draft", type=int, default=8, metavar="N",
                         help="tokens drafted per sequence per step, at most (default: 8)")
     parser.add_argument("--prompt-cache-dir", default=None, metavar="DIR",
@@ -180,8 +182,9 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
     config = WorkerConfig.from_args(args)
     processors = make_logits_processors(loaded) if make_logits_processors else None
     try:
-        engine = build_engine(loaded, config, processors, **_vision_engine(vision))
-    except ValueError as exc:  # e.g. --kv-bits on a model whose heads cannot be grouped so
+        draft = _load_draft(args.draft_model, loaded) if args.draft_model else None
+        engine = build_engine(loaded, config, processors, **_vision_engine(vision), draft=draft)
+    except (ValueError, ModelLoadError) as exc:  # e.g. --kv-bits on a model whose heads cannot be grouped so
         log.error("%s", exc)
         return 2
     if config.prompt_cache_dir:
@@ -194,6 +197,16 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
     worker = Worker(engine, address, config, curve)
     worker.ready.vision = vision  # Ready says the model sees images (the gateway's model catalog)
     return worker.run()
+
+
+def _load_draft(spec: str, target: Any) -> Any:
+    """``--draft-model``: loaded as any model; its tokenizer must be the target's (drafts are token ids)."""
+    from worker.models import load
+
+    draft = load(spec, None, None, {})
+    if draft.tokenizer.get_vocab() != target.tokenizer.get_vocab():
+        raise ValueError(f"--draft-model {spec}: its tokenizer is not {target.name}'s (drafts are token ids)")
+    return draft
 
 
 def _is_vision_model(spec: str) -> bool:

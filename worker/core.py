@@ -230,13 +230,14 @@ class Worker:
 
 
 def build_engine(loaded: LoadedModel, config: WorkerConfig, logits_processors: LogitsProcessorsFactory | None = None,
-                 engine_type: Callable[..., Engine] = Engine) -> Engine:
+                 engine_type: Callable[..., Engine] = Engine, draft: LoadedModel | None = None) -> Engine:
     """The engine ``config`` describes, then MLX's memory limits (after the engine: its
     BatchGenerator sets mlx-lm's wired limit). Every rank of a sharded worker builds its own
     (``engine_type``: a GroupEngine, worker/sharded.py)."""
     engine = engine_type(loaded, config.max_sequences, config.prefill_chunk, logits_processors,
                          prompt_cache_bytes=config.prompt_cache_mb << 20, max_output_tokens=config.max_output_tokens,
                          speculative=config.speculative, max_draft=config.max_draft,
+                         **({"draft_model": draft} if draft is not None else {}),
                          **({"kv_bits": config.kv_bits, "kv_group_size": config.kv_group_size}
                             if config.kv_bits is not None else {}))
     engine.prompts.configure(config.template_policy())  # --allow-client-templates, --template-timeout

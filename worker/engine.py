@@ -109,6 +109,7 @@ class Engine:
         # (when measured to pay), "always" (whenever there are drafts) or "off".
         speculative: str = "auto",
         max_draft: int = MAX_DRAFT,
+        draft_model: LoadedModel | None = None,  # drafts from this model (same tokenizer), not the prompt
     ):
         self.loaded = loaded
         if kv_bits is not None:
@@ -136,6 +137,7 @@ class Engine:
         if speculative not in ("auto", "always", "off"):
             raise ValueError(f"speculative must be auto, always or off, not {speculative!r}")
         self.max_draft = max_draft
+        self.draft_model = draft_model
         self.speculative = speculative if self._speculation_possible(speculative != "off") else "off"
 
         self.speculator: Speculator | None = None  # the current generator's (_new_generator)
@@ -515,6 +517,13 @@ class Engine:
             return None
         return Sampling(p["temperature"], p["top_p"], p["min_p"], p["top_k"])
 
+    def _draft(self) -> Any:
+        if self.draft_model is None:
+            return None
+        from worker.draft_model import DraftModel
+
+        return DraftModel(self.draft_model.model, vocab_size(self.loaded.tokenizer))
+
     def _speculation_possible(self, asked: bool) -> bool:
         if not asked or not self.speculates:
             return False
@@ -601,13 +610,20 @@ class Engine:
         if not self._prefill_chunk:  # 0: mlx-lm's own prefill scheduling, as before chunking
             return BatchGenerator(self.loaded.model, completion_batch_size=batch, prefill_batch_size=prefill_batch,
                                   prefill_step_size=UNCHUNKED_PREFILL_STEP)
-        self.speculator = (Speculator(self.max_draft, always=self.speculative == "always")
+        self.speculator = (Speculator(self.max_draft, always=self.speculative == "always",
+                                      draft_model=self._draft())
                            if self.speculative != "off" else None)
         return ChunkedBatchGenerator(self.loaded.model, prefill_chunk=self._prefill_chunk, sizer=self._chunk_sizer,
                                      peek_prefix=self._peek_prefix, fetch_prefix=self._fetch_prefix,
                                      prompt_done=self._prompts_prefilled, kv_bits=self.kv_bits,
                                      kv_group_size=self.kv_group_size, speculator=self.speculator,
                                      completion_batch_size=batch, prefill_batch_size=prefill_batch)
+
+
+def vocab_size(tokenizer: Any) -> int:
+    """Every token id the tokenizer can decode, added (special) tokens included."""
+    inner = getattr(tokenizer, "_tokenizer", tokenizer)
+    return len(inner)
 
 
 def _merge_delta(deltas: dict[str, Delta], delta: Delta) -> None:

@@ -394,8 +394,9 @@ class Speculator:
     beside it), so its time may be learnt from.
     """
 
-    def __init__(self, max_draft: int = MAX_DRAFT, always: bool = False):
+    def __init__(self, max_draft: int = MAX_DRAFT, always: bool = False, draft_model: Any = None):
         self.max_draft = max_draft
+        self.draft_model = draft_model  # worker/draft_model.py DraftModel: drafts from it, not from the prompt
         self.always = always  # widen whenever a row has drafts, whatever they cost (--speculative always)
         self.cost = StepCost()
         self._rows: dict[int, _Row] = {}
@@ -476,15 +477,19 @@ class Speculator:
         if not any(r is not None and r.enabled for r in rows):
             return None
         pending = self._pending
+        rooms = [min(self.max_draft, batch.max_tokens[i] - batch._num_tokens[i] - 1)
+                 if row is not None and row.enabled else 0 for i, row in enumerate(rows)]
         drafts: list[list[int]] = []
+        if self.draft_model is not None:
+            drafts = self.draft_model.draft(batch, pending, [max(room, 0) for room in rooms])
         for i, row in enumerate(rows):
-            room = min(self.max_draft, batch.max_tokens[i] - batch._num_tokens[i] - 1)
-            if row is None or not row.enabled or room < 1:
-                drafts.append([])
+            if self.draft_model is not None or row is None or rooms[i] < 1:
+                if self.draft_model is None:
+                    drafts.append([])
                 continue
             if row.lookup is None:
                 row.lookup = PromptLookup()
-            drafts.append(row.lookup.draft(batch.tokens[i], pending[i], room))
+            drafts.append(row.lookup.draft(batch.tokens[i], pending[i], rooms[i]))
         longest = max(len(d) for d in drafts)
         prior = self.overall.chance(0.5)
         if self.always:
@@ -504,6 +509,8 @@ class Speculator:
             for d, row in zip(drafts, rows, strict=True):
                 if d and row is not None:
                     row.idle()
+            if self.draft_model is not None:
+                self.draft_model.judged(batch)  # none kept: what it fed past the pending token goes
             return None
         return [d[: width - 1] for d in drafts]
 
@@ -555,6 +562,8 @@ class Speculator:
             if not finished:
                 keep_rows.append(i)
         self.wide_steps += 1
+        if self.draft_model is not None:
+            self.draft_model.judged(batch)  # before rows leave: its rows are the batch's
         batch._current_tokens = mx.array(pending)  # type: ignore[assignment]
         batch._next_tokens = mx.array(following, dtype=mx.uint32)
         batch._next_logprobs = following_logprobs

@@ -82,6 +82,7 @@ REFUSED = {
     "gemma3": "bidirectional attention over image tokens",
 }
 VIRTUAL_BASE = 1 << 30  # image token ids: VIRTUAL_BASE + 30 bits (int32, above any vocabulary)
+MAX_DECODED_PIXELS = 2 * 7680 * 4320  # beyond the gateway's default limit (8K UHD), checked again once opened
 FEATURE_CACHE_BYTES = 512 << 20  # image features kept for images sent again (pinned ones beyond it)
 
 
@@ -479,9 +480,11 @@ class VisionPromptBuilder(PromptBuilder):
             text += self.tool_format.forced_prefix
         if not images:
             return list(tokenizer.encode(text, add_special_tokens=False))  # the template writes any BOS
-        outputs = self.parts.processor(text=[text], images=[image for _, image in images], return_tensors="np",
-                                       add_special_tokens=False)
-        input_ids = np.asarray(outputs["input_ids"]).reshape(-1).astype(np.int64)
+        # The processor tokenizes with the tokenizer's special tokens (mlx-vlm's processors take no
+        # add_special_tokens): the ones it added beyond the template's text are taken off again.
+        outputs = self.parts.processor(text=[text], images=[image for _, image in images], return_tensors="np")
+        input_ids = self._without_added_specials(np.asarray(outputs["input_ids"]).reshape(-1).astype(np.int64),
+                                                 tokenizer.encode(text, add_special_tokens=False))
         pixels = {name: np.asarray(value) for name, value in outputs.items()
                   if name not in ("input_ids", "attention_mask") and value is not None}
         groups = _image_groups(input_ids, self.parts.image_token_id,
@@ -492,6 +495,31 @@ class VisionPromptBuilder(PromptBuilder):
         self._local.prepared = PreparedImages(input_ids, pixels, groups, time.perf_counter() - started,
                                               images=len(images))
         return [int(t) for t in tokens]
+
+    def _without_added_specials(self, input_ids: np.ndarray, plain: list[int]) -> np.ndarray:
+        """``input_ids`` less the special tokens the tokenizer adds around a text (a BOS before it, an
+        EOS after it), where the processor added them: as the text path's ``add_special_tokens=False``
+        (the template writes any BOS itself: never two)."""
+        prefix, suffix = self._specials()
+        ids = input_ids.tolist()
+        if prefix and plain and ids[:len(prefix) + 1] == [*prefix, plain[0]]:
+            input_ids = input_ids[len(prefix):]
+        if suffix and plain and ids[-len(suffix) - 1:] == [plain[-1], *suffix]:
+            input_ids = input_ids[:-len(suffix)]
+        return input_ids
+
+    def _specials(self) -> tuple[list[int], list[int]]:
+        found = getattr(self, "_added_specials", None)
+        if found is None:
+            bare = list(self.tokenizer.encode("a", add_special_tokens=False))
+            full = list(self.tokenizer.encode("a", add_special_tokens=True))
+            found = ([], [])
+            for at in range(len(full) - len(bare) + 1):
+                if full[at:at + len(bare)] == bare:
+                    found = (full[:at], full[at + len(bare):])
+                    break
+            self._added_specials = found
+        return found
 
     def client_template(self, request: Generate) -> object | None:
         sent = super().client_template(request)
@@ -515,6 +543,13 @@ def _decode_image(part: dict[str, Any], index: int) -> tuple[str, Any]:
         raise ImageError(f"image {index + 1}: no image bytes")
     try:
         image = Image.open(io.BytesIO(data))
+    except Exception as exc:
+        raise ImageError(f"image {index + 1} could not be decoded: {exc}") from None
+    width, height = image.size  # as decoded (a GIF grows to a first frame larger than its header says)
+    if width * height > MAX_DECODED_PIXELS:
+        raise ImageError(f"image {index + 1} is {width}x{height} pixels decoded, more than this worker decodes "
+                         f"({MAX_DECODED_PIXELS:,} pixels)")
+    try:
         image.load()
     except Exception as exc:
         raise ImageError(f"image {index + 1} could not be decoded: {exc}") from None

@@ -69,6 +69,7 @@ _ERROR_MARKS = ("error", "<tool_use_error>")
 
 def to_request(body: MessagesBody, session: str | None = None) -> ModelRequest:
     """``session``: the conversation's id (Claude Code's session header), a prefix-cache hint."""
+    images.check_parts(_image_blocks(body.messages), "messages")  # before any is read or fetched
     messages: list[Message] = []
     system = [_system_text(body.system, "system")]
     call_names: dict[str, str] = {}
@@ -226,6 +227,21 @@ def _tool_call(block: dict[str, Any], at: str, call_names: dict[str, str]) -> To
     call_names[call_id] = name
     arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
     return ToolCall(call_id, name, arguments)
+
+
+def _image_blocks(messages: list[Any]) -> int:
+    """The image blocks of the messages, and of their tool results."""
+    count = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        for block in content if isinstance(content, list) else ():
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "image":
+                count += 1
+            elif block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+                count += sum(1 for inner in block["content"] if isinstance(inner, dict) and inner.get("type") == "image")
+    return count
 
 
 def _image(block: dict[str, Any], at: str) -> ImagePart:

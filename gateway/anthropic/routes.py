@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from gateway.anthropic.convert import omits_thinking, to_request
 from gateway.anthropic.events import MessageEvents
 from gateway.anthropic.request import CountTokensRequest, MessagesRequest
+from gateway.api import images
 from gateway.api.family import MESSAGES
 from gateway.api.generation import (
     ClientDisconnected,
@@ -41,7 +42,7 @@ PING = sse_event({"type": "ping"})
 async def create_message(body: MessagesRequest, request: Request) -> Response:
     message_id = MESSAGES.new_id()
     trace_id = bind_request_id(request, message_id, body.model)
-    model_request = to_request(body, _session(request))
+    model_request = await images.convert(to_request, body, _session(request))
 
     async def open_reply() -> tuple[MessageEvents, AsyncGenerator[list[Event], None]]:
         stream = await submit(request, model_request, message_id, trace_id)
@@ -72,7 +73,7 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, 
     """The exact prompt length: the worker builds the prompt as for a generation, and counts."""
     count_id = new_id("count", 24)
     trace_id = bind_request_id(request, count_id, body.model)
-    stream = await submit(request, to_request(body, _session(request)), count_id, trace_id)
+    stream = await submit(request, await images.convert(to_request, body, _session(request)), count_id, trace_id)
     try:
         async for _ in stream.batches():
             pass

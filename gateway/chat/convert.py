@@ -34,6 +34,8 @@ DEFAULT_MAX_TOKENS = 16
 
 
 def chat_request(body: ChatCompletionRequest) -> ModelRequest:
+    images.check_parts(sum(1 for m in body.messages if m.role == "user" and isinstance(m.content, list)
+                           for part in m.content if part.type == "image_url"), "messages")  # before any is read
     messages = [_message(m, i) for i, m in enumerate(body.messages)]
     system: list[str] = []
     if messages[0].role == "system" and messages[0].name is None:  # a named one stays as it is

@@ -7,6 +7,7 @@ from collections.abc import AsyncGenerator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from gateway.api import images
 from gateway.api.family import CHAT, COMPLETIONS
 from gateway.api.generation import (
     ClientDisconnected,
@@ -32,7 +33,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     request_id = CHAT.new_id()
     trace_id = bind_request_id(request, request_id, body.model)
     chunks = ChatChunks(request_id, body.model, _include_usage(body))
-    return await _reply(request, body, chat_request(body), chunks, trace_id)
+    return await _reply(request, body, await images.convert(chat_request, body), chunks, trace_id)
 
 
 @router.post("/v1/completions")

@@ -78,6 +78,9 @@ def normalize_input(raw: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Uniform items with ids. ``item_reference`` items are kept for the caller to resolve."""
     if isinstance(raw, str):
         raw = [{"role": "user", "content": raw}] if raw else []
+    images.check_parts(sum(1 for item in raw if isinstance(item, dict) and isinstance(item.get("content"), list)
+                           for part in item["content"] if isinstance(part, dict) and part.get("type") == "input_image"),
+                       "input")  # before any is read or fetched
     items = []
     for index, item in enumerate(raw):
         if not isinstance(item, dict):

@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.api import images
 from gateway.api.errors import APIError
 from gateway.api.family import RESPONSES
 from gateway.api.generation import event_batches
@@ -90,7 +91,7 @@ class ResponsesService:
                 raise APIError(400, f"Previous response with id '{body.previous_response_id}' not found.",
                                param="previous_response_id", code="previous_response_not_found")
             earlier = carried_history(previous.context, previous.response.get("output", []))
-        items = await self._resolve_references(normalize_input(body.input), owner)
+        items = await self._resolve_references(await images.convert(normalize_input, body.input), owner)
         context = earlier + items
         _check_tool_outputs(context, len(earlier))
         tools = resolve_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
