@@ -324,6 +324,7 @@ class _Row:
     enabled: bool = True
     lookup: PromptLookup | None = None
     acceptance: Acceptance = field(default_factory=lambda: Acceptance(0.9))
+    found: float = 0.5  # how often a lookup has found drafts for it lately
 
     def judged(self, drafted: int, kept: int) -> None:
         self.acceptance.judged(drafted, kept)
@@ -370,12 +371,14 @@ class StepCost:
         low, high = self.BETA_RANGE
         self.beta = min(max(statistics.median(self._betas), low), high)
 
-    def choose(self, drafts: list[tuple[int, float]]) -> int:
-        """The step's width (1: a plain step) for rows with (drafts available, acceptance)."""
+    def choose(self, drafts: list[tuple[int, float]], found: list[float] | None = None) -> int:
+        """The step's width (1: a plain step) for rows with (drafts available, acceptance);
+        ``found``: the chance each row has those drafts at all (1 when they are in hand)."""
         rows = len(drafts)
+        chance = found or [1.0] * rows
         best, best_value = 1, float(rows)
         for width in range(2, max((d for d, _ in drafts), default=0) + 2):
-            gain = sum(expected_kept(alpha, min(d, width - 1)) for d, alpha in drafts)
+            gain = sum(p * expected_kept(alpha, min(d, width - 1)) for (d, alpha), p in zip(drafts, chance, strict=True))
             value = (rows + gain) / (1 + self.beta * rows * (width - 1))
             if value > best_value * 1.02:  # a wide step must clearly win: it also gives up pipelining
                 best, best_value = width, value
@@ -446,14 +449,16 @@ class Speculator:
         needs the pending tokens, which costs a pipelined step its overlap."""
         prior = self.overall.chance(0.5)
         best: list[tuple[int, float]] = []
+        found: list[float] = []
         for i, uid in enumerate(batch.uids):
             row = self._rows.get(uid)
             room = min(self.max_draft, batch.max_tokens[i] - batch._num_tokens[i] - 1)
-            best.append((room, row.acceptance.chance(prior)) if row is not None and row.enabled and room > 0
-                        else (0, 0.0))
+            usable = row is not None and row.enabled and room > 0
+            best.append((room, row.acceptance.chance(prior)) if usable and row is not None else (0, 0.0))
+            found.append(row.found if usable and row is not None and self.draft_model is None else 1.0)
         if not any(room for room, _ in best):
             return False
-        if self.always or self._plain_with_drafts >= PROBE_AFTER or self.cost.choose(best) > 1:
+        if self.always or self._plain_with_drafts >= PROBE_AFTER or self.cost.choose(best, found) > 1:
             return True
         self._plain_with_drafts += 1
         return False
@@ -490,6 +495,7 @@ class Speculator:
             if row.lookup is None:
                 row.lookup = PromptLookup()
             drafts.append(row.lookup.draft(batch.tokens[i], pending[i], rooms[i]))
+            row.found = 0.8 * row.found + 0.2 * bool(drafts[-1])
         longest = max(len(d) for d in drafts)
         prior = self.overall.chance(0.5)
         if self.always:
