@@ -314,3 +314,41 @@ def test_api_keys_and_metrics_apply(fresh_stack: Stack, model_dirs: dict[str, Pa
     assert len(keyed.embeddings.create(model=BERT, input="hi", encoding_format="float").data[0].embedding) == BERT_HIDDEN
     metrics = httpx.get(f"{fresh_stack.base_url}/metrics", timeout=10).text
     assert any("/v1/embeddings" in line and BERT in line for line in metrics.splitlines())
+
+
+def test_a_large_float_reply_is_built_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """2048 vectors of 1024 floats take seconds to turn into JSON: not on the event loop's thread,
+    where every other request would wait for it."""
+    import json
+
+    from gateway.embeddings import routes
+    from gateway.embeddings.request import EmbeddingRequest
+    from protocol.messages import Embeddings
+
+    count, size = 4, 8
+    vectors = struct.pack(f"<{count * size}f", *[float(i) for i in range(count * size)])
+
+    class Client:
+        async def embed(self, model: str, embed: Any) -> Embeddings:
+            return Embeddings(embed.request_id, size, vectors, 7)
+
+    built_on: list[int] = []
+    real_reply_body = routes.reply_body
+
+    def reply_body(*args: Any) -> dict[str, Any]:
+        built_on.append(threading.get_ident())
+        return real_reply_body(*args)
+
+    monkeypatch.setattr(routes, "reply_body", reply_body)
+    monkeypatch.setattr(routes, "engine", lambda request: Client())
+    monkeypatch.setattr(routes, "bind_request_id", lambda request, request_id, model=None: request_id)
+    monkeypatch.setattr(routes, "_check_model", lambda client, model, dimensions: None)
+
+    async def call() -> tuple[Any, int]:
+        body = EmbeddingRequest(model="m", input=["a", "b", "c", "d"])
+        return await routes.create_embeddings(body, None), threading.get_ident()  # type: ignore[arg-type]
+
+    response, loop_thread = asyncio.run(call())
+    assert built_on and built_on[0] != loop_thread
+    data = json.loads(response.body)["data"]
+    assert [d["index"] for d in data] == [0, 1, 2, 3] and data[1]["embedding"][0] == float(size)

@@ -544,3 +544,321 @@ def test_image_ids_with_no_features_never_reach_the_embedding_table(vlm: Any) ->
         assert bool(mx.all(mx.isfinite(mixed)).item())
     finally:
         table.unpin("k")
+
+
+# --- review fixes: templates, BOS, the feature table, prepared images, limits ---------------
+
+
+def _prepare(engine: Any, request: Any) -> Any:
+    from worker.engine import Sequence
+
+    sequence = engine.prepare(request)
+    assert isinstance(sequence, Sequence), sequence
+    return sequence
+
+
+def _with_system(request: Any, system: str = "Be brief.") -> Any:
+    request.messages = [{"role": "system", "content": system}, *request.messages]
+    return request
+
+
+def test_string_contents_render_through_a_parts_only_template_with_one_bos(vlm: Any) -> None:
+    """Real VLM templates (tests/tiny_vlm.py's, like SmolVLM's) loop over content parts: a plain
+    string must reach them as a text part, with and without images; and the tokenizer adds a BOS
+    the template already wrote: never two."""
+    from worker.vision import VisionEngine
+
+    engine = VisionEngine(vlm, 4)
+    bos = vlm.tokenizer.bos_token_id
+    text_only = _prepare(engine, _with_system(_generate("t", [], text="Hello there")))
+    with_image = _prepare(engine, _with_system(_generate("i", [png(95)], text="Look here")))
+    vocab = engine.loaded.model.vocab_size
+    for sequence, words in ((text_only, "Hello there"), (with_image, "Look here")):
+        shown = vlm.tokenizer.decode([t for t in sequence.prompt if t < vocab])
+        assert "Be brief." in shown and words in shown, shown
+        assert sequence.prompt[0] == bos and sequence.prompt[1] != bos, sequence.prompt[:4]
+    assert text_only.images is None and with_image.images is not None
+
+
+def test_a_chat_template_kept_only_by_the_processor_is_used(tmp_path: Path) -> None:
+    """Older VLM directories keep the template in the processor's chat_template.json alone."""
+    from tiny_vlm import CHAT_TEMPLATE
+
+    from worker.vision import VisionEngine, load_vision
+
+    directory = write_tiny_vlm(tmp_path / "vlm")
+    (directory / "chat_template.jinja").unlink()
+    (directory / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    vlm = load_vision(str(directory), VLM)
+    engine = VisionEngine(vlm, 4)
+    for request in (_generate("t", [], text="Plain words"), _generate("i", [png(96)], text="Plain words")):
+        sequence = _prepare(engine, request)
+        assert "Plain words" in vlm.tokenizer.decode([t for t in sequence.prompt if t < engine.loaded.model.vocab_size])
+
+
+def test_features_are_pinned_before_they_are_put_so_no_budget_evicts_them(vlm: Any,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request's features are in the table through its prefill even when they alone are over the
+    table's budget (put before pinned, they were evicted at once and read back as zeros)."""
+    from worker.vision import VisionEngine
+
+    images = [png(97), png(98)]
+    monkeypatch.setattr(vlm.vision.features, "budget", 1)
+    tight = _run(VisionEngine(vlm, 4, prompt_cache_bytes=0), _generate("a", images))["a"][0]
+    monkeypatch.setattr(vlm.vision.features, "budget", 512 << 20)
+    roomy = _run(VisionEngine(vlm, 4, prompt_cache_bytes=0), _generate("a", images))["a"][0]
+    assert tight == roomy
+    assert not vlm.vision.features.pinned
+
+
+def test_a_pinned_image_id_missing_from_the_table_fails_instead_of_reading_zeros() -> None:
+    import mlx.core as mx
+    import numpy as np
+
+    from worker.vision import VIRTUAL_BASE, FeatureError, FeatureTable
+
+    table = FeatureTable(1 << 20)
+    ids = np.array([VIRTUAL_BASE + 5, VIRTUAL_BASE + 6])
+    table.pin("k", ids)
+    with pytest.raises(FeatureError):
+        table.rows(ids, 8)
+    table.put("k", ids, mx.ones((2, 8)))
+    assert table.rows(ids, 8).shape == (2, 8)
+    assert float(table.rows(np.array([VIRTUAL_BASE + 99]), 8).sum().item()) == 0.0  # a draft: zeros
+
+
+def test_a_virtual_id_maps_to_one_live_image() -> None:
+    """Two images whose ids collide: the newer evicts an unpinned older one (never reads its rows),
+    and is refused while the older one is pinned."""
+    import mlx.core as mx
+    import numpy as np
+
+    from worker.vision import VIRTUAL_BASE, FeatureError, FeatureTable
+
+    table = FeatureTable(1 << 20)
+    a, b = np.array([VIRTUAL_BASE + 1, VIRTUAL_BASE + 2]), np.array([VIRTUAL_BASE + 2, VIRTUAL_BASE + 3])
+    table.put("a", a, mx.ones((2, 4)))
+    table.pin("b", b)
+    table.put("b", b, mx.full((2, 4), 2.0))
+    assert "a" not in table and "b" in table
+    assert table.rows(np.array([VIRTUAL_BASE + 2]), 4).tolist() == [[2.0] * 4]
+    assert float(table.rows(np.array([VIRTUAL_BASE + 1]), 4).sum().item()) == 0.0  # a's id: gone, not b's row
+    with pytest.raises(FeatureError):
+        table.pin("a", a)  # b is pinned and holds id +2
+    with pytest.raises(FeatureError):
+        table.put("a", a, mx.ones((2, 4)))
+    assert table.rows(b, 4).tolist() == [[2.0] * 4] * 2
+    table.unpin("b")
+    table.put("a", a, mx.ones((2, 4)))  # b unpinned: evicted
+    assert "b" not in table and table.rows(a, 4).tolist() == [[1.0] * 4] * 2
+
+
+def test_virtual_ids_are_distinct_within_an_image() -> None:
+    from worker.vision import virtual_ids
+
+    ids = virtual_ids("ef" * 32, 70_000)  # ~2.3 collisions expected among 30-bit hashes
+    assert len(set(ids.tolist())) == len(ids)
+
+
+def test_the_same_image_from_another_cache_scope_is_neither_shared_nor_a_hit(vlm: Any) -> None:
+    from worker.vision import VisionEngine
+
+    engine = VisionEngine(vlm, 4)
+    image = png(99)
+    mine = _prepare(engine, _generate("a", [image], cache_scope="key-a"))
+    theirs = _prepare(engine, _generate("b", [image], cache_scope="key-b"))
+    vocab = engine.loaded.model.vocab_size
+    assert {t for t in mine.prompt if t >= vocab}.isdisjoint(t for t in theirs.prompt if t >= vocab)
+    out = _run(engine, _generate("a1", [image], cache_scope="key-a"), _generate("a2", [image], cache_scope="key-a"))
+    assert out["a1"][0] == out["a2"][0]
+    _run(engine, _generate("b1", [image], cache_scope="key-b"))
+    assert engine.timings["b1"].encode_s > 0  # key-a's features were not used for key-b
+
+
+def test_prepared_images_travel_with_their_sequence(vlm: Any) -> None:
+    """However far prompt building runs ahead of queueing, a request keeps its images; one whose
+    prompt holds image ids without them is refused, never run on no features."""
+    from protocol import Accepted, Error
+    from worker.vision import VisionEngine
+
+    engine = VisionEngine(vlm, 4, prompt_cache_bytes=0)
+    reference = _run(VisionEngine(vlm, 4, prompt_cache_bytes=0), _generate("r", [png(100)]))["r"][0]
+    sequences = [_prepare(engine, _generate(f"s{i}", [png(100)])) for i in range(70)]
+    assert isinstance(engine.enqueue(sequences[0]), Accepted)
+    texts = ""
+    while engine.busy:
+        result = engine.step()
+        assert not result.errors, result.errors
+        texts += "".join(d.text for d in result.deltas)
+    assert texts == reference
+    orphan = sequences[1]
+    orphan.images = None
+    refused = engine.enqueue(orphan)
+    assert isinstance(refused, Error) and "image" in refused.message
+
+
+def _gif_outgrowing_its_header(width: int = 3000, height: int = 2000) -> bytes:
+    """A GIF whose logical screen is 1x1 and whose one frame is ``width`` x ``height``."""
+    import struct
+
+    header = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0, 0, 0)
+    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x4c\x01\x00"
+    return header + frame + b"\x3b"
+
+
+def test_a_gif_frame_larger_than_its_header_counts_against_the_pixel_limit(stack: Stack) -> None:
+    from gateway.api.images import image_size
+
+    gif = _gif_outgrowing_its_header()
+    assert image_size(gif) == ("image/gif", 3000, 2000)
+    url = "data:image/gif;base64," + base64.b64encode(gif).decode()
+    error = _openai_error(_post(stack, "/v1/chat/completions", {"model": VLM, "messages": chat_image(url)}),
+                          "messages.0.content.1.image_url")
+    assert "3000x2000" in error["message"] and "--max-image-pixels" in error["message"]
+
+
+def test_the_worker_checks_the_decoded_size_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.vision as vision
+
+    monkeypatch.setattr(vision, "MAX_DECODED_PIXELS", 1000)
+    with pytest.raises(vision.ImageError, match="3000x2000"):
+        vision._decode_image({"data": _gif_outgrowing_its_header()}, 0)
+    assert vision._decode_image({"data": png(1, 20, 20)}, 0)[1].size == (20, 20)
+
+
+def test_a_jpeg_header_scan_is_capped() -> None:
+    import io
+
+    from PIL import Image
+
+    from gateway.api.images import image_size
+
+    out = io.BytesIO()
+    Image.new("RGB", (10, 20)).save(out, "JPEG")
+    jpeg = out.getvalue()
+    assert image_size(jpeg[:2] + b"\xff" * 1000 + jpeg[2:]) == ("image/jpeg", 10, 20)  # a few fill bytes: fine
+    started = time.monotonic()
+    assert image_size(jpeg[:2] + b"\xff" * 3_000_000 + jpeg[2:]) is None
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://" + "a" * 64 + ".example/x.png", "https://xn--/x"])
+def test_a_malformed_image_url_is_a_400_naming_the_field(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.api import images
+    from gateway.api.errors import APIError
+
+    monkeypatch.setattr(images, "_limits", images.ImageLimits(allow_urls=True, url_timeout=5))
+    with pytest.raises(APIError) as caught:
+        images.from_url(url, "messages.0.content.1.image_url")
+    assert caught.value.status == 400 and caught.value.param == "messages.0.content.1.image_url"
+
+
+def test_image_urls_are_counted_before_fetching_and_a_slow_server_holds_neither_the_loop_nor_past_the_deadline(
+        tmp_path: Path, tiny_vlm_dir: Path) -> None:
+    import http.server
+
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            try:
+                for _ in range(200):  # a byte every 0.1 s: no single read ever times out
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:
+                pass
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    stack = Stack(tmp_path)
+    try:
+        stack.start_gateway("--allow-image-urls", "--image-url-timeout", "2", "--max-images", "2")
+        stack.start_worker(str(tiny_vlm_dir), VLM, "--temperature", "0")
+        stack.wait_for_models(VLM)
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        many = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"{base}/{i}.png"}}
+                                             for i in range(3)]}]
+        error = _openai_error(_post(stack, "/v1/chat/completions", {"model": VLM, "messages": many}), "messages")
+        assert "--max-images" in error["message"] and hits == []  # counted before any was fetched
+        parts = [{"type": "input_image", "image_url": f"{base}/{i}.png"} for i in range(3)]
+        error = _openai_error(_post(stack, "/v1/responses", {"model": VLM, "input": [{"role": "user",
+                                                                                     "content": parts}]}), "input")
+        assert "--max-images" in error["message"] and hits == []
+        blocks = [{"type": "image", "source": {"type": "url", "url": f"{base}/{i}.png"}} for i in range(3)]
+        error = _anthropic_error(_post(stack, "/v1/messages", {"model": VLM, "max_tokens": 4, "messages": [
+            {"role": "user", "content": blocks}]}))
+        assert "--max-images" in error["message"] and hits == []
+
+        outcome: dict[str, Any] = {}
+
+        def slow() -> None:
+            started = time.monotonic()
+            outcome["reply"] = _post(stack, "/v1/chat/completions",
+                                     {"model": VLM, "messages": chat_image(f"{base}/slow.png")})
+            outcome["took"] = time.monotonic() - started
+
+        thread = threading.Thread(target=slow)
+        thread.start()
+        deadline = time.monotonic() + 5
+        while not hits and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert hits, "the image was never fetched"
+        for _ in range(3):  # the gateway answers meanwhile
+            started = time.monotonic()
+            assert httpx.get(f"{stack.base_url}/health", timeout=5).status_code == 200
+            assert time.monotonic() - started < 0.5
+            time.sleep(0.2)
+        thread.join(15)
+        error = _openai_error(outcome["reply"], "messages.0.content.1.image_url")
+        assert "--image-url-timeout" in error["message"], error
+        assert outcome["took"] < 4.5, outcome["took"]  # the 2 s deadline is the request's, not a read's
+    finally:
+        stack.stop()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_requests_fetched_images_share_one_byte_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    import http.server
+
+    from gateway.api import images
+    from gateway.api.errors import APIError
+
+    image = png(33)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+            self.wfile.write(image)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(images, "_limits", images.ImageLimits(max_bytes=len(image) + 10, allow_urls=True,
+                                                              url_timeout=10))
+    url = f"http://127.0.0.1:{server.server_address[1]}/x.png"
+    try:
+        with images.one_request():
+            for _ in range(images.FETCHED_BYTES_FACTOR):
+                assert images.from_url(url, "p").data == image
+            with pytest.raises(APIError, match="together") as caught:
+                images.from_url(url, "p")
+            assert caught.value.param == "p"
+        with images.one_request():  # the next request has its own budget
+            assert images.from_url(url, "p").data == image
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -17,17 +17,19 @@ way that works, ``processor(text=..., images=...)``):
   unchanged.
 - **Image tokens are virtual token ids.** The model's processor expands each image into its image
   tokens; each of those becomes an id above the vocabulary, ``VIRTUAL_BASE`` + 30 bits of a hash of
-  (the image's SHA-256, the token's index within the image). ``ImageEmbeddingModel`` wraps the
+  (the caller's cache scope and the image's SHA-256, the token's index within the image), distinct
+  within the image. ``ImageEmbeddingModel`` wraps the
   language model: a step whose input holds such ids gets its input embeddings built from the text
   embeddings with those rows replaced by the image's features (the vision tower's output after the
   projector: mlx-vlm's own ``get_input_embeddings`` merge, read back at the image positions).
 - **So the prefix cache needs no change.** Its keys are the token ids, and the ids of an image are
-  a function of its bytes (a processor that cuts an image into tiles, Idefics3's, gives several
+  a function of its bytes and its caller (a processor that cuts an image into tiles, Idefics3's, gives several
   runs of image tokens: then they are keyed by all the request's images together): the same image
   (in a later turn of a conversation, or another request) hits, a different image diverges at its
   first image token and never hits. The same holds on the disk tier, across restarts. (Two
   different images share a first token id with probability 2^-30; then one token's cache entry
-  would be reused; nothing beyond it.)
+  would be reused; nothing beyond it. In the feature table an id belongs to one live image only:
+  ``FeatureTable``.)
 - **Preprocessing** (decoding the image, the processor's resize and normalisation, the chat
   template) runs on the prompt-builder thread with the text prompt; the **vision tower** runs on
   the engine thread when the request is queued (``enqueue``), once per distinct image: features
@@ -188,6 +190,7 @@ def load_vision(spec: str, served_name: str | None = None, context_length: int |
         raise ModelLoadError(f"{spec}: its language model's weights do not fit mlx-lm's "
                              f"{text_config.get('model_type')} model: {exc}") from None
     tokenizer = load_tokenizer(Path(path), eos_token_ids=raw.get("eos_token_id") or text_config.get("eos_token_id"))
+    _adopt_processor_template(tokenizer, processor, Path(path))
     image_token_id = _image_token_id(vlm, raw, processor)
     vocab = int(text_config.get("vocab_size") or len(processor.tokenizer))
     if vocab >= VIRTUAL_BASE:
@@ -199,6 +202,22 @@ def load_vision(spec: str, served_name: str | None = None, context_length: int |
     defaults = {**FALLBACK_SAMPLING, **_model_sampling(spec, str(path)), **(sampling or {})}
     return VisionLoadedModel(served_name or default_name, wrapper, tokenizer, limit, defaults,
                              vision=VisionParts(vlm, processor, image_token_id, features))
+
+
+def _adopt_processor_template(tokenizer: Any, processor: Any, path: Path) -> None:
+    """A VLM whose chat template is its processor's only (``chat_template.json``, beside a tokenizer
+    with none): the tokenizer gets it, for every prompt (and as the model's own template)."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    template = getattr(processor, "chat_template", None)
+    file = path / "chat_template.json"
+    if not template and file.is_file():
+        try:
+            template = json.loads(file.read_text()).get("chat_template")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            template = None
+    if template:
+        getattr(tokenizer, "_tokenizer", tokenizer).chat_template = template
 
 
 def _renamed(source: Any, target: Any) -> list[tuple[str, Any]]:
@@ -464,15 +483,10 @@ class VisionPromptBuilder(PromptBuilder):
                 message = {**message, "content": parts}
             messages.append(template_message(message))
         tokenizer = self.tokenizer
-        kwargs = dict(request.chat_template_kwargs)
-        if "chat_template" not in kwargs and not getattr(tokenizer, "chat_template", None):
-            own = getattr(self.parts.processor, "chat_template", None)  # only in the processor's chat_template.json
-            if own:
-                kwargs["chat_template"] = own
 
         def render() -> str:
             return tokenizer.apply_chat_template(messages, tools=request.tools or None, add_generation_prompt=True,
-                                                 tokenize=False, **kwargs)
+                                                 tokenize=False, **request.chat_template_kwargs)
 
         bounded = render_traced if client_template is not None else render_watched
         text = bounded(render, self.policy.timeout)
@@ -520,12 +534,6 @@ class VisionPromptBuilder(PromptBuilder):
                     break
             self._added_specials = found
         return found
-
-    def client_template(self, request: Generate) -> object | None:
-        sent = super().client_template(request)
-        if sent is not None and sent == getattr(self.parts.processor, "chat_template", None):
-            return None  # the model's own, from its processor
-        return sent
 
 
 def _scoped(scope: str, image_key: str) -> str:

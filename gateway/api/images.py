@@ -161,10 +161,10 @@ def fetch(url: str, param: str) -> ImagePart:
 
     budget = _budget.get() or _Budget(time.monotonic() + _limits.url_timeout)
     try:
-        # Run to the request's deadline by asyncio's timeout, in a loop of this (worker) thread's own:
+        # Bounded by the request's deadline (asyncio.wait_for), in a loop of this worker thread's own:
         # httpx's timeouts are per operation, so a server dripping bytes would outlast them.
         data = asyncio.run(_download(url, budget, param))
-    except (TimeoutError, httpx.TimeoutException):
+    except (asyncio.TimeoutError, TimeoutError, httpx.TimeoutException):
         raise APIError(400, f"fetching the request's images took longer than {_limits.url_timeout:g}s "
                        "(gateway --image-url-timeout)", param=param, code="image_url_timeout") from None
     except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, ValueError) as exc:
@@ -177,15 +177,18 @@ def fetch(url: str, param: str) -> ImagePart:
 async def _download(url: str, budget: _Budget, param: str) -> bytes:
     import asyncio
 
+    remaining = budget.deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError
+    return await asyncio.wait_for(_read(url, budget, param, remaining), remaining)
+
+
+async def _read(url: str, budget: _Budget, param: str, remaining: float) -> bytes:
     import httpx
 
     limit = _limits.max_bytes
     total_limit = FETCHED_BYTES_FACTOR * limit
-    remaining = budget.deadline - time.monotonic()
-    if remaining <= 0:
-        raise TimeoutError
-    async with asyncio.timeout(remaining), \
-            httpx.AsyncClient(timeout=remaining, follow_redirects=True, max_redirects=3) as client, \
+    async with httpx.AsyncClient(timeout=remaining, follow_redirects=True, max_redirects=3) as client, \
             client.stream("GET", url) as response:
         if response.status_code != 200:
             raise APIError(400, f"fetching the image failed: HTTP {response.status_code}", param=param)
