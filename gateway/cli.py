@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                      args.keepalive)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
                             timeout_graceful_shutdown=10, ws_max_size=websockets.max_frame_bytes + 1024,
+                            # Frames read ahead of the app, per connection (uvicorn's default, 32, is 32
+                            # frames of up to --max-request-mb each: 128 MB from one flooding client).
+                            ws_max_queue=4,
                             http=IdleTimeoutH11Protocol, timeout_keep_alive=args.idle_timeout,
                             limit_concurrency=args.max_connections)
     GatewayServer(config, engine).run()
