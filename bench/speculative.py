@@ -113,6 +113,8 @@ def gateway(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         scenarios = [("edit", 1, edits, args.edit_tokens), ("edit", 8, edits, args.edit_tokens),
                      ("chat", 1, chats, args.chat_tokens), ("chat", 16, chats, args.chat_tokens)]
         for name, concurrency, make, tokens in scenarios:
+            if args.scenarios and f"{name}_c{concurrency}" not in args.scenarios.split(","):
+                continue
             rates: dict[str, list[float]] = {"off": [], "on": []}
             drafted = accepted = 0
             for round_ in range(args.rounds):
@@ -169,6 +171,7 @@ def main() -> None:
     parser.add_argument("--chat-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", default="gateway,mlx_lm")
+    parser.add_argument("--scenarios", default="", help="gateway scenarios to run, e.g. edit_c8 (default: all)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "speculative.json")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -295,6 +295,9 @@ def test_the_cost_model_widens_only_when_drafts_pay():
     cost.plain(1, 0.01)
     cost.wide(1, 9, 0.011)  # measured: a wide step is nearly free (a GPU)
     assert cost.beta < 0.06
+    cost.plain(8, 0.02)
+    cost.wide(8, 3, 0.1)  # eight rows: its own measurement, not one row's
+    assert cost.beta_for(8) > 0.1 and cost.beta_for(1) < 0.06 and cost.beta_for(12) == cost.beta_for(8)
 
 
 # --- through the gateway -------------------------------------------------------------

@@ -338,6 +338,10 @@ class _Row:
         self.acceptance.missed *= 0.97
 
 
+def _size_class(rows: int) -> int:
+    return max(rows, 1).bit_length() - 1  # 1, 2-3, 4-7, 8-15, 16-31, ...
+
+
 def expected_kept(alpha: float, drafts: int) -> float:
     """Drafts kept on average when each is kept with chance ``alpha`` until the first miss."""
     return sum(alpha ** j for j in range(1, drafts + 1))
@@ -346,15 +350,18 @@ def expected_kept(alpha: float, drafts: int) -> float:
 class StepCost:
     """How much a wide step costs against a plain one: ``1 + beta × rows × (width - 1)``, with
     beta the median of the last steps' measurements (a shared machine's timings are noisy; one
-    slow step must not switch speculation off), within ``BETA_RANGE``."""
+    slow step must not switch speculation off), within ``BETA_RANGE``. Kept per batch size
+    (rounded to a power of two): a wide step over more rows uses the matrix units better, so one
+    beta for all sizes would price a large batch's wide step at a small one's rate."""
 
     SAMPLES = 16
     BETA_RANGE = (0.002, 0.5)
 
     def __init__(self, beta: float = BETA_PRIOR):
-        self.beta = beta
+        self.beta = beta  # the last batch size's, as measured
+        self._prior = beta
         self._plain: dict[int, deque[float]] = {}  # rows -> seconds of the last plain steps
-        self._betas: deque[float] = deque(maxlen=self.SAMPLES)
+        self._betas: dict[int, deque[float]] = {}  # size class -> the last betas measured
 
     def plain(self, rows: int, seconds: float) -> None:
         self._plain.setdefault(rows, deque(maxlen=self.SAMPLES)).append(seconds)
@@ -367,19 +374,30 @@ class StepCost:
         plain = self.plain_seconds(rows)
         if plain is None or width < 2:
             return
-        self._betas.append(max(seconds / plain - 1, 0.0) / (rows * (width - 1)))
-        low, high = self.BETA_RANGE
-        self.beta = min(max(statistics.median(self._betas), low), high)
+        samples = self._betas.setdefault(_size_class(rows), deque(maxlen=self.SAMPLES))
+        samples.append(max(seconds / plain - 1, 0.0) / (rows * (width - 1)))
+        self.beta = self.beta_for(rows)
+
+    def beta_for(self, rows: int) -> float:
+        """Its size class's measurements; else the nearest smaller class's (a larger batch costs
+        no more per row-position); else the prior."""
+        for size in range(_size_class(rows), -1, -1):
+            samples = self._betas.get(size)
+            if samples:
+                low, high = self.BETA_RANGE
+                return min(max(statistics.median(samples), low), high)
+        return self._prior
 
     def choose(self, drafts: list[tuple[int, float]], found: list[float] | None = None) -> int:
         """The step's width (1: a plain step) for rows with (drafts available, acceptance);
         ``found``: the chance each row has those drafts at all (1 when they are in hand)."""
         rows = len(drafts)
         chance = found or [1.0] * rows
+        beta = self.beta_for(rows)
         best, best_value = 1, float(rows)
         for width in range(2, max((d for d, _ in drafts), default=0) + 2):
             gain = sum(p * expected_kept(alpha, min(d, width - 1)) for (d, alpha), p in zip(drafts, chance, strict=True))
-            value = (rows + gain) / (1 + self.beta * rows * (width - 1))
+            value = (rows + gain) / (1 + beta * rows * (width - 1))
             if value > best_value * 1.02:  # a wide step must clearly win: it also gives up pipelining
                 best, best_value = width, value
         return best
