@@ -3,7 +3,8 @@ one forward pass.
 
 Coding agents re-emit text they just read (a file rewritten with one change, a patch's context
 lines), so the tokens that followed the last few generated ones earlier in the sequence are often
-the next ones. Each decode step, ``Speculator.decode`` looks up, for every running sequence, the
+the next ones (with ``--draft-model``, a smaller model drafts instead: worker/draft_model.py). Each
+decode step, ``Speculator.decode`` looks up, for every running sequence, the
 most recent earlier occurrence of its last 4, 3 or 2 tokens (``PromptLookup``) and proposes up to
 ``max_draft`` tokens that followed. The batch then runs one forward pass over ``[pending token,
 drafts...]`` per row (rows right-padded to the widest), and each row keeps its drafts while they
@@ -29,10 +30,11 @@ holes cost attention almost nothing meanwhile) and whenever a cache is extracted
 
 Whether to widen a step at all is decided per step from measured costs (``StepCost``): a wide
 step over ``B`` rows and ``W`` positions costs about ``1 + beta × B × (W - 1)`` plain steps (beta
-is measured as the worker runs: ~0.06 on this CPU, far less on a GPU, where a step is bound by
-reading the weights), and gains each row's expected accepted drafts, from its own acceptance so
-far. A sequence whose drafts miss stops drafting, and probes again later; with no draft worth its
-cost the step is mlx-lm's own (pipelined) decode step, so speculation costs (almost) nothing where
+is measured as the worker runs, per batch size: ~0.05-0.15 on this CPU, far less on a GPU, where a
+step is bound by reading the weights), and gains each row's expected accepted drafts, from its own
+acceptance so far (a worker-wide rate for a new one) and how often lookups find drafts for it. A
+sequence whose drafts miss stops drafting, and probes again later; with no draft worth its cost
+the step is mlx-lm's own (pipelined) decode step, so speculation costs (almost) nothing where
 it does not help.
 """
 
