@@ -165,12 +165,7 @@ def main(argv: list[str] | None = None, make_logits_processors: Callable | None 
     from worker.models import load
 
     try:
-        address = check_address(args.gateway or default_address())
-        curve = None
-        if args.curve_secret_key or args.curve_server_key:
-            if not (args.curve_secret_key and args.curve_server_key):
-                raise ValueError("CURVE needs both --curve-secret-key and --curve-server-key")
-            curve = CurveClient.load(args.curve_secret_key, args.curve_server_key)
+        address, curve = _gateway_link(args)
         operator = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
         loaded = (_load_vision if vision else load)(args.model, args.served_name, args.context_length, operator)
     except (ModelLoadError, ValueError, PermissionError) as exc:
@@ -236,17 +231,22 @@ def _is_embedding_model(spec: str) -> bool:
     return is_embedding_model(spec)
 
 
+def _gateway_link(args: argparse.Namespace) -> tuple[str, CurveClient | None]:
+    """The gateway's address and, with both key files, the CURVE keys (ValueError, PermissionError)."""
+    address = check_address(args.gateway or default_address())
+    if not (args.curve_secret_key or args.curve_server_key):
+        return address, None
+    if not (args.curve_secret_key and args.curve_server_key):
+        raise ValueError("CURVE needs both --curve-secret-key and --curve-server-key")
+    return address, CurveClient.load(args.curve_secret_key, args.curve_server_key)
+
+
 def _run_embedding_worker(args: argparse.Namespace) -> int:
     """``--embedding`` (or an encoder-only model): the embedding worker, worker/embeddings.py."""
     from worker.embeddings import run_embedding_worker
 
     try:
-        address = check_address(args.gateway or default_address())
-        curve = None
-        if args.curve_secret_key or args.curve_server_key:
-            if not (args.curve_secret_key and args.curve_server_key):
-                raise ValueError("CURVE needs both --curve-secret-key and --curve-server-key")
-            curve = CurveClient.load(args.curve_secret_key, args.curve_server_key)
+        address, curve = _gateway_link(args)
     except (ValueError, PermissionError) as exc:
         log.error("%s", exc)
         return 2
