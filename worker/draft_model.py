@@ -17,7 +17,7 @@ import mlx.core as mx
 from mlx_lm.generate import GenerationBatch
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
-from worker.speculative import HoleyBatchKVCache
+from worker.speculative import HoleyBatchKVCache, drop_last
 
 PREFILL_STEP = 512  # a new sequence's history, through the draft model, this many tokens a call
 
@@ -98,11 +98,4 @@ class DraftModel:
         return tokens
 
     def _reject(self, counts: list[int]) -> None:
-        fewest = min(counts, default=0)
-        for cache in self._cache:
-            cache.trim(fewest)
-            cache.reject([c - fewest for c in counts])
-        if self._cache and self._cache[0].most_holes >= max(64, self._cache[0]._idx // 8):
-            index = self._cache[0].kept_index()
-            for cache in self._cache:
-                cache.compact(index)
+        drop_last(self._cache, counts)

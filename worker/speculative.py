@@ -207,6 +207,19 @@ def supports_speculation(model: Any) -> bool:
     return all(type(c) in (KVCache, QuantizedKVCache) for c in make_prompt_cache(model))
 
 
+def drop_last(caches: list[Any], counts: list[int]) -> None:
+    """Each row's last ``counts[i]`` positions leave every layer's cache: all rows trimmed by the
+    fewest, the rest as holes; squeezed out at ``COMPACT_AT`` holes in a row or an eighth of the cache."""
+    fewest = min(counts, default=0)
+    for cache in caches:
+        cache.trim(fewest)
+        cache.reject([c - fewest for c in counts])
+    if caches and caches[0].most_holes >= max(COMPACT_AT, caches[0]._idx // 8):
+        index = caches[0].kept_index()  # the same holes in every layer
+        for cache in caches:
+            cache.compact(index)
+
+
 def _make_holey(caches: list[Any]) -> list[HoleyCache]:
     for cache in caches:
         if type(cache) in _HOLEY:
@@ -551,15 +564,7 @@ class Speculator:
         kept, following, following_logprobs = self._verify(batch, pending, drafts, logits, logprobs)
 
         # The cache: positions fed but not kept leave it (trimmed alike, the rest as holes).
-        rejected = [width - 1 - k for k in kept]
-        fewest = min(rejected)
-        for cache in caches:
-            cache.trim(fewest)
-            cache.reject([r - fewest for r in rejected])
-        if caches and caches[0].most_holes >= max(COMPACT_AT, caches[0]._idx // 8):
-            index = caches[0].kept_index()  # the same holes in every layer
-            for cache in caches:
-                cache.compact(index)
+        drop_last(caches, [width - 1 - k for k in kept])
 
         responses: list[Any] = []
         keep_rows: list[int] = []
