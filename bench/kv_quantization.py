@@ -9,11 +9,11 @@
    with the model's own KV shapes (layers, KV heads, head dimension, dtype) at 8 and 4 bits and
    unquantized; and the bytes per 1,000 tokens of context, measured on a cache a token went
    through the model (``worker.quantized_cache.kv_bytes_per_token``).
-2. speed: ``--sequences`` prompts of ``--prompt-tokens`` tokens each through the engine's
-   generator (chunked prefill, 128-token chunks), then ``--decode-tokens`` steps with all of them
-   decoding: prefill tokens/s (all prompts' tokens over the time until every sequence decodes;
-   the first ones decode meanwhile, as in the worker) and decode tokens/s at that concurrency; unquantized and each ``--bits``,
-   alternating (``--rounds``), the median of each.
+2. speed: a ``--prompt-tokens`` prompt through the engine's generator (chunked prefill, 128-token
+   chunks): prefill tokens/s; then ``--sequences`` sequences continuing it (its cache handed to
+   each, as a prefix-cache hit is; each holds its own copy of the KV) and ``--decode-tokens``
+   steps with all of them decoding: decode tokens/s at that concurrency. Unquantized and each
+   ``--bits``, alternating (``--rounds``), the median of each.
 3. agreement: 20 chat prompts, greedy, the first ``--decode-tokens`` tokens (to end of turn),
    batched 16 at a time, quantized against unquantized: per prompt, the share of the
    unquantized tokens that match up to the first difference; and how many prompts match whole.
@@ -122,42 +122,57 @@ def _prompts(loaded: Any, sequences: int, tokens: int) -> list[list[int]]:
     return out
 
 
-def speed_once(loaded: Any, prompts: list[list[int]], decode_tokens: int, bits: int | None,
+def speed_once(loaded: Any, prompt: list[int], sequences: int, decode_tokens: int, bits: int | None,
                group_size: int) -> dict[str, float]:
-    """Prefill: every prompt's tokens over the time until all of them decode (the first ones decode
-    meanwhile, as in the worker). Decode: then ``decode_tokens`` steps with all of them running."""
+    """Prefill: ``prompt`` alone through the engine's generator (128-token chunks), its tokens over
+    the time to its first token. Decode: ``sequences`` sequences that each continue that prompt
+    (its cache handed to each, as a prefix-cache hit is, then a few tokens of their own), then
+    ``decode_tokens`` steps with all of them decoding: every sequence holds its own copy of the
+    whole context's KV, as distinct prompts of that length would."""
     import mlx.core as mx
 
     from worker.batching import ChunkedBatchGenerator
 
-    generator = ChunkedBatchGenerator(loaded.model, prefill_chunk=128, kv_bits=bits, kv_group_size=group_size,
-                                      completion_batch_size=len(prompts), prefill_batch_size=min(len(prompts), 8))
-    uids = generator.insert(prompts, max_tokens=[1 << 20] * len(prompts))
-    started: set[int] = set()
+    def generator() -> ChunkedBatchGenerator:
+        return ChunkedBatchGenerator(loaded.model, prefill_chunk=128, kv_bits=bits, kv_group_size=group_size,
+                                     completion_batch_size=sequences, prefill_batch_size=min(sequences, 8))
+
+    first = generator()
     start = time.perf_counter()
+    (uid,) = first.insert([prompt], max_tokens=[1 << 20])
+    while not first.next()[1]:
+        pass
+    prefill_s = time.perf_counter() - start
+    cache, _ = first.remove([uid], return_prompt_caches=True)[uid]
+    first.close()
+    mx.eval([c.state for c in cache])
+    many = generator()
+    suffixes = [loaded.tokenizer.encode(f" Part {i * 7919}:") for i in range(sequences)]
+    uids = many.insert(suffixes, max_tokens=[1 << 20] * sequences, caches=[cache] * sequences)
+    started: set[int] = set()
     while len(started) < len(uids):
-        started.update(r.uid for r in generator.next()[1])
-    prefilled_at = time.perf_counter()
+        started.update(r.uid for r in many.next()[1])
+    begin = time.perf_counter()
     generated = 0
     for _ in range(decode_tokens):
-        generated += len(generator.next()[1])
+        generated += len(many.next()[1])
     end = time.perf_counter()
-    generator.remove(uids)
-    generator.close()
+    many.remove(uids)
+    many.close()
+    del cache
     mx.clear_cache()
-    return {"prefill_tokens_per_s": sum(map(len, prompts)) / (prefilled_at - start),
-            "decode_tokens_per_s": generated / (end - prefilled_at)}
+    return {"prefill_tokens_per_s": len(prompt) / prefill_s, "decode_tokens_per_s": generated / (end - begin)}
 
 
 def speed(loaded: Any, sequences: int, prompt_tokens: int, decode_tokens: int, bits_list: list[int],
           group_size: int, rounds: int) -> dict[str, Any]:
-    prompts = _prompts(loaded, sequences, prompt_tokens)
+    (prompt,) = _prompts(loaded, 1, prompt_tokens)
     runs: dict[str, list[dict[str, float]]] = {}
     configs: list[int | None] = [None, *bits_list]
     for _ in range(rounds):
         for bits in configs:
             name = "unquantized" if bits is None else f"kv{bits}"
-            result = speed_once(loaded, prompts, decode_tokens, bits, group_size)
+            result = speed_once(loaded, prompt, sequences, decode_tokens, bits, group_size)
             print(f"  {name}: {result}", flush=True)
             runs.setdefault(name, []).append(result)
     out: dict[str, Any] = {"sequences": sequences, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,

@@ -18,6 +18,7 @@ import pytest
 from test_engine import GREEDY, run
 
 from protocol import Accepted, Generate
+from worker import quantized_attention
 from worker.engine import Engine
 
 CONTEXT = 4096
@@ -372,8 +373,73 @@ def test_mlx_lm_internals_are_the_ones_the_quantized_cache_was_written_for():
         owner, _, method = name.rpartition(".")
         holder = next(getattr(m, owner or method) for m in modules if hasattr(m, owner or method))
         source = getattr(holder, method) if owner else holder
+        if source is quantized_attention.quantized_attention:  # installed over mlx-lm's
+            source = quantized_attention._mlx_quantized_attention
         if isinstance(source, property):
             source = source.fget
         if hashlib.sha256(inspect.getsource(source).encode()).hexdigest()[:16] != digest:
             changed.append(name)
     assert not changed, f"mlx-lm changed {changed}: check worker/quantized_cache.py, then update MLX_LM_SOURCES"
+
+
+def test_mlx_lms_attention_over_a_quantized_cache_takes_the_cpu_path(kv_model, monkeypatch):
+    """Every model's attention reaches worker/quantized_attention.py through mlx-lm's
+    ``scaled_dot_product_attention`` (it looks the quantized function up in its module at each
+    call): a decode step over a BatchQuantizedKVCache on the CPU runs ``chunked_attention``."""
+    import mlx.core as mx
+
+    from worker.quantized_cache import BatchQuantizedKVCache
+
+    calls: list[tuple] = []
+    original = quantized_attention.chunked_attention
+
+    def counting(queries, *args, **kwargs):
+        calls.append(queries.shape)
+        return original(queries, *args, **kwargs)
+
+    monkeypatch.setattr(quantized_attention, "chunked_attention", counting)
+    model = kv_model.model
+    cache = [BatchQuantizedKVCache([0, 2], bits=8) for _ in model.layers]
+    wide = quantized_attention.WIDEST + 1
+    model(mx.array([[5] * wide, [0, 0] + [8] * (wide - 2)]), cache=cache)  # a prefill chunk: MLX's fused attention
+    assert not calls
+    model(mx.array([[9], [10]]), cache=cache)
+    model(mx.array([[9, 4, 3], [10, 4, 3]]), cache=cache)  # a speculative step
+    assert [shape[2] for shape in calls] == [1] * len(model.layers) + [3] * len(model.layers)
+
+
+@pytest.mark.parametrize("bits,group_size,head_dim,rows", [(8, 64, 64, 5), (4, 64, 64, 3), (8, 32, 64, 4),
+                                                           (4, 32, 128, 2), (8, 64, 128, 1)])
+@pytest.mark.parametrize("queries", [1, 5])
+def test_chunked_attention_is_attention_over_the_dequantized_cache(bits, group_size, head_dim, rows, queries,
+                                                                     monkeypatch):
+    """Scores and outputs equal MLX's attention over the dequantized keys and values (float32
+    rounding apart): grouped-query heads, several groups per head, 8 and 4 bits, left-padding masks
+    and causal masks over a speculative step's several positions, chunks of rows that do not divide
+    the batch."""
+    import mlx.core as mx
+
+    mx.random.seed(1)
+    batch, kv_heads, repeats, length = 5, 2, 3, 40
+    q = mx.random.normal((batch, kv_heads * repeats, queries, head_dim))
+    k = mx.random.normal((batch, kv_heads, length, head_dim))
+    v = mx.random.normal((batch, kv_heads, length, head_dim))
+    qk = mx.quantize(k, group_size=group_size, bits=bits)
+    qv = mx.quantize(v, group_size=group_size, bits=bits)
+    dk = mx.dequantize(*qk, group_size=group_size, bits=bits)
+    dv = mx.dequantize(*qv, group_size=group_size, bits=bits)
+    padding = mx.array([0, 3, 7, 1, 12])
+    positions = mx.arange(length)
+    mask = (positions[None, :] >= padding[:, None])[:, None, None, :]  # [B, 1, 1, T]
+    causal = mx.arange(length - queries, length)[:, None] >= positions[None]
+    mask = mask & causal[None, None]  # [B, 1, L, T]
+    scale = head_dim ** -0.5
+    per_row = kv_heads * length * head_dim * 4
+    monkeypatch.setattr(quantized_attention, "CHUNK_BYTES", per_row * rows)
+    expected = mx.fast.scaled_dot_product_attention(q, dk, dv, scale=scale, mask=mask)
+    got = quantized_attention.chunked_attention(q, qk, qv, scale, mask, group_size, bits)
+    assert got.shape == expected.shape
+    assert mx.allclose(got, expected, atol=2e-4, rtol=1e-4).item()
+    unmasked = quantized_attention.chunked_attention(q, qk, qv, scale, None, group_size, bits)
+    reference = mx.fast.scaled_dot_product_attention(q, dk, dv, scale=scale, mask=None)
+    assert mx.allclose(unmasked, reference, atol=2e-4, rtol=1e-4).item()

@@ -8,10 +8,11 @@ index, masks, trimming, right-padding roll (``prepare``/``finalize``), ``filter`
 ``extract`` and ``merge``, every operation applied to the three arrays of a triple alike (all
 have the sequence on axis 2). Its ``bits`` and ``group_size`` make mlx-lm's attention
 (``models/base.scaled_dot_product_attention``) take ``quantized_scaled_dot_product_attention``
-when decoding on a GPU: two ``mx.quantized_matmul`` over the packed cache. A prefill chunk, and on
-the CPU every step, attends to the cache dequantized through MLX's fused attention instead (the
-cache hides its ``bits`` for that call; see ``update_and_fetch``): MLX's CPU quantized matmul is
-several times slower for attention's shapes. Either way the values attended to are the same.
+when decoding: on a GPU two ``mx.quantized_matmul`` over the packed cache, on the CPU (whose
+quantized matmul is several times slower for attention's shapes) the same sums a few rows at a
+time (worker/quantized_attention.py, which this module installs). A prefill chunk attends to the
+cache dequantized through MLX's fused attention instead (the cache hides its ``bits`` for that
+call; see ``update_and_fetch``). Either way the values attended to are the same.
 
 Only what is stored is quantized: positions (RoPE offsets), masks and trimming count tokens
 exactly as the unquantized cache does. A chunk's own keys are quantized before it attends to
@@ -32,11 +33,15 @@ import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.base import create_causal_mask
 
+from worker import quantized_attention
+
 KV_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize packs
 KV_GROUP_SIZES = (32, 64, 128)  # what mx.quantize groups by; the head dimension must divide by it
 DEFAULT_KV_GROUP_SIZE = 64  # mlx-lm's
 
 Triple = tuple[mx.array, mx.array, mx.array]
+
+quantized_attention.install()  # decoding over these caches on the CPU (see update_and_fetch)
 
 
 class QuantizedKVCache(mlx_cache.QuantizedKVCache):
@@ -214,10 +219,10 @@ class BatchQuantizedKVCache(mlx_cache._BaseCache):
         # A prefill chunk attends to the cache dequantized (the values the quantized matmuls would
         # read), through MLX's fused attention: on this CPU mlx-lm's quantized attention took 127 ms
         # for a 128-token chunk over 1,100 cached tokens, this 22 ms (fused over float32 keys: 27).
-        # The copy is transient. On the CPU decoding does the same (a step's attention for 16 rows of
-        # 1,100 tokens: 19.7 ms per layer quantized, ~12 dequantized here, 6 unquantized); on a GPU,
-        # whose quantized kernels read the packed cache, decoding stays quantized, as in mlx-lm.
-        self._dequantized = n > 1 or mx.default_device() == mx.cpu
+        # The copy is transient. A decode (or speculative) step stays quantized: on a GPU MLX's
+        # quantized kernels read the packed cache, on the CPU worker/quantized_attention.py does
+        # (dequantizing a step's whole cache cost 2-4× the unquantized step's attention there).
+        self._dequantized = n > (quantized_attention.WIDEST if mx.default_device() == mx.cpu else 1)
         if self._dequantized:
             k, v = self.keys_and_values()
             return dequantize(k, self.group_size, self._bits), dequantize(v, self.group_size, self._bits)
