@@ -408,19 +408,19 @@ def test_mlx_lms_attention_over_a_quantized_cache_takes_the_cpu_path(kv_model, m
     assert [shape[2] for shape in calls] == [1] * len(model.layers) + [3] * len(model.layers)
 
 
-@pytest.mark.parametrize("bits,group_size,head_dim,rows", [(8, 64, 64, 5), (4, 64, 64, 3), (8, 32, 64, 4),
-                                                           (4, 32, 128, 2), (8, 64, 128, 1)])
+@pytest.mark.parametrize("bits,group_size,head_dim,chunk_heads", [(8, 64, 64, 15), (4, 64, 64, 9), (8, 32, 64, 6),
+                                                                  (4, 32, 128, 2), (8, 64, 128, 1), (8, 64, 64, 4)])
 @pytest.mark.parametrize("queries", [1, 5])
-def test_chunked_attention_is_attention_over_the_dequantized_cache(bits, group_size, head_dim, rows, queries,
-                                                                     monkeypatch):
+def test_chunked_attention_is_attention_over_the_dequantized_cache(bits, group_size, head_dim, chunk_heads,
+                                                                     queries, monkeypatch):
     """Scores and outputs equal MLX's attention over the dequantized keys and values (float32
     rounding apart): grouped-query heads, several groups per head, 8 and 4 bits, left-padding masks
-    and causal masks over a speculative step's several positions, chunks of rows that do not divide
-    the batch."""
+    and causal masks over a speculative step's several positions, chunks of ``chunk_heads`` heads'
+    codes: the whole batch, rows that do not divide it, heads of one row that do not divide it."""
     import mlx.core as mx
 
     mx.random.seed(1)
-    batch, kv_heads, repeats, length = 5, 2, 3, 40
+    batch, kv_heads, repeats, length = 5, 3, 2, 40
     q = mx.random.normal((batch, kv_heads * repeats, queries, head_dim))
     k = mx.random.normal((batch, kv_heads, length, head_dim))
     v = mx.random.normal((batch, kv_heads, length, head_dim))
@@ -434,8 +434,7 @@ def test_chunked_attention_is_attention_over_the_dequantized_cache(bits, group_s
     causal = mx.arange(length - queries, length)[:, None] >= positions[None]
     mask = mask & causal[None, None]  # [B, 1, L, T]
     scale = head_dim ** -0.5
-    per_row = kv_heads * length * head_dim * 4
-    monkeypatch.setattr(quantized_attention, "CHUNK_BYTES", per_row * rows)
+    monkeypatch.setattr(quantized_attention, "CHUNK_BYTES", length * head_dim * 4 * chunk_heads)
     expected = mx.fast.scaled_dot_product_attention(q, dk, dv, scale=scale, mask=mask)
     got = quantized_attention.chunked_attention(q, qk, qv, scale, mask, group_size, bits)
     assert got.shape == expected.shape

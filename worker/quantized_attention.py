@@ -7,17 +7,18 @@ keys alone against 6.6 for the float32 matmul). Dequantizing the whole cache fir
 the float32 copy is 4× the packed bytes and does not fit any CPU cache, so writing it and reading
 it back costs more than the unquantized cache's own read (104 ms a layer against 29).
 
-Here the codes are turned to float32 a few batch rows at a time, small enough to stay in the CPU's
-cache while they are read, and each group's scale and bias are applied to the small
-matrices around the matmuls instead of to every cached value: with ``w = s·c + b`` per group of
-``group_size`` values,
+Here the codes are turned to float32 a chunk at a time (a few rows, or some heads of one row),
+small enough to stay in the CPU's cache while the matmul reads them, and each group's scale and
+bias are applied to the small matrices around the matmuls instead of to every cached value: with
+``w = s·c + b`` per group of ``group_size`` values,
 
     q·k = Σ_g s_g (q_g·c_g) + Σ_g b_g Σ(q_g)          (scores: one matmul per group, one for biases)
     Σ_t p_t v_t[g] = (p ⊙ s_g) @ c[g] + (p @ b_g)      (values: the same, per group of dimensions)
 
 The values attended to are exactly the dequantized cache's; only the summation order differs. On
-this 2-core CPU, one layer's decode step over 16 × 4,000 tokens: ~21 ms, against ~26 ms for
-MLX's fused attention over the unquantized cache (which is read from memory at 4 bytes a value).
+this 2-core CPU, one layer's decode step over 16 × 4,000 tokens: ~18 ms, against ~26 ms for
+MLX's fused attention over the unquantized cache (which is read from memory at 4 bytes a value);
+over 16 × 1,100 tokens ~6 ms against ~4 (see ``CHUNK_BYTES``).
 """
 
 from __future__ import annotations
@@ -27,10 +28,19 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models import base as mlx_base
 
-# The float32 codes of one chunk of rows (keys or values): a few MB stays in a CPU's last-level cache.
-CHUNK_BYTES = 4 << 20
+# The float32 codes of one chunk (some rows, or some heads of one row) of the keys or values. One
+# layer's decode step for 16 rows, 3 KV heads of 64, 8 bits, on this 2-core CPU (best of 3, ms):
+#   tokens      unquantized   128 KB   512 KB   1 MB   2 MB chunks
+#   300            0.9          4.1      1.8     1.6    1.5
+#   1,100          3.9          6.0      6.0    17.9   17.6   (a 845 KB row: 3 heads in one matmul)
+#   4,000         26.1         18.2     18.7    17.6   21.9
+# Below ~1,500 tokens the unquantized cache is still in the CPU's caches and wins; past it, reading
+# a quarter of the bytes does.
+CHUNK_BYTES = 512 << 10
 WIDEST = 32  # query positions (a decode step, a speculative step); a prefill chunk goes to MLX's own path
 _mlx_quantized_attention = mlx_base.quantized_scaled_dot_product_attention
+
+Chunk = tuple[slice, slice]  # (rows, heads)
 
 
 def _codes(packed: mx.array, bits: int) -> mx.array:
@@ -42,6 +52,25 @@ def _codes(packed: mx.array, bits: int) -> mx.array:
     return b.astype(mx.float32)
 
 
+def _chunks(rows: int, heads: int, head_bytes: int) -> list[Chunk]:
+    """Row-major chunks of about ``CHUNK_BYTES``: whole rows while one fits, else heads of one row."""
+    if heads * head_bytes <= CHUNK_BYTES:
+        step = CHUNK_BYTES // (heads * head_bytes)
+        return [(slice(r, r + step), slice(None)) for r in range(0, rows, step)]
+    step = max(1, CHUNK_BYTES // head_bytes)
+    return [(slice(r, r + 1), slice(h, h + step)) for r in range(rows) for h in range(0, heads, step)]
+
+
+def _assemble(parts: list[mx.array], chunks: list[Chunk]) -> mx.array:
+    """The chunks' results ([rows, heads, ...] each) as one array."""
+    if len(parts) == 1:
+        return parts[0]
+    if chunks[0][1] == slice(None):
+        return mx.concatenate(parts)
+    per_row = sum(1 for rows, _ in chunks if rows == chunks[0][0])
+    return mx.concatenate([mx.concatenate(parts[i:i + per_row], axis=1) for i in range(0, len(parts), per_row)])
+
+
 def _causal(queries: int, keys: int) -> mx.array:
     q = mx.arange(keys - queries, keys)
     return q[:, None] >= mx.arange(keys)[None]
@@ -50,54 +79,59 @@ def _causal(queries: int, keys: int) -> mx.array:
 def chunked_attention(queries: mx.array, q_keys: tuple[mx.array, mx.array, mx.array],
                       q_values: tuple[mx.array, mx.array, mx.array], scale: float, mask: Any,
                       group_size: int, bits: int) -> mx.array:
-    """mlx-lm's ``quantized_scaled_dot_product_attention``, computed a few batch rows at a time
-    (see the module docstring). ``bits`` 8 or 4."""
+    """mlx-lm's ``quantized_scaled_dot_product_attention``, with the codes turned to float32 a
+    chunk at a time (see the module docstring). ``bits`` 8 or 4. Only the two matmuls over the
+    codes run per chunk; scales, biases, the mask and the softmax apply to the whole batch's
+    scores and weights, which are ``head_dim``/``queries`` times smaller than the cache."""
     B, n_q, L, D = queries.shape
     k_packed, k_scales, k_biases = q_keys
     v_packed, v_scales, v_biases = q_values
     n_kv, T = k_packed.shape[1], k_packed.shape[2]
     rep = n_q // n_kv
-    dv = v_scales.shape[-1] * group_size
+    k_groups, v_groups = D // group_size, v_scales.shape[-1]
     q = (queries.astype(mx.float32) * scale).reshape(B, n_kv, rep * L, D)
-    q_groups = D // group_size
-    q_sums = q.reshape(B, n_kv, rep * L, q_groups, group_size).sum(-1)  # Σ(q_g), per group
-    if isinstance(mask, str):
-        mask = _causal(L, T)
-    if mask is not None and mask.ndim == 4:
-        mask = mx.expand_dims(mask, -3)  # [B|1, 1, 1, L, T] against scores [b, n_kv, rep, L, T]
-    per_row = n_kv * T * max(D, dv) * 4
-    rows = max(1, CHUNK_BYTES // max(per_row, 1))
-    out = []
-    for r in range(0, B, rows):
-        rs = slice(r, r + rows)
-        b = min(rows, B - r)
-        codes = _codes(k_packed[rs], bits)
-        scales, biases = k_scales[rs].swapaxes(-1, -2), k_biases[rs].swapaxes(-1, -2)  # [b, n_kv, G, T]
-        qr = q[rs]
-        scores = q_sums[rs] @ biases
-        for g in range(q_groups):
-            d = slice(g * group_size, (g + 1) * group_size)
-            part = qr[..., d] @ codes[..., d].swapaxes(-1, -2) if q_groups > 1 else qr @ codes.swapaxes(-1, -2)
-            scores = scores + part * scales[:, :, g:g + 1]
-        scores = scores.reshape(b, n_kv, rep, L, T)
-        if mask is not None:
-            m = mask[rs] if mask.ndim == 5 and mask.shape[0] == B and B > 1 else mask
-            if m.dtype == mx.bool_:
-                scores = mx.where(m, scores, mx.finfo(mx.float32).min)
-            else:
-                scores = scores + m
-        p = mx.softmax(scores, axis=-1, precise=True).reshape(b, n_kv, rep * L, T)
-        codes = _codes(v_packed[rs], bits)
-        scales, biases = v_scales[rs], v_biases[rs]  # [b, n_kv, T, G]
-        bias_part = p @ biases  # [b, n_kv, rep·L, G]
-        groups = []
-        for g in range(v_scales.shape[-1]):
-            d = slice(g * group_size, (g + 1) * group_size)
-            weighted = p * scales[..., g].reshape(b, n_kv, 1, T)
-            groups.append(weighted @ codes[..., d] + bias_part[..., g:g + 1])
-        out.append(groups[0] if len(groups) == 1 else mx.concatenate(groups, axis=-1))
-    result = out[0] if len(out) == 1 else mx.concatenate(out)
-    return result.reshape(B, n_q, L, dv).astype(queries.dtype)
+    chunks = _chunks(B, n_kv, T * max(D, v_groups * group_size) * 4)
+    groups = [slice(g * group_size, (g + 1) * group_size) for g in range(max(k_groups, v_groups))]
+
+    # Scores: q·k = Σ_g s_g (q_g·c_g) + Σ_g b_g Σ(q_g).
+    k_scales = k_scales.swapaxes(-1, -2)  # [B, n_kv, groups, T]
+    parts = []
+    for rows, heads in chunks:
+        codes, qc = _codes(k_packed[rows, heads], bits), q[rows, heads]
+        if k_groups == 1:
+            parts.append(qc @ codes.swapaxes(-1, -2))
+            continue
+        sc = k_scales[rows, heads]
+        terms = [(qc[..., d] @ codes[..., d].swapaxes(-1, -2)) * sc[:, :, g:g + 1] for g, d in enumerate(groups[:k_groups])]
+        parts.append(sum(terms[1:], terms[0]))
+    scores = _assemble(parts, chunks)
+    if k_groups == 1:
+        scores = scores * k_scales
+    q_sums = q.reshape(B, n_kv, rep * L, k_groups, group_size).sum(-1)
+    scores = scores + q_sums @ k_biases.swapaxes(-1, -2)
+    if mask is not None:
+        if isinstance(mask, str):
+            mask = _causal(L, T)
+        scores = scores.reshape(B, n_kv, rep, L, T)
+        if mask.ndim == 4:
+            mask = mx.expand_dims(mask, -3)  # [B|1, 1, 1, L, T]
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.finfo(mx.float32).min)
+        else:
+            scores = scores + mask
+        scores = scores.reshape(B, n_kv, rep * L, T)
+    p = mx.softmax(scores, axis=-1, precise=True)
+
+    # Output: Σ_t p_t v_t = (p ⊙ s_g) @ c[g] + p @ b_g, per group g of dimensions.
+    weighted = [p * v_scales[..., g][:, :, None, :] for g in range(v_groups)]
+    parts = []
+    for rows, heads in chunks:
+        codes = _codes(v_packed[rows, heads], bits)
+        outs = [weighted[g][rows, heads] @ codes[..., d] for g, d in enumerate(groups[:v_groups])]
+        parts.append(outs[0] if v_groups == 1 else mx.concatenate(outs, axis=-1))
+    biases = p @ v_biases  # [B, n_kv, rep·L, groups]
+    out = _assemble(parts, chunks) + (biases if v_groups == 1 else mx.repeat(biases, group_size, axis=-1))
+    return out.reshape(B, n_q, L, v_groups * group_size).astype(queries.dtype)
 
 
 def quantized_attention(queries: mx.array, q_keys: Any, q_values: Any, scale: float, mask: Any,
