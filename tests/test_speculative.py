@@ -19,10 +19,11 @@ from mlx_lm.sample_utils import greedy_sampler
 from test_engine import GREEDY, PROMPTS, chat, run
 from test_kv_quantization import kv_model, kv_model_dir  # noqa: F401 (fixtures)
 
-import worker.speculative as speculative
+import worker.holey_cache as holey_cache
 from protocol import Accepted, Generate, SamplingParams
 from worker.engine import Engine
-from worker.speculative import HoleyBatchKVCache, PromptLookup, Sampling, Speculator, StepCost
+from worker.holey_cache import HoleyBatchKVCache
+from worker.speculative import PromptLookup, Sampling, Speculator, StepCost
 
 
 def requests(max_tokens: int = 48, **kwargs) -> list[Generate]:
@@ -177,7 +178,7 @@ def test_with_quantized_kv(kv_model):  # noqa: F811 (the fixture)
 
 
 def test_holes_are_squeezed_out_without_changing_output(tiny_model, monkeypatch):
-    monkeypatch.setattr(speculative, "COMPACT_AT", 3)
+    monkeypatch.setattr(holey_cache, "COMPACT_AT", 3)
     plain, fast, done = compare(tiny_model, requests(max_tokens=60))
     assert fast == plain
     assert drafted_and_kept(done)[1] > 0

@@ -17,7 +17,7 @@ import mlx.core as mx
 from mlx_lm.generate import GenerationBatch
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
-from worker.speculative import HoleyBatchKVCache, drop_last
+from worker.holey_cache import HoleyBatchKVCache, drop_last
 
 PREFILL_STEP = 512  # a new sequence's history, through the draft model, this many tokens a call
 

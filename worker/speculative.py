@@ -22,11 +22,7 @@ are what the model would have produced:
 The row emits its pending token and the kept drafts, and the token sampled after them is its new
 pending token, as in mlx-lm's ``GenerationBatch``. Positions fed but not kept leave the KV cache:
 every row's cache is trimmed by the fewest any row rejected, and a row that rejected more gets
-the rest as *holes* (``HoleyCache``): masked out of attention and out of its RoPE offset, so the
-next tokens see exactly the cache they would have without speculation. Holes are squeezed out when
-a row has ``COMPACT_AT`` of them or an eighth of the cache (one gather of the batch's KV; masked
-holes cost attention almost nothing meanwhile) and whenever a cache is extracted
-(the prefix cache stores contiguous caches).
+the rest as *holes*, masked out of attention and out of its RoPE offset (worker/holey_cache.py).
 
 Whether to widen a step at all is decided per step from measured costs (``StepCost``): a wide
 step over ``B`` rows and ``W`` positions costs about ``1 + beta × B × (W - 1)`` plain steps (beta
@@ -40,7 +36,6 @@ it does not help.
 
 from __future__ import annotations
 
-import copy
 import logging
 import statistics
 import time
@@ -50,153 +45,21 @@ from typing import Any, Protocol
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationBatch
-from mlx_lm.models.cache import BatchKVCache, KVCache
+from mlx_lm.models.cache import KVCache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
 
-from worker.quantized_cache import BatchQuantizedKVCache, QuantizedKVCache
+from worker.holey_cache import drop_last, make_holey
+from worker.quantized_cache import QuantizedKVCache
 
 log = logging.getLogger(__name__)
 
 MAX_DRAFT = 8  # drafted tokens per sequence per step, at most
 NGRAMS = (4, 3, 2)  # suffix lengths looked up, longest first
-COMPACT_AT = 64  # holes in one row (or an eighth of the cache, if more) that trigger squeezing it
 BETA_PRIOR = 0.06  # a wide step's extra cost per extra row-position, until measured (this CPU's)
 PROBE_AFTER, PROBE_WIDTH = 24, 3  # a step of this width after this many plain steps that had drafts
 
 
-# --- the KV cache with holes -------------------------------------------------------
-
-
-class HoleyCache:
-    """Mixed into mlx-lm's ``BatchKVCache`` (or our ``BatchQuantizedKVCache``): positions a row
-    fed but did not keep become holes, masked out of attention, instead of shifting the row.
-    ``_hole``: bool [rows, <= _idx], True at a hole (None: no holes); positions past its length
-    are not holes. ``offset`` (each row's RoPE position) counts kept tokens only."""
-
-    _hole: mx.array | None = None
-    _hole_counts: list[int] | None = None
-    keys: Any
-    values: Any
-    offset: mx.array
-    left_padding: mx.array
-    _idx: int
-
-    def _holes_to(self, length: int) -> mx.array:
-        """The hole mask padded (with False) or cut to ``length`` positions."""
-        rows = self.offset.shape[0]
-        hole = self._hole if self._hole is not None else mx.zeros((rows, 0), dtype=mx.bool_)
-        if hole.shape[1] >= length:
-            return hole[:, :length]
-        return mx.concatenate([hole, mx.zeros((rows, length - hole.shape[1]), dtype=mx.bool_)], axis=1)
-
-    def make_mask(self, N: int, return_array: bool = False, **kwargs: Any) -> Any:  # noqa: N803 (mlx-lm's name)
-        mask = super().make_mask(N, return_array=return_array, **kwargs)  # type: ignore[misc]
-        if self._hole is None:
-            return mask
-        keep = mx.logical_not(self._holes_to(self._idx + N))
-        return mx.logical_and(mask, keep[:, None, None, :])
-
-    def trim(self, n: int) -> int:
-        n = super().trim(n)  # type: ignore[misc]
-        if self._hole is not None and self._hole.shape[1] > self._idx:
-            self._hole = self._hole[:, : self._idx]
-        return n
-
-    def reject(self, counts: list[int]) -> None:
-        """The last ``counts[i]`` positions of row ``i`` become holes."""
-        if not any(counts):
-            return
-        positions = mx.arange(self._idx)[None, :]
-        tail = positions >= (self._idx - mx.array(counts))[:, None]
-        self._hole = mx.logical_or(self._holes_to(self._idx), tail)
-        self.offset = self.offset - mx.array(counts)
-        self._hole_counts = [h + c for h, c in zip(self._hole_counts or [0] * len(counts), counts, strict=True)]
-
-    @property
-    def most_holes(self) -> int:
-        return max(self._hole_counts or [0], default=0)
-
-    def kept_index(self) -> tuple[mx.array, mx.array, int]:
-        """Where each row's kept positions are, right-aligned ([rows, longest]; a shorter row's
-        first entries point at positions it does not keep: its new left padding), its new left
-        padding, and the longest row's count. Computed in MLX; one sync (the count)."""
-        positions = mx.arange(self._idx)[None, :]
-        kept = mx.logical_and(positions >= self.left_padding[:, None], mx.logical_not(self._holes_to(self._idx)))
-        counts = kept.sum(axis=1)
-        longest = _int(counts.max()) if self._idx else 0
-        # Sorted, positions not kept come first and kept ones after, each in order.
-        order = mx.argsort(mx.where(kept, positions + self._idx, positions), axis=1)
-        return order[:, self._idx - longest:], longest - counts, longest
-
-    def compact(self, index: tuple[mx.array, mx.array, int] | None = None) -> None:
-        """Squeeze the holes out: every row's kept positions right-aligned again (one gather).
-        ``index``: ``kept_index()`` of a layer with the same holes (every layer has), to reuse."""
-        if self._hole is None:
-            return
-        order, padding, longest = index or self.kept_index()
-        self.keys = _take(self.keys, order)
-        self.values = _take(self.values, order)
-        self.left_padding = padding.astype(self.left_padding.dtype)
-        self._idx = longest
-        self._hole, self._hole_counts = None, None
-
-    def extract(self, idx: int) -> Any:
-        if self._hole is None or not (self._hole_counts or [0])[idx]:
-            return super().extract(idx)  # type: ignore[misc]
-        row = copy.copy(self)  # the row alone, its holes squeezed out, extracted as mlx-lm does
-        row.keys = _map(lambda a: a[idx: idx + 1], self.keys)
-        row.values = _map(lambda a: a[idx: idx + 1], self.values)
-        row.offset, row.left_padding = self.offset[idx: idx + 1], self.left_padding[idx: idx + 1]
-        row._hole, row._hole_counts = self._hole[idx: idx + 1], [self._hole_counts[idx]]  # type: ignore[index]
-        row.compact()
-        return super(HoleyCache, row).extract(0)  # type: ignore[misc]
-
-    def filter(self, batch_indices: Any) -> None:
-        keep = list(batch_indices)
-        if self._hole is not None and keep:
-            mx.eval(self.left_padding)
-            padding: list[int] = self.left_padding.tolist()  # type: ignore[assignment]
-            shift = min(padding[i] for i in keep)  # what mlx-lm's filter cuts off the left
-            hole = self._holes_to(self._idx)[mx.array(keep)]
-            counts = [self._hole_counts[i] for i in keep]  # type: ignore[index]
-        super().filter(batch_indices)  # type: ignore[misc]
-        if self._hole is None:
-            return
-        if not keep:
-            self._hole, self._hole_counts = None, None
-            return
-        self._hole, self._hole_counts = hole[:, shift:], counts
-        if not any(counts):
-            self._hole, self._hole_counts = None, None
-
-    def extend(self, other: Any) -> None:
-        mine = self._holes_to(self._idx) if self._hole is not None else None
-        theirs = other._holes_to(other._idx) if isinstance(other, HoleyCache) and other._hole is not None else None
-        if mine is None and theirs is None:
-            super().extend(other)  # type: ignore[misc]
-            return
-        rows_mine, rows_theirs = self.offset.shape[0], other.offset.shape[0]
-        counts = (self._hole_counts or [0] * rows_mine) + ((other._hole_counts if theirs is not None else None)
-                                                          or [0] * rows_theirs)
-        idx_mine, idx_theirs = self._idx, other._idx
-        super().extend(other)  # type: ignore[misc]
-        # mlx-lm right-aligns both at the longer one's _idx: pad each hole mask on the left alike
-        parts = []
-        for hole, rows, idx in ((mine, rows_mine, idx_mine), (theirs, rows_theirs, idx_theirs)):
-            hole = hole if hole is not None else mx.zeros((rows, idx), dtype=mx.bool_)
-            parts.append(mx.concatenate([mx.zeros((rows, self._idx - idx), dtype=mx.bool_), hole], axis=1))
-        self._hole, self._hole_counts = mx.concatenate(parts, axis=0), counts
-
-
-class HoleyBatchKVCache(HoleyCache, BatchKVCache):
-    pass
-
-
-class HoleyBatchQuantizedKVCache(HoleyCache, BatchQuantizedKVCache):
-    pass
-
-
-_HOLEY = {BatchKVCache: HoleyBatchKVCache, BatchQuantizedKVCache: HoleyBatchQuantizedKVCache}
+# --- the KV cache ------------------------------------------------------------------
 
 
 def supports_speculation(model: Any) -> bool:
@@ -207,42 +70,12 @@ def supports_speculation(model: Any) -> bool:
     return all(type(c) in (KVCache, QuantizedKVCache) for c in make_prompt_cache(model))
 
 
-def drop_last(caches: list[Any], counts: list[int]) -> None:
-    """Each row's last ``counts[i]`` positions leave every layer's cache: all rows trimmed by the
-    fewest, the rest as holes; squeezed out at ``COMPACT_AT`` holes in a row or an eighth of the cache."""
-    fewest = min(counts, default=0)
-    for cache in caches:
-        cache.trim(fewest)
-        cache.reject([c - fewest for c in counts])
-    if caches and caches[0].most_holes >= max(COMPACT_AT, caches[0]._idx // 8):
-        index = caches[0].kept_index()  # the same holes in every layer
-        for cache in caches:
-            cache.compact(index)
-
-
-def _make_holey(caches: list[Any]) -> list[HoleyCache]:
-    for cache in caches:
-        if type(cache) in _HOLEY:
-            cache.__class__ = _HOLEY[type(cache)]
-    return caches
-
-
 def _int(a: mx.array) -> int:
     return int(a.item())  # type: ignore[arg-type]
 
 
 def _float(a: mx.array) -> float:
     return float(a.item())  # type: ignore[arg-type]
-
-
-def _map(f: Any, x: Any) -> Any:
-    return tuple(f(a) for a in x) if isinstance(x, tuple) else f(x)
-
-
-def _take(x: Any, index: mx.array) -> Any:
-    """Positions ``index`` [rows, n] of every row of a cache tensor [rows, heads, positions, dim]
-    (or of each array of a quantized triple)."""
-    return _map(lambda a: mx.take_along_axis(a, index[:, None, :, None], axis=2), x)
 
 
 # --- drafting ------------------------------------------------------------------------
@@ -454,16 +287,13 @@ class Speculator:
         if not batch.uids:
             self.pause()
             return []
-        start = time.perf_counter()
-        if not self._worth_planning(batch):  # a plain step, pipelined as mlx-lm's: no wait here
-            self._timed(start, True, timed)
-            responses = batch.next()
-            self._previous = ("plain", len(batch.uids), 1, start)
-            return responses
-        mx.eval(batch._next_tokens)  # waits for the previous step, if it was a plain (pipelined) one
-        self._pending = batch._next_tokens.tolist()  # type: ignore[assignment]
-        drafting = time.perf_counter()
-        plan = self._plan(batch)
+        start = drafting = time.perf_counter()
+        plan = None
+        if self._worth_planning(batch):  # else a plain step, pipelined as mlx-lm's: no wait here
+            mx.eval(batch._next_tokens)  # waits for the previous step, if it was a plain (pipelined) one
+            self._pending = batch._next_tokens.tolist()  # type: ignore[assignment]
+            drafting = time.perf_counter()
+            plan = self._plan(batch)
         self._timed(start, plan is None, timed)
         if plan is None:
             responses = batch.next()
@@ -483,18 +313,24 @@ class Speculator:
         prior = self.overall.chance(0.5)
         best: list[tuple[int, float]] = []
         found: list[float] = []
-        for i, uid in enumerate(batch.uids):
-            row = self._rows.get(uid)
-            room = min(self.max_draft, batch.max_tokens[i] - batch._num_tokens[i] - 1)
-            usable = row is not None and row.enabled and room > 0
-            best.append((room, row.acceptance.chance(prior)) if usable and row is not None else (0, 0.0))
-            found.append(row.found if usable and row is not None and self.draft_model is None else 1.0)
+        for room, row in zip(self._rooms(batch), (self._rows.get(uid) for uid in batch.uids), strict=True):
+            best.append((room, row.acceptance.chance(prior)) if room and row is not None else (0, 0.0))
+            found.append(row.found if room and row is not None and self.draft_model is None else 1.0)
         if not any(room for room, _ in best):
             return False
         if self.always or self._plain_with_drafts >= PROBE_AFTER or self.cost.choose(best, found) > 1:
             return True
         self._plain_with_drafts += 1
         return False
+
+    def _rooms(self, batch: GenerationBatch) -> list[int]:
+        """How many tokens each row may draft this step (0: none, or speculation off for it)."""
+        rooms = []
+        for i, uid in enumerate(batch.uids):
+            row = self._rows.get(uid)
+            room = min(self.max_draft, batch.max_tokens[i] - batch._num_tokens[i] - 1)
+            rooms.append(max(room, 0) if row is not None and row.enabled else 0)
+        return rooms
 
     def _timed(self, now: float, plain: bool, timed: bool) -> None:
         """The previous step's cost, as the time until this one started (the engine's work on its
@@ -515,11 +351,10 @@ class Speculator:
         if not any(r is not None and r.enabled for r in rows):
             return None
         pending = self._pending
-        rooms = [min(self.max_draft, batch.max_tokens[i] - batch._num_tokens[i] - 1)
-                 if row is not None and row.enabled else 0 for i, row in enumerate(rows)]
+        rooms = self._rooms(batch)
         drafts: list[list[int]] = []
         if self.draft_model is not None:
-            drafts = self.draft_model.draft(batch, pending, [max(room, 0) for room in rooms])
+            drafts = self.draft_model.draft(batch, pending, rooms)
         for i, row in enumerate(rows):
             if self.draft_model is not None or row is None or rooms[i] < 1:
                 if self.draft_model is None:
@@ -557,7 +392,7 @@ class Speculator:
         pending = self._pending
         width = max(len(d) for d in drafts) + 1
         inputs = mx.array([[p] + d + [p] * (width - 1 - len(d)) for p, d in zip(pending, drafts, strict=True)])
-        caches = _make_holey(batch.prompt_cache)
+        caches = make_holey(batch.prompt_cache)
         logits = batch.model(inputs, cache=caches)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
