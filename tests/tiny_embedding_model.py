@@ -9,7 +9,6 @@ Their vectors mean nothing, but are deterministic.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +44,6 @@ def _word_piece_tokenizer(model_max_length: int) -> Any:
 
 
 def write_tiny_bert(out_dir: Path, context_length: int = BERT_CONTEXT, seed: int = 0) -> Path:
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
     from mlx_embeddings.models import bert
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -57,18 +54,11 @@ def write_tiny_bert(out_dir: Path, context_length: int = BERT_CONTEXT, seed: int
         "vocab_size": len(tokenizer), "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu",
         "pad_token_id": tokenizer.pad_token_id,
     }
-    mx.random.seed(seed)
-    model = bert.Model(bert.ModelArgs.from_dict(config))
-    mx.save_safetensors(str(out_dir / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer.save_pretrained(str(out_dir))
-    return out_dir
+    return _save(out_dir, bert, config, tokenizer, seed)
 
 
 def write_tiny_qwen3_embedding(out_dir: Path, seed: int = 0) -> Path:
     """A decoder-based embedding model (model_type qwen3: the worker needs --embedding)."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
     from mlx_embeddings.models import qwen3
     from tiny_model import build_tokenizer
 
@@ -80,9 +70,15 @@ def write_tiny_qwen3_embedding(out_dir: Path, seed: int = 0) -> Path:
         "max_position_embeddings": 256, "vocab_size": len(tokenizer), "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0, "tie_word_embeddings": False,
     }
+    return _save(out_dir, qwen3, config, tokenizer, seed)
+
+
+def _save(out_dir: Path, architecture: Any, config: dict, tokenizer: Any, seed: int) -> Path:
+    """mlx-embeddings' ``architecture`` module's model, random weights from ``seed``, as a directory."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from tiny_model import save_model_dir
+
     mx.random.seed(seed)
-    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
-    mx.save_safetensors(str(out_dir / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer.save_pretrained(str(out_dir))
-    return out_dir
+    model = architecture.Model(architecture.ModelArgs.from_dict(config))
+    return save_model_dir(out_dir, dict(tree_flatten(model.parameters())), config, tokenizer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from typing import Any
 
 CHAT_TEMPLATE = (
     "{% if preamble is defined %}<|im_start|>system\n{{ preamble }}<|im_end|>\n{% endif %}"
@@ -150,10 +151,20 @@ def random_weights(config: dict, seed: int = 0) -> dict:
     return weights
 
 
-def write_tiny_model(out_dir: Path, variant: str | None = None) -> Path:
-    """The plain tiny model, or one of TOOL_TEMPLATES' variants."""
+def save_model_dir(out_dir: Path, weights: dict, config: dict, *savers: Any) -> Path:
+    """A model directory as loaders read it: the weights (MLX's safetensors), config.json, and
+    each of ``savers`` (tokenizer, processor) saved beside them."""
     import mlx.core as mx
 
+    mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    for saver in savers:
+        saver.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def write_tiny_model(out_dir: Path, variant: str | None = None) -> Path:
+    """The plain tiny model, or one of TOOL_TEMPLATES' variants."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if variant is None:
         tokenizer = build_tokenizer()
@@ -162,10 +173,7 @@ def write_tiny_model(out_dir: Path, variant: str | None = None) -> Path:
     # Variants get room for tool definitions in the prompt.
     context = CONTEXT_LENGTH if variant is None else 4096
     config = model_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|im_end|>"), context)
-    mx.save_safetensors(str(out_dir / "model.safetensors"), random_weights(config), metadata={"format": "mlx"})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer.save_pretrained(str(out_dir))
-    return out_dir
+    return save_model_dir(out_dir, random_weights(config), config, tokenizer)
 
 
 def forced_output(tokenizer, script: str):

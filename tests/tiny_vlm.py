@@ -10,11 +10,10 @@ end-of-turn never wins greedy decoding, so tests can count on long generations.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
-from tiny_model import build_tokenizer
+from tiny_model import build_tokenizer, save_model_dir
 
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE = 56
@@ -77,16 +76,12 @@ def write_tiny_vlm(out_dir: Path, image_size: int = IMAGE_SIZE) -> Path:
     head = weights["language_model.lm_head.weight"] * 8
     weights["language_model.lm_head.weight"] = mx.concatenate([head[:eos], mx.zeros_like(head[eos:eos + 1]),
                                                                 head[eos + 1:]])
-    mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                          crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
                                vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
                                image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
-    processor.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
-    return out_dir
+    return save_model_dir(out_dir, weights, config, processor, tokenizer)
 
 
 IDEFICS3_TEMPLATE = (
@@ -129,16 +124,12 @@ def write_tiny_idefics3(out_dir: Path) -> Path:
                                              "vision_config": idefics3.VisionConfig.from_dict(vision)})
     mx.random.seed(0)
     weights = dict(tree_flatten(idefics3.Model(parsed).parameters()))
-    mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     image_processor = Idefics3ImageProcessor(do_image_splitting=True, size={"longest_edge": 128},
                                              max_image_size={"longest_edge": 64})
     # (64 / 16)^2 patches, pixel-shuffled by scale_factor 2: 4 tokens per tile
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
                                   chat_template=IDEFICS3_TEMPLATE)
-    processor.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
-    return out_dir
+    return save_model_dir(out_dir, weights, config, processor, tokenizer)
 
 
 def png(seed: int, width: int = 40, height: int = 50, noise: bool = True) -> bytes:
