@@ -43,13 +43,15 @@ _mlx_quantized_attention = mlx_base.quantized_scaled_dot_product_attention
 Chunk = tuple[slice, slice]  # (rows, heads)
 
 
-def _codes(packed: mx.array, bits: int) -> mx.array:
-    """``mx.quantize``'s packed words as float32 codes, in order (little-endian: a word's byte i
-    holds element i at 8 bits; at 4 bits byte i's low nibble element 2i, its high one 2i + 1)."""
+def _planes(packed: mx.array, bits: int) -> list[mx.array]:
+    """``mx.quantize``'s packed words as float32 codes, in planes: at 8 bits one, element i of a
+    row at i (little-endian: a word's byte i holds element i); at 4 bits two, byte i's low nibble
+    (element 2i) and its high one (element 2i + 1), each at i. Unpacking 4 bits into one plane in
+    order would cost an interleaving copy of the chunk; the queries are split instead."""
     b = mx.view(packed, mx.uint8)
-    if bits == 4:
-        b = mx.stack([b & 0xF, b >> 4], axis=-1).reshape(*b.shape[:-1], -1)
-    return b.astype(mx.float32)
+    if bits == 8:
+        return [b.astype(mx.float32)]
+    return [(b & 0xF).astype(mx.float32), (b >> 4).astype(mx.float32)]
 
 
 def _chunks(rows: int, heads: int, head_bytes: int) -> list[Chunk]:
@@ -69,6 +71,10 @@ def _assemble(parts: list[mx.array], chunks: list[Chunk]) -> mx.array:
         return mx.concatenate(parts)
     per_row = sum(1 for rows, _ in chunks if rows == chunks[0][0])
     return mx.concatenate([mx.concatenate(parts[i:i + per_row], axis=1) for i in range(0, len(parts), per_row)])
+
+
+def _sum(terms: list[mx.array]) -> mx.array:
+    return sum(terms[1:], terms[0])
 
 
 def _causal(queries: int, keys: int) -> mx.array:
@@ -91,19 +97,21 @@ def chunked_attention(queries: mx.array, q_keys: tuple[mx.array, mx.array, mx.ar
     k_groups, v_groups = D // group_size, v_scales.shape[-1]
     q = (queries.astype(mx.float32) * scale).reshape(B, n_kv, rep * L, D)
     chunks = _chunks(B, n_kv, T * max(D, v_groups * group_size) * 4)
-    groups = [slice(g * group_size, (g + 1) * group_size) for g in range(max(k_groups, v_groups))]
+    q_planes = [q] if bits == 8 else [mx.contiguous(q[..., 0::2]), mx.contiguous(q[..., 1::2])]
+    width = group_size // len(q_planes)  # a group's elements in each plane
+    groups = [slice(g * width, (g + 1) * width) for g in range(max(k_groups, v_groups))]
 
     # Scores: q·k = Σ_g s_g (q_g·c_g) + Σ_g b_g Σ(q_g).
     k_scales = k_scales.swapaxes(-1, -2)  # [B, n_kv, groups, T]
     parts = []
     for rows, heads in chunks:
-        codes, qc = _codes(k_packed[rows, heads], bits), q[rows, heads]
+        planes, qs = _planes(k_packed[rows, heads], bits), [x[rows, heads] for x in q_planes]
         if k_groups == 1:
-            parts.append(qc @ codes.swapaxes(-1, -2))
+            parts.append(_sum([x @ c.swapaxes(-1, -2) for x, c in zip(qs, planes, strict=True)]))
             continue
         sc = k_scales[rows, heads]
-        terms = [(qc[..., d] @ codes[..., d].swapaxes(-1, -2)) * sc[:, :, g:g + 1] for g, d in enumerate(groups[:k_groups])]
-        parts.append(sum(terms[1:], terms[0]))
+        parts.append(_sum([_sum([x[..., d] @ c[..., d].swapaxes(-1, -2) for x, c in zip(qs, planes, strict=True)])
+                           * sc[:, :, g:g + 1] for g, d in enumerate(groups[:k_groups])]))
     scores = _assemble(parts, chunks)
     if k_groups == 1:
         scores = scores * k_scales
@@ -126,8 +134,12 @@ def chunked_attention(queries: mx.array, q_keys: tuple[mx.array, mx.array, mx.ar
     weighted = [p * v_scales[..., g][:, :, None, :] for g in range(v_groups)]
     parts = []
     for rows, heads in chunks:
-        codes = _codes(v_packed[rows, heads], bits)
-        outs = [weighted[g][rows, heads] @ codes[..., d] for g, d in enumerate(groups[:v_groups])]
+        planes = _planes(v_packed[rows, heads], bits)
+        outs = []
+        for g, d in enumerate(groups[:v_groups]):
+            per_plane = [weighted[g][rows, heads] @ c[..., d] for c in planes]
+            # 4 bits: the planes' outputs are the group's even and odd elements: interleaved back
+            outs.append(per_plane[0] if bits == 8 else mx.stack(per_plane, axis=-1).reshape(*per_plane[0].shape[:-1], -1))
         parts.append(outs[0] if v_groups == 1 else mx.concatenate(outs, axis=-1))
     biases = p @ v_biases  # [B, n_kv, rep·L, groups]
     out = _assemble(parts, chunks) + (biases if v_groups == 1 else mx.repeat(biases, group_size, axis=-1))
@@ -136,7 +148,7 @@ def chunked_attention(queries: mx.array, q_keys: tuple[mx.array, mx.array, mx.ar
 
 def quantized_attention(queries: mx.array, q_keys: Any, q_values: Any, scale: float, mask: Any,
                         group_size: int = 64, bits: int = 8) -> mx.array:
-    """What mlx-lm's attention calls for a cache with ``bits``: rows at a time on the CPU for a
+    """What mlx-lm's attention calls for a cache with ``bits``: a chunk at a time on the CPU for a
     decode or speculative step at 8 or 4 bits, mlx-lm's own (MLX's quantized kernels) otherwise."""
     if mx.default_device() == mx.cpu and bits in (4, 8) and queries.shape[2] <= WIDEST:
         return chunked_attention(queries, q_keys, q_values, scale, mask, group_size, bits)
