@@ -89,14 +89,19 @@ def generated(generator, prompts: list[list[int]], n: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_batched_chunked_quantized_decoding_is_mlx_lms_single_sequence_quantized_cache(kv_model, bits):
+@pytest.mark.parametrize("chunks", [False, True])
+def test_batched_chunked_quantized_decoding_is_mlx_lms_single_sequence_quantized_cache(kv_model, bits, chunks,
+                                                                                        monkeypatch):
     """Four prompts of different lengths (left padding), prefilled in 24-token chunks beside
     decoding (right padding, rolled), joining and leaving the batch: each gets exactly the tokens
-    mlx-lm's own one-sequence quantized cache gives it."""
+    mlx-lm's own one-sequence quantized cache gives it, whether decoding attends to the cache
+    dequantized whole (a small cache, on the CPU) or in chunks (a large one)."""
     from worker.batching import ChunkedBatchGenerator, KVQuantizedBatchGenerator
 
     prompts = [kv_model.tokenizer.encode(p) for p in PROMPTS]
     alone = [single_sequence_tokens(kv_model.model, p, 12, bits) for p in prompts]
+    if chunks:
+        monkeypatch.setattr(quantized_attention, "DEQUANTIZED_BYTES", 0)
     chunked = generated(ChunkedBatchGenerator(kv_model.model, prefill_chunk=24, kv_bits=bits), prompts, 12)
     unchunked = generated(KVQuantizedBatchGenerator(kv_model.model, kv_bits=bits, prefill_step_size=512), prompts, 12)
     assert chunked == alone
@@ -402,7 +407,10 @@ def test_mlx_lms_attention_over_a_quantized_cache_takes_the_cpu_path(kv_model, m
     cache = [BatchQuantizedKVCache([0, 2], bits=8) for _ in model.layers]
     wide = quantized_attention.WIDEST + 1
     model(mx.array([[5] * wide, [0, 0] + [8] * (wide - 2)]), cache=cache)  # a prefill chunk: MLX's fused attention
+    model(mx.array([[9], [10]]), cache=cache)  # a small cache: dequantized whole, fused attention too
     assert not calls
+    monkeypatch.setattr(quantized_attention, "DEQUANTIZED_BYTES", 2 * wide * 64 * 4 * 2 * 2)  # 2 heads
+    assert quantized_attention.chunks_pay(1, 2, 2, wide + 2, 64)
     model(mx.array([[9], [10]]), cache=cache)
     model(mx.array([[9, 4, 3], [10, 4, 3]]), cache=cache)  # a speculative step
     assert [shape[2] for shape in calls] == [1] * len(model.layers) + [3] * len(model.layers)

@@ -20,6 +20,7 @@ from test_engine import GREEDY, PROMPTS, chat, run
 from test_kv_quantization import kv_model, kv_model_dir  # noqa: F401 (fixtures)
 
 import worker.holey_cache as holey_cache
+import worker.quantized_attention as quantized_attention
 from protocol import Accepted, Generate, SamplingParams
 from worker.engine import Engine
 from worker.holey_cache import HoleyBatchKVCache
@@ -170,7 +171,12 @@ def test_sampled_requests_with_processors_speculate_and_finish(tiny_model):
     assert drafted_and_kept(done)[0] > 0
 
 
-def test_with_quantized_kv(kv_model):  # noqa: F811 (the fixture)
+@pytest.mark.parametrize("chunks", [False, True])
+def test_with_quantized_kv(kv_model, chunks, monkeypatch):  # noqa: F811 (the fixture)
+    """Both ways of attending to a quantized cache on the CPU (worker/quantized_attention.py):
+    dequantized whole (a small cache) and in chunks, whose masks carry the holes."""
+    if chunks:
+        monkeypatch.setattr(quantized_attention, "DEQUANTIZED_BYTES", 0)
     reqs = requests(max_tokens=40)[:3]
     plain, fast, done = compare(kv_model, reqs, kv_bits=8)
     assert fast == plain

@@ -38,6 +38,14 @@ from mlx_lm.models import base as mlx_base
 # a quarter of the bytes does.
 CHUNK_BYTES = 512 << 10
 WIDEST = 32  # query positions (a decode step, a speculative step); a prefill chunk goes to MLX's own path
+# A layer's keys and values, as float32, up to which dequantizing them whole and MLX's fused
+# attention beat chunks (a few large ops against hundreds of small ones; the copy still fits this
+# CPU's 32 MB last-level cache). One decode step of SmolLM2 (30 layers), 16 rows, ms:
+#   tokens   unquantized   chunks   dequantized whole
+#   1,000        211        368          314            (24.6 MB)
+#   2,000        580        558          770
+#   4,000        907       ~990         2800
+DEQUANTIZED_BYTES = 32 << 20
 _mlx_quantized_attention = mlx_base.quantized_scaled_dot_product_attention
 
 Chunk = tuple[slice, slice]  # (rows, heads)
@@ -144,6 +152,13 @@ def chunked_attention(queries: mx.array, q_keys: tuple[mx.array, mx.array, mx.ar
     biases = p @ v_biases  # [B, n_kv, rep·L, groups]
     out = _assemble(parts, chunks) + (biases if v_groups == 1 else mx.repeat(biases, group_size, axis=-1))
     return out.reshape(B, n_q, L, v_groups * group_size).astype(queries.dtype)
+
+
+def chunks_pay(queries: int, rows: int, heads: int, length: int, dim: int) -> bool:
+    """Whether a step of ``queries`` positions over a cache of ``rows`` × ``heads`` × ``length``
+    × ``dim`` (keys and values alike) should attend in chunks on the CPU, rather than to the cache
+    dequantized whole through MLX's fused attention."""
+    return queries <= WIDEST and rows * heads * length * dim * 4 * 2 > DEQUANTIZED_BYTES
 
 
 def quantized_attention(queries: mx.array, q_keys: Any, q_values: Any, scale: float, mask: Any,

@@ -220,9 +220,14 @@ class BatchQuantizedKVCache(mlx_cache._BaseCache):
         # read), through MLX's fused attention: on this CPU mlx-lm's quantized attention took 127 ms
         # for a 128-token chunk over 1,100 cached tokens, this 22 ms (fused over float32 keys: 27).
         # The copy is transient. A decode (or speculative) step stays quantized: on a GPU MLX's
-        # quantized kernels read the packed cache, on the CPU worker/quantized_attention.py does
-        # (dequantizing a step's whole cache cost 2-4× the unquantized step's attention there).
-        self._dequantized = n > (quantized_attention.WIDEST if mx.default_device() == mx.cpu else 1)
+        # quantized kernels read the packed cache; on the CPU worker/quantized_attention.py does
+        # once the cache outgrows the CPU's caches (dequantizing a 16 × 4,000-token cache whole cost
+        # 3× the unquantized step), and a smaller one is dequantized whole.
+        if mx.default_device() == mx.cpu:
+            rows, heads, _, dim = keys.shape
+            self._dequantized = not quantized_attention.chunks_pay(n, rows, heads, self._idx, dim)
+        else:
+            self._dequantized = n > 1
         if self._dequantized:
             k, v = self.keys_and_values()
             return dequantize(k, self.group_size, self._bits), dequantize(v, self.group_size, self._bits)
