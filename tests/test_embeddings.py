@@ -248,6 +248,14 @@ def test_model_kinds_are_kept_apart(stack: Stack, client: OpenAI) -> None:
     assert messages.json()["type"] == "error" and "embedding model" in messages.json()["error"]["message"]
     kinds = {card["id"]: card["kind"] for card in httpx.get(f"{stack.base_url}/v1/models", timeout=30).json()["data"]}
     assert kinds[BERT] == "embedding" and kinds[TEXT] == "text"
+    # Agents' model pickers list only models they can talk to: Codex's catalog, Anthropic's list.
+    catalog = httpx.get(f"{stack.base_url}/v1/models", params={"client_version": "0.171.0"}, timeout=30).json()
+    assert [m["slug"] for m in catalog["models"]] == [TEXT]
+    anthropic = httpx.get(f"{stack.base_url}/v1/models", headers={"anthropic-version": "2023-06-01"}, timeout=30)
+    assert [card["display_name"] for card in anthropic.json()["data"]] == [TEXT]
+    workers = httpx.get(f"{stack.base_url}/v1/workers", timeout=30).json()["data"]
+    assert {w["model"]: w["kind"] for w in workers if w["model"] in (BERT, QWEN3, TEXT)} == {
+        BERT: "embedding", QWEN3: "embedding", TEXT: "text"}
 
 
 def test_worker_killed_mid_request_fails_cleanly(stack: Stack, client: OpenAI) -> None:

@@ -77,7 +77,7 @@ class ModelEntry:
     load_seconds: float | None = None  # how long the last successful load took
     loaded_at: float | None = None  # wall clock
     # What its worker said of the model when it last registered (context_length, tool_calls,
-    # thinking): /v1/models and Codex's catalog describe it while it is unloaded.
+    # thinking, vision, kind): /v1/models and Codex's catalog describe it while it is unloaded.
     described: dict[str, Any] = field(default_factory=dict)
     stopped: asyncio.Event = field(default_factory=asyncio.Event)  # set while no unload is in progress
     pinned: bool = False  # the list's pin, or the operator's (POST /v1/models/NAME/pin)
@@ -330,7 +330,7 @@ class ModelManager:
         worker = next(iter(self._serving_workers(name)), None)
         if worker is not None:
             entry.described = {"context_length": worker.context_length, "tool_calls": worker.tool_calls,
-                               "thinking": worker.thinking}
+                               "thinking": worker.thinking, "vision": worker.vision, "kind": worker.kind}
         entry.state, entry.loads, entry.measuring = ModelState.LOADED, entry.loads + 1, True
         entry.load_seconds, entry.loaded_at = time.monotonic() - started, time.time()
         entry.last_used = time.monotonic()

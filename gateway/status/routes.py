@@ -41,9 +41,15 @@ def _model_card(model: str, workers: list[WorkerInfo], anthropic: bool = False,
         if window:
             card["max_input_tokens"] = window
         return card
-    kind = "embedding" if workers and all(w.kind == "embedding" for w in workers) else "text"
-    return {"id": model, "object": "model", "created": created, "owned_by": "mlx-gateway", "kind": kind,
-            **(state or {})}
+    return {"id": model, "object": "model", "created": created, "owned_by": "mlx-gateway", **(state or {}),
+            "kind": _kind(workers, state)}
+
+
+def _kind(workers: list[WorkerInfo], state: dict[str, Any] | None) -> str:
+    """"embedding" or "text": what its workers serve, else what it was when last loaded."""
+    if workers:
+        return "embedding" if all(w.kind == "embedding" for w in workers) else "text"
+    return str((state or {}).get("kind", "text"))
 
 
 _STARTED = time.time()
@@ -79,8 +85,9 @@ async def list_models(request: Request, client_version: str | None = None) -> di
         if worker.serving:
             serving.setdefault(worker.model, []).append(worker)
     names = sorted(serving)
-    if _asks_anthropic(request):
-        cards = [_model_card(m, serving[m], True, listed.get(m)) for m in names]
+    if _asks_anthropic(request):  # Claude Code's /model picker: models it can talk to
+        cards = [_model_card(m, serving[m], True, listed.get(m)) for m in names
+                 if _kind(serving[m], listed.get(m)) != "embedding"]
         return {"data": cards, "has_more": False, "first_id": cards[0]["id"] if cards else None,
                 "last_id": cards[-1]["id"] if cards else None}
     return {"object": "list", "data": [_model_card(m, serving[m], False, listed.get(m)) for m in names]}

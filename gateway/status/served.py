@@ -24,14 +24,15 @@ class ServedModel:
 
 
 def served_models(workers: Iterable[Mapping[str, Any]]) -> list[ServedModel]:
-    """The models ready workers serve, from ``GET /v1/workers`` entries, sorted by name.
+    """The models ready workers serve, from ``GET /v1/workers`` entries, sorted by name; not
+    embedding models (agents would offer them to chat with).
 
     Replicas of one model may differ (another ``--context-length``): the smallest window wins,
     and a capability counts only if every replica has it.
     """
     merged: dict[str, ServedModel] = {}
     for worker in workers:
-        if worker.get("state", "ready") != "ready":
+        if worker.get("state", "ready") != "ready" or worker.get("kind") == "embedding":
             continue
         model = ServedModel(str(worker["model"]), int(worker["context_length"]),
                             bool(worker.get("tool_calls", False)), bool(worker.get("thinking", False)),

@@ -126,6 +126,7 @@ def worker_view(w: WorkerInfo, now: float) -> dict[str, Any]:
         "tool_calls": w.tool_calls,
         "thinking": w.thinking,
         "vision": w.vision,
+        "kind": w.kind,
         "max_sequences": w.max_sequences,
         "in_flight": len(w.in_flight),
         "active": w.active,
