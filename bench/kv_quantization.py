@@ -123,7 +123,7 @@ def _prompts(loaded: Any, sequences: int, tokens: int) -> list[list[int]]:
 
 
 def speed_once(loaded: Any, prompt: list[int], sequences: int, decode_tokens: int, bits: int | None,
-               group_size: int) -> dict[str, float]:
+               group_size: int) -> dict[str, Any]:
     """Prefill: ``prompt`` alone through the engine's generator (128-token chunks), its tokens over
     the time to its first token. Decode: ``sequences`` sequences that each continue that prompt
     (its cache handed to each, as a prefix-cache hit is, then a few tokens of their own), then
@@ -154,35 +154,54 @@ def speed_once(loaded: Any, prompt: list[int], sequences: int, decode_tokens: in
         started.update(r.uid for r in many.next()[1])
     begin = time.perf_counter()
     generated = 0
+    tokens: dict[int, list[int]] = {uid: [] for uid in uids}
     for _ in range(decode_tokens):
-        generated += len(many.next()[1])
+        responses = many.next()[1]
+        generated += len(responses)
+        for r in responses:
+            tokens[r.uid].append(r.token)
     end = time.perf_counter()
     many.remove(uids)
     many.close()
     del cache
     mx.clear_cache()
-    return {"prefill_tokens_per_s": len(prompt) / prefill_s, "decode_tokens_per_s": generated / (end - begin)}
+    return {"prefill_tokens_per_s": len(prompt) / prefill_s, "decode_tokens_per_s": generated / (end - begin),
+            "tokens": [tokens[uid] for uid in uids]}
 
 
 def speed(loaded: Any, sequences: int, prompt_tokens: int, decode_tokens: int, bits_list: list[int],
           group_size: int, rounds: int) -> dict[str, Any]:
     (prompt,) = _prompts(loaded, 1, prompt_tokens)
-    runs: dict[str, list[dict[str, float]]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
     configs: list[int | None] = [None, *bits_list]
     for _ in range(rounds):
         for bits in configs:
             name = "unquantized" if bits is None else f"kv{bits}"
             result = speed_once(loaded, prompt, sequences, decode_tokens, bits, group_size)
-            print(f"  {name}: {result}", flush=True)
+            print(f"  {name}: { {k: v for k, v in result.items() if k != 'tokens'} }", flush=True)
             runs.setdefault(name, []).append(result)
     out: dict[str, Any] = {"sequences": sequences, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
                            "rounds": rounds}
     for name, results in runs.items():
-        out[name] = {k: round(statistics.median(r[k] for r in results), 2) for k in results[0]}
-    for bits in bits_list:
+        out[name] = {k: round(statistics.median(r[k] for r in results), 2) for k in results[0] if k != "tokens"}
+    for bits in bits_list:  # each round's ratio (the machine's speed drifts between rounds), their median
         for k in ("prefill_tokens_per_s", "decode_tokens_per_s"):
-            out[f"kv{bits}"][k.replace("tokens_per_s", "ratio")] = round(out[f"kv{bits}"][k] / out["unquantized"][k], 3)
+            ratios = [q[k] / u[k] for q, u in zip(runs[f"kv{bits}"], runs["unquantized"], strict=True)]
+            out[f"kv{bits}"][k.replace("tokens_per_s", "ratios")] = [round(r, 3) for r in ratios]
+            out[f"kv{bits}"][k.replace("tokens_per_s", "ratio")] = round(statistics.median(ratios), 3)
+        # Greedy agreement at this context, decoding attending as the worker would at this size:
+        # the unquantized tokens matched up to the first difference, per sequence (first round).
+        reference, quantized = runs["unquantized"][0]["tokens"], runs[f"kv{bits}"][0]["tokens"]
+        out[f"kv{bits}"]["greedy_identical"] = sum(r == q for r, q in zip(reference, quantized, strict=True))
+        out[f"kv{bits}"]["greedy_share"] = round(statistics.mean(_share(r, q) for r, q in zip(reference, quantized,
+                                                                                              strict=True)), 3)
     return out
+
+
+def _share(reference: list[int], got: list[int]) -> float:
+    """The share of ``reference`` matched up to the first difference."""
+    same = next((i for i, (a, b) in enumerate(zip(reference, got, strict=False)) if a != b), min(len(reference), len(got)))
+    return 1.0 if reference == got else same / max(len(reference), 1)
 
 
 def _greedy(loaded: Any, prompts: list[list[int]], tokens: int, bits: int | None, group_size: int) -> list[list[int]]:
@@ -210,9 +229,8 @@ def agreement(loaded: Any, bits: int, tokens: int = 64, group_size: int = 64,
     shares, first_difference = [], []
     for ref, got in zip(reference, quantized, strict=True):
         # Tokens alike up to the first difference (one ending its turn where the other goes on is one).
-        same = next((i for i, (a, b) in enumerate(zip(ref, got, strict=False)) if a != b), min(len(ref), len(got)))
-        shares.append(1.0 if ref == got else same / max(len(ref), 1))
-        first_difference.append(None if ref == got else same)
+        shares.append(_share(ref, got))
+        first_difference.append(None if ref == got else round(shares[-1] * len(ref)))
     identical = sum(r == q for r, q in zip(reference, quantized, strict=True))
     details = {"prompts": len(prompts), "tokens": tokens, "identical": identical,
                "mean_share": round(statistics.mean(shares), 4), "first_difference": first_difference,

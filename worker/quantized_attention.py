@@ -1,4 +1,4 @@
-"""Attention over a quantized KV cache on the CPU, a few rows at a time.
+"""Attention over a quantized KV cache on the CPU, a chunk of the cache at a time.
 
 mlx-lm attends to a quantized cache (``--kv-bits``) with two ``mx.quantized_matmul``; on a GPU
 those kernels read the packed cache directly, but MLX's CPU kernel is several times slower than a
@@ -34,8 +34,8 @@ from mlx_lm.models import base as mlx_base
 #   300            0.9          4.1      1.8     1.6    1.5
 #   1,100          3.9          6.0      6.0    17.9   17.6   (a 845 KB row: 3 heads in one matmul)
 #   4,000         26.1         18.2     18.7    17.6   21.9
-# Below ~1,500 tokens the unquantized cache is still in the CPU's caches and wins; past it, reading
-# a quarter of the bytes does.
+# While the unquantized cache still fits the CPU's caches it wins; past that (here ~2,000 tokens at
+# 16 rows), reading a quarter of the bytes does.
 CHUNK_BYTES = 512 << 10
 WIDEST = 32  # query positions (a decode step, a speculative step); a prefill chunk goes to MLX's own path
 # A layer's keys and values, as float32, up to which dequantizing them whole and MLX's fused
