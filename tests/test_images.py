@@ -615,7 +615,8 @@ def test_a_pinned_image_id_missing_from_the_table_fails_instead_of_reading_zeros
     import mlx.core as mx
     import numpy as np
 
-    from worker.vision import VIRTUAL_BASE, FeatureError, FeatureTable
+    from worker.image_features import FeatureError, FeatureTable
+    from worker.vision import VIRTUAL_BASE
 
     table = FeatureTable(1 << 20)
     ids = np.array([VIRTUAL_BASE + 5, VIRTUAL_BASE + 6])
@@ -633,7 +634,8 @@ def test_a_virtual_id_maps_to_one_live_image() -> None:
     import mlx.core as mx
     import numpy as np
 
-    from worker.vision import VIRTUAL_BASE, FeatureError, FeatureTable
+    from worker.image_features import FeatureError, FeatureTable
+    from worker.vision import VIRTUAL_BASE
 
     table = FeatureTable(1 << 20)
     a, b = np.array([VIRTUAL_BASE + 1, VIRTUAL_BASE + 2]), np.array([VIRTUAL_BASE + 2, VIRTUAL_BASE + 3])
