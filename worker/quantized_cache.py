@@ -9,10 +9,11 @@ index, masks, trimming, right-padding roll (``prepare``/``finalize``), ``filter`
 have the sequence on axis 2). Its ``bits`` and ``group_size`` make mlx-lm's attention
 (``models/base.scaled_dot_product_attention``) take ``quantized_scaled_dot_product_attention``
 when decoding: on a GPU two ``mx.quantized_matmul`` over the packed cache, on the CPU (whose
-quantized matmul is several times slower for attention's shapes) the same sums a few rows at a
-time (worker/quantized_attention.py, which this module installs). A prefill chunk attends to the
-cache dequantized through MLX's fused attention instead (the cache hides its ``bits`` for that
-call; see ``update_and_fetch``). Either way the values attended to are the same.
+quantized matmul is several times slower for attention's shapes) the same sums a chunk of the
+cache at a time (worker/quantized_attention.py, which this module installs). A prefill chunk, and
+on the CPU a step over a cache small enough to fit the CPU's caches, attends to the cache
+dequantized through MLX's fused attention instead (the cache hides its ``bits`` for that call; see
+``update_and_fetch``). Either way the values attended to are the same.
 
 Only what is stored is quantized: positions (RoPE offsets), masks and trimming count tokens
 exactly as the unquantized cache does. A chunk's own keys are quantized before it attends to
@@ -181,9 +182,9 @@ class BatchQuantizedKVCache(mlx_cache._BaseCache):
     @property
     def bits(self) -> int:
         """The cache's bits; absent (AttributeError) right after a dequantized fetch (a prefill
-        chunk's, or any on the CPU), so that mlx-lm's ``scaled_dot_product_attention``, which takes
-        the quantized path when a cache has ``bits``, attends with MLX's fused attention over the
-        dequantized keys and values. Read inside this module as ``_bits``."""
+        chunk's, or on the CPU a small cache's), so that mlx-lm's ``scaled_dot_product_attention``,
+        which takes the quantized path when a cache has ``bits``, attends with MLX's fused
+        attention over the dequantized keys and values. Read inside this module as ``_bits``."""
         if self._dequantized:
             raise AttributeError("bits")
         return self._bits
