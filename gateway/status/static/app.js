@@ -104,59 +104,89 @@ function renderMemory(memory) {
   box.append(label, bar(share, share > 1 ? "over" : ""));
 }
 
+// Rows keyed by `key`: a row still listed keeps its node, and its actions cell (the first: other
+// cells' changing widths do not move it) while its `actionsKey` is the same, so a snapshot arriving
+// between a button's press and its release does not swallow the click (each snapshot replaced
+// every button, and a busy machine's test clicked nothing).
+function renderRows(body, items, key, cells, actions, actionsKey) {
+  const old = new Map([...body.children].map((row) => [row.dataset.key, row]));
+  const rows = items.map((item) => {
+    const row = old.get(key(item)) || document.createElement("tr");
+    row.dataset.key = key(item);
+    const kept = row.firstElementChild;
+    const fresh = cells(item);
+    if (kept && kept.dataset.actions === actionsKey(item)) {
+      while (kept.nextSibling) kept.nextSibling.remove();
+      kept.after(...fresh);
+    } else {
+      const td = actions(item);
+      td.dataset.actions = actionsKey(item);
+      row.replaceChildren(td, ...fresh);
+    }
+    return row;
+  });
+  const same = rows.length === body.children.length && rows.every((row, i) => body.children[i] === row);
+  if (!same) body.replaceChildren(...rows);
+  return rows;
+}
+
 function renderModels(models, budget) {
   const body = $("#models tbody");
   // Speculation's column only once a worker reports its figures.
   const speculating = models.some((m) => m.speculation);
   document.querySelectorAll("#models .speculation").forEach((th) => { th.hidden = !speculating; });
-  body.replaceChildren(...models.map((m) => {
-    const row = document.createElement("tr");
-    row.dataset.model = m.name;
+  const cells = (m) => {
     const memory = budget ? `${bytes(m.memory_bytes)} (${((m.memory_bytes / budget) * 100).toFixed(1)}%)` : bytes(m.memory_bytes);
     const abilities = `${m.tool_calls ? "tools" : "–"} / ${m.thinking ? "thinking" : "–"}`;
     const state = m.reason && m.state !== "loaded" ? `${m.state}: ${m.reason}` : m.state;
-    row.append(cell(m.name), cell(state, `state state-${m.state}`), cell((m.pids || []).join(", ")),
-      cell(memory), cell(m.context_length), cell(abilities), cell(m.requests ?? ""), cell(modelCache(m), "cache"));
+    const out = [cell(m.name), cell(state, `state state-${m.state}`), cell((m.pids || []).join(", ")),
+      cell(memory), cell(m.context_length), cell(abilities), cell(m.requests ?? ""), cell(modelCache(m), "cache")];
     if (speculating) {
       const s = m.speculation || {};
-      row.append(cell(speculation(s.drafted_tokens, s.accepted_tokens, s.acceptance_rate), "speculation"));
+      out.push(cell(speculation(s.drafted_tokens, s.accepted_tokens, s.acceptance_rate), "speculation"));
     }
-    const actions = document.createElement("td");
-    if (!m.external) {
-      const name = encodeURIComponent(m.name);
-      if (m.state === "loaded") {
-        actions.append(button("Unload", `Unload ${m.name}? Its memory goes back to the system.`,
-          () => post(`/v1/models/${name}/unload`)));
-      } else if (m.state !== "loading" && m.state !== "unloading") {
-        actions.append(button("Load", `Load ${m.name}?`, () => post(`/v1/models/${name}/load`)));
-      }
-      actions.append(button(m.pinned ? "Unpin" : "Pin", `${m.pinned ? "Unpin" : "Pin"} ${m.name}?`,
-        () => post(`/v1/models/${name}/pin`, { pinned: !m.pinned })));
+    return out;
+  };
+  const rows = renderRows(body, models, (m) => m.name, cells, modelActions,
+    (m) => `${m.external}/${m.state}/${m.pinned}`);
+  rows.forEach((row, i) => { row.dataset.model = models[i].name; });
+}
+
+function modelActions(m) {
+  const actions = document.createElement("td");
+  if (!m.external) {
+    const name = encodeURIComponent(m.name);
+    if (m.state === "loaded") {
+      actions.append(button("Unload", `Unload ${m.name}? Its memory goes back to the system.`,
+        () => post(`/v1/models/${name}/unload`)));
+    } else if (m.state !== "loading" && m.state !== "unloading") {
+      actions.append(button("Load", `Load ${m.name}?`, () => post(`/v1/models/${name}/load`)));
     }
-    row.appendChild(actions);
-    return row;
-  }));
+    actions.append(button(m.pinned ? "Unpin" : "Pin", `${m.pinned ? "Unpin" : "Pin"} ${m.name}?`,
+      () => post(`/v1/models/${name}/pin`, { pinned: !m.pinned })));
+  }
+  return actions;
 }
 
 function renderRequests(requests) {
   $("#no-requests").hidden = requests.length > 0;
-  $("#requests tbody").replaceChildren(...requests.map((r) => {
-    const row = document.createElement("tr");
-    row.dataset.request = r.id;
-    row.dataset.model = r.model;
+  const cells = (r) => {
     const id = cell(r.id, "id");
     id.title = r.id;
-    row.append(id, cell(r.family), cell(r.model), cell(r.key || "none"),
+    return [id, cell(r.family), cell(r.model), cell(r.key || "none"),
       cell(r.state, `state state-${r.state}`), promptCell(r),
       cachedCell(r.cached_tokens, r.cached_tokens_ram, r.cached_tokens_disk), cell(r.output_tokens, "output"),
       cell(r.tokens_per_second), cell(speculation(r.drafted_tokens, r.accepted_tokens, r.acceptance_rate), "accepted"),
-      cell(`${r.elapsed_s} s`));
-    const actions = document.createElement("td");
-    actions.append(button("Cancel", `Cancel ${r.id}? Its client gets an error.`,
+      cell(`${r.elapsed_s} s`)];
+  };
+  const actions = (r) => {
+    const td = document.createElement("td");
+    td.append(button("Cancel", `Cancel ${r.id}? Its client gets an error.`,
       () => post(`/v1/requests/${encodeURIComponent(r.request_id)}/cancel`)));
-    row.appendChild(actions);
-    return row;
-  }));
+    return td;
+  };
+  const rows = renderRows($("#requests tbody"), requests, (r) => r.id, cells, actions, () => "cancel");
+  rows.forEach((row, i) => { row.dataset.request = requests[i].id; row.dataset.model = requests[i].model; });
 }
 
 function renderFailures(failures) {
