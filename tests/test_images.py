@@ -7,12 +7,13 @@ mid-image-request failing it cleanly.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -332,43 +333,49 @@ def test_codexs_catalog_and_the_worker_list_say_which_model_sees_images(stack: S
 # --- fetching allowed, and a worker killed mid-request -----------------------------------
 
 
-def test_allowed_image_urls_are_fetched_with_the_limits(tmp_path: Path, tiny_vlm_dir: Path) -> None:
+@contextlib.contextmanager
+def _image_server(body: Callable[[str], bytes]) -> Iterator[str]:
+    """A local HTTP server answering every GET with ``body(path)`` as a PNG; yields its base URL."""
     import http.server
-
-    image = png(30)
-    big = png(31, 99, 99) + b"\0" * 60_000
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
-            body = image if self.path == "/cat.png" else big
+            data = body(self.path)
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(data)
 
         def log_message(self, *args: Any) -> None:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    stack = Stack(tmp_path)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        stack.start_gateway("--allow-image-urls", "--max-image-mb", "0.04", "--image-url-timeout", "5")
-        stack.start_worker(str(tiny_vlm_dir), VLM, "--temperature", "0")
-        stack.wait_for_models(VLM)
-        base = f"http://127.0.0.1:{server.server_address[1]}"
-        ok = _post(stack, "/v1/chat/completions", {"model": VLM, "messages": chat_image(f"{base}/cat.png"),
-                                                   "max_tokens": 3})
-        assert ok.status_code == 200, ok.text
-        assert ok.json()["usage"]["prompt_tokens"] > IMAGE_TOKENS
-        too_big = _post(stack, "/v1/chat/completions", {"model": VLM, "messages": chat_image(f"{base}/big.png")})
-        assert "--max-image-mb" in _openai_error(too_big, "messages.0.content.1.image_url")["message"]
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
-        stack.stop()
         server.shutdown()
         server.server_close()
+
+
+def test_allowed_image_urls_are_fetched_with_the_limits(tmp_path: Path, tiny_vlm_dir: Path) -> None:
+    image = png(30)
+    big = png(31, 99, 99) + b"\0" * 60_000
+    with _image_server(lambda path: image if path == "/cat.png" else big) as base:
+        stack = Stack(tmp_path)
+        try:
+            stack.start_gateway("--allow-image-urls", "--max-image-mb", "0.04", "--image-url-timeout", "5")
+            stack.start_worker(str(tiny_vlm_dir), VLM, "--temperature", "0")
+            stack.wait_for_models(VLM)
+            ok = _post(stack, "/v1/chat/completions", {"model": VLM, "messages": chat_image(f"{base}/cat.png"),
+                                                       "max_tokens": 3})
+            assert ok.status_code == 200, ok.text
+            assert ok.json()["usage"]["prompt_tokens"] > IMAGE_TOKENS
+            too_big = _post(stack, "/v1/chat/completions", {"model": VLM, "messages": chat_image(f"{base}/big.png")})
+            assert "--max-image-mb" in _openai_error(too_big, "messages.0.content.1.image_url")["message"]
+        finally:
+            stack.stop()
 
 
 def test_a_worker_killed_during_an_image_request_fails_it_cleanly(tmp_path: Path, tiny_vlm_dir: Path) -> None:
@@ -830,29 +837,14 @@ def test_image_urls_are_counted_before_fetching_and_a_slow_server_holds_neither_
 
 
 def test_a_requests_fetched_images_share_one_byte_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    import http.server
-
     from gateway.api import images
     from gateway.api.errors import APIError
 
     image = png(33)
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(image)))
-            self.end_headers()
-            self.wfile.write(image)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setattr(images, "_limits", images.ImageLimits(max_bytes=len(image) + 10, allow_urls=True,
                                                               url_timeout=10))
-    url = f"http://127.0.0.1:{server.server_address[1]}/x.png"
-    try:
+    with _image_server(lambda _path: image) as base:
+        url = f"{base}/x.png"
         with images.one_request():
             for _ in range(images.FETCHED_BYTES_FACTOR):
                 assert images.from_url(url, "p").data == image
@@ -861,6 +853,3 @@ def test_a_requests_fetched_images_share_one_byte_budget(monkeypatch: pytest.Mon
             assert caught.value.param == "p"
         with images.one_request():  # the next request has its own budget
             assert images.from_url(url, "p").data == image
-    finally:
-        server.shutdown()
-        server.server_close()
