@@ -198,10 +198,15 @@ def speed(loaded: Any, sequences: int, prompt_tokens: int, decode_tokens: int, b
     return out
 
 
+def _same_prefix(reference: list[int], got: list[int]) -> int:
+    """Tokens alike up to the first difference (one ending its turn where the other goes on is one)."""
+    return next((i for i, (a, b) in enumerate(zip(reference, got, strict=False)) if a != b),
+                min(len(reference), len(got)))
+
+
 def _share(reference: list[int], got: list[int]) -> float:
     """The share of ``reference`` matched up to the first difference."""
-    same = next((i for i, (a, b) in enumerate(zip(reference, got, strict=False)) if a != b), min(len(reference), len(got)))
-    return 1.0 if reference == got else same / max(len(reference), 1)
+    return 1.0 if reference == got else _same_prefix(reference, got) / max(len(reference), 1)
 
 
 def _greedy(loaded: Any, prompts: list[list[int]], tokens: int, bits: int | None, group_size: int) -> list[list[int]]:
@@ -228,9 +233,8 @@ def agreement(loaded: Any, bits: int, tokens: int = 64, group_size: int = 64,
     quantized = _greedy(loaded, prompts, tokens, bits, group_size)
     shares, first_difference = [], []
     for ref, got in zip(reference, quantized, strict=True):
-        # Tokens alike up to the first difference (one ending its turn where the other goes on is one).
         shares.append(_share(ref, got))
-        first_difference.append(None if ref == got else round(shares[-1] * len(ref)))
+        first_difference.append(None if ref == got else _same_prefix(ref, got))
     identical = sum(r == q for r, q in zip(reference, quantized, strict=True))
     details = {"prompts": len(prompts), "tokens": tokens, "identical": identical,
                "mean_share": round(statistics.mean(shares), 4), "first_difference": first_difference,
